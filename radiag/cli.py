@@ -1,0 +1,133 @@
+"""`radiag` command line: each command loads a YAML config, applies `--set`
+overrides, validates, and calls one stage function. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from radiag.cohort.readers import CohortReadError
+from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synthetic_mri
+from radiag.cohort.synthetic import generate_cohort
+from radiag.config import ConfigError, load_config
+from radiag.models import prepare_model
+from radiag.pipeline import RunConfig, connect_ray
+from radiag.pipeline import run as run_pipeline
+from radiag.store import RunStore
+
+app = typer.Typer(help="Reasoning-aware Alzheimer's diagnosis on Ray.", no_args_is_help=True)
+cohort_app = typer.Typer(
+    help="Cohort stages: synthesise, ingest, MRI, describe + split.", no_args_is_help=True
+)
+models_app = typer.Typer(help="Local model directories (no hub at run time).", no_args_is_help=True)
+app.add_typer(cohort_app, name="cohort")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a field: --set cohort.synthetic.subjects=500"),
+]
+T = TypeVar("T")
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run a command body; user errors become one red line and exit code 2, not a traceback."""
+    try:
+        return action()
+    except (ConfigError, CohortReadError, RuntimeError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
+    return _guarded(lambda: load_config(RunConfig, path, overrides))
+
+
+def _show(summary: StageSummary) -> None:
+    table = Table(title=f"stage: {summary.stage}", show_header=False)
+    for key, value in summary.counts.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    reasons = summary.details.get("quarantine_reasons")
+    if reasons:
+        console.print(
+            f"[yellow]quarantined rows by reason[/] (details in cohort/quarantine.parquet): {reasons}"
+        )
+
+
+@app.command()
+def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the whole pipeline from one config (resumes a killed run)."""
+    cfg = _config(config, set_)
+    with console.status("starting") as status:
+        stages = _guarded(
+            lambda: run_pipeline(cfg, on_stage=lambda s: status.update(f"stage: {s}"))
+        )
+    for summary in stages.values():
+        _show(summary)
+    console.print(f"[green]done:[/] {RunStore(cfg.run_dir).uri_of('manifest.json')}")
+
+
+@models_app.command("prepare")
+def models_prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Convert the configured teacher (bundled GGUF by default) into a local HF directory."""
+    cfg = _config(config, set_)
+    with console.status("preparing model"):
+        path = _guarded(lambda: prepare_model(cfg.teacher))
+    typer.echo(path)
+
+
+@cohort_app.command("synth")
+def cohort_synth(
+    out: Annotated[Path, typer.Argument(help="output file: .csv or .parquet (ADNIMERGE-shaped)")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write a synthetic ADNIMERGE-shaped cohort file (calibrated to published ADNI statistics)."""
+    synth = _config(config, set_).cohort.synthetic
+    with console.status(f"generating {synth.subjects} subjects"):
+        frame = generate_cohort(synth)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out, index=False) if out.suffix == ".parquet" else frame.to_csv(
+        out, index=False
+    )
+    console.print(f"[green]wrote[/] {len(frame)} visits of {synth.subjects} subjects to {out}")
+
+
+@cohort_app.command("ingest")
+def cohort_ingest(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Read the configured source into cohort/ (bad rows to cohort/quarantine.parquet)."""
+    cfg = _config(config, set_)
+    with console.status("ingesting"):
+        summary = _guarded(lambda: ingest(cfg.cohort, RunStore(cfg.run_dir)))
+    _show(summary)
+
+
+@cohort_app.command("mri")
+def cohort_mri(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Synthesise T1 volumes for `mri.subjects` baseline visits (Ray Data)."""
+    cfg = _config(config, set_)
+    connect_ray(cfg.ray)
+    _show(_guarded(lambda: synthetic_mri(cfg.mri, RunStore(cfg.run_dir))))
+
+
+@cohort_app.command("split")
+def cohort_split(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Describe every visit and split subjects into train / val / test."""
+    cfg = _config(config, set_)
+    with console.status("describing and splitting"):
+        summary = _guarded(
+            lambda: describe_and_split(cfg.describe, cfg.split, RunStore(cfg.run_dir))
+        )
+    _show(summary)
+
+
+if __name__ == "__main__":
+    app()

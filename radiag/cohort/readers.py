@@ -1,0 +1,111 @@
+"""Readers for real cohort exports: ADNIMERGE, AIBL, and any CSV through a mapping.
+
+Each reader returns raw rows (strings, plus `_file`/`_row` for error messages) and
+hands them to `canonicalize` with the right mapping, so validation and quarantine
+are the same for every source. A file that cannot be read at all raises
+`CohortReadError` with one clear message.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import IO
+
+import pandas as pd
+
+from radiag.cohort.mapping import ColumnMapping, bundled_mapping
+from radiag.cohort.validate import IngestResult, canonicalize
+
+# AIBL exports are one CSV per instrument, named like aibl_mmse_01-Jun-2018.csv.
+AIBL_TABLES = {
+    "ptdemog": ("RID", "PTGENDER", "PTDOB"),
+    "pdxconv": ("RID", "VISCODE", "DXCURREN"),
+    "mmse": ("RID", "VISCODE", "EXAMDATE", "MMSCORE"),
+    "cdr": ("RID", "VISCODE", "CDMEMORY", "CDORIENT", "CDJUDGE", "CDCOMMUN", "CDHOME", "CDCARE"),
+    "apoeres": ("RID", "APGEN1", "APGEN2"),
+}
+CDR_BOXES = AIBL_TABLES["cdr"][2:]
+
+
+class CohortReadError(RuntimeError):
+    """A cohort file that cannot be read at all; the message is for the user."""
+
+
+def read_csv_rows(
+    path: str | Path, required: tuple[str, ...] = (), content: IO[bytes] | None = None
+) -> pd.DataFrame:
+    """Read a CSV as strings, with `_file` and `_row` (1-based line number, header = line 1).
+
+    Args:
+        path: the file; also the name errors and quarantine records give.
+        required: columns without which the file is refused.
+        content: the file's bytes when they come from elsewhere (an s3:// run store).
+    """
+    try:
+        rows = pd.read_csv(
+            content or Path(path), dtype=str, keep_default_na=False, skipinitialspace=True
+        )
+    except FileNotFoundError:
+        raise CohortReadError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CohortReadError(f"{path}: not a readable CSV ({err})") from None
+    absent = [c for c in required if c not in rows.columns]
+    if absent:
+        raise CohortReadError(f"{path}: missing required column(s) {', '.join(absent)}")
+    rows["_file"] = str(path)
+    rows["_row"] = range(2, len(rows) + 2)
+    return rows
+
+
+def read_adnimerge(path: str | Path) -> IngestResult:
+    """ADNIMERGE.csv (ADNI's merged table, one row per visit)."""
+    return canonicalize(
+        read_csv_rows(path, required=("RID", "VISCODE")), bundled_mapping("adnimerge")
+    )
+
+
+def read_mapped_csv(path: str | Path, mapping: ColumnMapping) -> IngestResult:
+    """Any cohort CSV whose columns a mapping YAML translates."""
+    raw_ids = [raw for raw, canonical in mapping.columns.items() if canonical in ("RID", "VISCODE")]
+    passthrough = [c for c in ("RID", "VISCODE") if c not in mapping.columns.values()]
+    return canonicalize(read_csv_rows(path, required=(*raw_ids, *passthrough)), mapping)
+
+
+def _aibl_file(directory: Path, table: str) -> Path:
+    matches = sorted(glob.glob(str(directory / f"aibl_{table}*.csv")))
+    if not matches:
+        raise CohortReadError(f"{directory}: no aibl_{table}*.csv export found")
+    return Path(matches[-1])  # the newest export date sorts last within one naming scheme
+
+
+def read_aibl(directory: str | Path) -> IngestResult:
+    """AIBL exports: per-instrument CSVs joined on RID/VISCODE.
+
+    Demographics and APOE genotype are per subject; age at the visit comes from the
+    year of birth (PTDOB, "/1931") and the visit's EXAMDATE; CDR-SB is the sum of
+    the six CDR boxes; APOE4 counts e4 alleles in APGEN1/APGEN2.
+    """
+    directory = Path(directory)
+    tables = {
+        name: read_csv_rows(_aibl_file(directory, name), required=columns)[[*columns, "_file", "_row"]]
+        for name, columns in AIBL_TABLES.items()
+    }
+    visits = tables["pdxconv"]  # one row per diagnosed visit; its file/row name errors
+    for name in ("mmse", "cdr"):
+        extra = tables[name].drop(columns=["_file", "_row"]).drop_duplicates(["RID", "VISCODE"])
+        visits = visits.merge(extra, on=["RID", "VISCODE"], how="left")
+    subjects = tables["ptdemog"].drop(columns=["_file", "_row"]).drop_duplicates("RID")
+    genotype = tables["apoeres"].drop(columns=["_file", "_row"]).drop_duplicates("RID")
+    visits = visits.merge(subjects, on="RID", how="left").merge(genotype, on="RID", how="left")
+
+    birth_year = pd.to_numeric(
+        visits["PTDOB"].str.extract(r"(\d{4})", expand=False), errors="coerce"
+    )
+    exam_year = pd.to_datetime(visits["EXAMDATE"], errors="coerce").dt.year
+    visits["AGE"] = (exam_year - birth_year).astype("Float64").astype(str).replace("<NA>", "")
+    boxes = visits[list(CDR_BOXES)].apply(pd.to_numeric, errors="coerce")
+    visits["CDRSB"] = boxes.where(boxes >= 0).sum(axis=1, min_count=len(CDR_BOXES)).astype(str)
+    alleles = visits[["APGEN1", "APGEN2"]].apply(pd.to_numeric, errors="coerce")
+    visits["APOE4"] = (alleles == 4).sum(axis=1).where(alleles.gt(0).all(axis=1)).astype(str)
+    return canonicalize(visits.replace({"nan": ""}), bundled_mapping("aibl"))

@@ -1,0 +1,246 @@
+"""A synthetic cohort calibrated to published ADNI statistics (reference.yaml).
+
+Real ADNI/AIBL exports sit behind data-use agreements, so everything runs on this
+cohort by default. It is ADNIMERGE-shaped (same columns, codes and quirks: DX vs
+DX_bl, censored CSF strings such as ">1700", "Unknown" marital status, missing
+values, age at baseline plus Years_bl), so the real reader path is exercised.
+
+Generative story, per subject:
+  latent stage at baseline (CN/MCI/AD) -> demographics, APOE4, ICV by sex
+  -> a within-group severity factor shared by cognition, volumes and biomarkers
+  -> volumes scaled with ICV^b and age -> yearly change and conversion at follow-up
+  -> the recorded diagnosis, which disagrees with the latent stage at `label_noise`.
+Everything is vectorised over subjects and visits (1M subjects in seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from radiag.cohort.reference import CohortReference, load_reference
+from radiag.cohort.schema import Label
+from radiag.config import StrictModel
+
+GROUPS = (Label.CN, Label.MCI, Label.AD)  # index = latent stage
+VISITS = (("bl", 0.0), ("m06", 0.5), ("m12", 1.0), ("m24", 2.0), ("m36", 3.0), ("m48", 4.0))
+DX_TEXT = np.array(["CN", "MCI", "Dementia"])
+# CSF assays report values beyond their range as censored strings (ADNIMERGE).
+CENSOR_BOUNDS = {"ABETA": (200.0, 1700.0), "TAU": (80.0, 1300.0), "PTAU": (8.0, 120.0)}
+# Measurement noise per visit, in the measure's units (approx test-retest).
+VISIT_NOISE = {"MMSE": 1.0, "CDRSB": 0.4, "ADAS13": 2.5, "FAQ": 1.0, "MOCA": 1.2}
+
+
+class SynthConfig(StrictModel):
+    """Parameters of `generate_cohort`."""
+
+    subjects: int = Field(1000, ge=1, description="number of subjects (RIDs)")
+    max_visits: int = Field(
+        4, ge=1, le=len(VISITS), description="visits per subject: bl, m06, m12, m24, ..."
+    )
+    visit_retention: float = Field(
+        0.85, ge=0, le=1, description="chance each follow-up visit happens (dropout is permanent)"
+    )
+    label_noise: float | None = Field(
+        None, ge=0, le=0.5, description="override reference.yaml label_noise"
+    )
+    seed: int = Field(0, description="seed of the generator; same seed, same cohort")
+
+
+def _pick(values: dict[Label, float] | list[float], stage: np.ndarray) -> np.ndarray:
+    """Per-row value of a per-group table, indexed by latent stage."""
+    table = np.array([values[g] for g in GROUPS] if isinstance(values, dict) else values)
+    return table[stage]
+
+
+def _group_stat(ref: CohortReference, getter, stage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, sd) per row of a group statistic selected by `getter(GroupStats)`."""
+    pairs = np.array([getter(ref.groups[g]) for g in GROUPS], dtype=float)  # (3, 2)
+    return pairs[stage, 0], pairs[stage, 1]
+
+
+def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """One draw per row from row-wise probabilities (N, K) by inverse CDF."""
+    cumulative = np.cumsum(probs, axis=1)
+    return (rng.random(len(probs))[:, None] > cumulative[:, :-1]).sum(axis=1)
+
+
+def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) -> pd.DataFrame:
+    """Draw an ADNIMERGE-shaped visit table (one row per subject visit)."""
+    ref = reference or load_reference()
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.subjects
+    label_noise = ref.label_noise if cfg.label_noise is None else cfg.label_noise
+
+    # --- subjects -------------------------------------------------------------
+    fractions = np.array([ref.groups[g].baseline_fraction for g in GROUPS])
+    stage0 = rng.choice(3, size=n, p=fractions / fractions.sum())
+    age_mean, age_sd = _group_stat(ref, lambda s: s.age, stage0)
+    age = np.clip(rng.normal(age_mean, age_sd), 55, 92)
+    female = rng.random(n) < _pick([ref.groups[g].female for g in GROUPS], stage0)
+    edu_mean, edu_sd = _group_stat(ref, lambda s: s.education, stage0)
+    education = np.clip(np.round(rng.normal(edu_mean, edu_sd)), 6, 20)
+    apoe_probs = np.array([ref.groups[g].apoe4_alleles for g in GROUPS])[stage0]
+    apoe4 = _categorical(rng, apoe_probs).astype(float)
+    marital_names = np.array(list(ref.marital_status))
+    marital_p = np.array(list(ref.marital_status.values()))
+    marital = marital_names[rng.choice(len(marital_names), size=n, p=marital_p / marital_p.sum())]
+    severity = rng.standard_normal(n)  # within-group, shared by all measures
+
+    # ICV by sex; the group sd includes the sex difference, so remove it within sex.
+    icv_mean, icv_sd = _group_stat(ref, lambda s: s.volumes["ICV"], stage0)
+    hs = ref.head_size
+    sex_factor = np.where(female, hs.female_icv_factor, hs.male_icv_factor)
+    within_sex_sd = np.sqrt(np.maximum(icv_sd**2 - ((1 - hs.female_icv_factor) * icv_mean) ** 2, 1))
+    icv = rng.normal(icv_mean * sex_factor, within_sex_sd)
+
+    # --- visits: explode subjects x visit schedule, with permanent dropout ------
+    attended = np.ones((n, cfg.max_visits), dtype=bool)
+    attended[:, 1:] = np.cumprod(rng.random((n, cfg.max_visits - 1)) < cfg.visit_retention, axis=1)
+    subj, visit = np.nonzero(attended)  # (rows,), subject-major order
+    years = np.array([t for _, t in VISITS])[visit]
+    rows = len(subj)
+
+    # Conversion (CN->MCI, MCI->AD) at an exponential time after baseline.
+    p_convert = _pick(ref.dynamics.conversion_per_year, stage0)
+    rate = -np.log1p(-np.minimum(p_convert, 0.999))
+    convert_at = np.where(rate > 0, rng.exponential(1 / np.maximum(rate, 1e-9), n), np.inf)
+    converted = years >= convert_at[subj]
+    s0 = stage0[subj]
+    stage = np.minimum(s0 + converted, 2)
+
+    sev = severity[subj]
+    load = ref.severity_loading
+    frame: dict[str, object] = {}
+
+    # --- cognition ---------------------------------------------------------------
+    def cognition(
+        name: str, getter, sign: float, low: float, high: float, step: float
+    ) -> np.ndarray:
+        mean, sd = _group_stat(ref, getter, s0)
+        new_mean, _ = _group_stat(ref, getter, stage)
+        base = mean + sign * load["cognition"] * sd * sev
+        resid_sd = sd * np.sqrt(max(1 - load["cognition"] ** 2, 0.05))
+        value = base + resid_sd * rng.standard_normal(n)[subj]
+        change = getattr(ref.dynamics, f"{name.lower()}_change_per_year", None)
+        if change is not None:
+            value = value + _pick(change, s0) * years
+        value = (
+            value + 0.5 * (new_mean - mean) * converted
+        )  # a converter moves toward the new group
+        value = value + VISIT_NOISE[name] * rng.standard_normal(rows) * (years > 0)
+        return np.clip(np.round(value / step) * step, low, high) + 0.0  # no "-0.0"
+
+    mmse = cognition("MMSE", lambda s: s.mmse, -1, 0, 30, 1)
+    inclusion = np.array([ref.inclusion_mmse[g] for g in GROUPS])[s0]  # (rows, 2)
+    baseline = years == 0
+    mmse[baseline] = np.clip(mmse[baseline], inclusion[baseline, 0], inclusion[baseline, 1])
+    cdrsb = cognition("CDRSB", lambda s: s.cdrsb, +1, 0, 18, 0.5)
+    cdrsb[baseline & (s0 > 0)] = np.maximum(cdrsb[baseline & (s0 > 0)], 0.5)  # CDR 0.5+ at entry
+    frame.update(
+        MMSE=mmse,
+        CDRSB=cdrsb,
+        ADAS13=np.round(cognition("ADAS13", lambda s: s.adas13, +1, 0, 85, 1 / 3), 2),
+        FAQ=cognition("FAQ", lambda s: s.faq, +1, 0, 30, 1),
+        MOCA=cognition("MOCA", lambda s: s.moca, -1, 0, 30, 1),
+    )
+
+    # --- volumes: log-normal, ICV^b, age, severity, atrophy over follow-up -------
+    icv_rel_log = np.log(icv / icv_mean)[subj]
+    age_dev = (age - age_mean)[subj]
+    hippo_rate = _pick(ref.dynamics.hippocampus_atrophy_per_year, s0)
+    for region in ("Hippocampus", "Ventricles", "WholeBrain", "Entorhinal", "Fusiform", "MidTemp"):
+        mean, sd = _group_stat(ref, lambda s, r=region: s.volumes[r], s0)
+        total_sd = np.sqrt(np.log1p((sd / mean) ** 2))  # within-group log sd
+        b, slope = ref.volume_exponent(region), ref.age_slope(region)
+        explained = (b * 0.09) ** 2 + (slope * 6) ** 2 + (load["volumes"] * total_sd) ** 2
+        resid_sd = np.sqrt(np.maximum(total_sd**2 - explained, (0.3 * total_sd) ** 2))
+        sign = 1.0 if region == "Ventricles" else -1.0
+        log_vol = (
+            np.log(mean)
+            - total_sd**2 / 2
+            + b * icv_rel_log
+            + np.log1p(slope) * age_dev
+            + sign * load["volumes"] * total_sd * sev
+            + resid_sd * rng.standard_normal(n)[subj]
+        )
+        if region == "Ventricles":
+            yearly = np.log1p(_pick(ref.dynamics.ventricle_growth_per_year, s0))
+        else:  # hippocampus at its group rate, cortex at half of it (approx)
+            yearly = np.log1p(-hippo_rate * (1.0 if region == "Hippocampus" else 0.5))
+        log_vol = log_vol + yearly * years + 0.015 * rng.standard_normal(rows) * (years > 0)
+        frame[region] = np.round(np.exp(log_vol))
+    frame["ICV"] = np.round(icv[subj] * np.exp(0.005 * rng.standard_normal(rows)))
+
+    # --- fluid and PET biomarkers --------------------------------------------------
+    for marker in ("ABETA", "TAU", "PTAU", "FDG", "AV45"):
+        mean, sd = _group_stat(ref, lambda s, m=marker: s.biomarkers[m], stage)
+        sign = -1.0 if marker in ("ABETA", "FDG") else 1.0
+        value = mean + sign * load["biomarkers"] * sd * sev + sd * 0.9 * rng.standard_normal(rows)
+        frame[marker] = np.round(
+            np.maximum(value, 0.05 * mean), 3 if marker in ("FDG", "AV45") else 1
+        )
+
+    # --- recorded diagnosis: latent stage with label noise to an adjacent class ----
+    flip = rng.random(rows) < label_noise
+    step = np.where(stage == 0, 1, np.where(stage == 2, -1, rng.choice([-1, 1], size=rows)))
+    recorded = np.where(flip, stage + step, stage)
+    dx = DX_TEXT[recorded].astype(object)
+    dx[(years > 0) & (rng.random(rows) < 0.03)] = None  # some follow-ups carry no diagnosis
+    bl_code = np.where(
+        recorded == 0,
+        np.where(rng.random(rows) < 0.1, "SMC", "CN"),
+        np.where(recorded == 2, "AD", np.where(sev > 0, "LMCI", "EMCI")),
+    )
+    first_row = np.r_[0, np.flatnonzero(np.diff(subj)) + 1]  # baseline row of each subject
+    dx_bl = bl_code[first_row][np.repeat(np.arange(n), np.diff(np.r_[first_row, rows]))]
+
+    rid = np.arange(1, n + 1)
+    site = 2 + (rid % 150)
+    base_day = np.datetime64("2005-09-01") + rng.integers(0, 2700, n).astype("timedelta64[D]")
+    examdate = base_day[subj] + np.round(years * 365.25).astype("timedelta64[D]")
+
+    table = pd.DataFrame(
+        {
+            "RID": rid[subj],
+            "PTID": pd.Series(
+                [f"{s:03d}_S_{r:04d}" for s, r in zip(site, rid, strict=True)]
+            ).to_numpy(dtype=object)[subj],
+            "VISCODE": np.array([code for code, _ in VISITS], dtype=object)[visit],
+            "EXAMDATE": examdate.astype("datetime64[D]").astype(str),
+            "DX_bl": dx_bl,
+            "DX": dx,
+            "AGE": np.round(age, 1)[subj],
+            "PTGENDER": np.where(female, "Female", "Male")[subj],
+            "PTEDUCAT": education[subj],
+            "PTMARRY": marital[subj],
+            "APOE4": apoe4[subj],
+            **frame,
+            "Years_bl": years,
+        }
+    )
+    _apply_missingness(table, ref, rng)
+    _censor_csf(table)
+    return table
+
+
+def _apply_missingness(table: pd.DataFrame, ref: CohortReference, rng: np.random.Generator) -> None:
+    """Blank out measures at the rates of `availability` (not every visit has every test)."""
+    for column, available in ref.availability.items():
+        missing = rng.random(len(table)) >= available
+        table.loc[missing, column] = np.nan
+
+
+def _censor_csf(table: pd.DataFrame) -> None:
+    """Write CSF values beyond assay range as ADNIMERGE does: ">1700", "<200"."""
+    for column, (low, high) in CENSOR_BOUNDS.items():
+        values = table[column].to_numpy()
+        text = (
+            pd.Series(values)
+            .map(lambda v: None if np.isnan(v) else f"{v:g}")
+            .to_numpy(dtype=object)
+        )
+        text[values > high] = f">{high:g}"
+        text[values < low] = f"<{low:g}"
+        table[column] = text

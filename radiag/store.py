@@ -1,0 +1,90 @@
+"""The run store: one directory per run, local or `s3://`, one subfolder per stage.
+
+Tables are Parquet keyed by `patient_id`. Paths go through `pyarrow.fs`, so the
+same code writes to a laptop disk, a shared filesystem or an S3 bucket
+(an S3-compatible endpoint such as MinIO is set with `AWS_ENDPOINT_URL`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem and the path inside it for a local path or `s3://` URI."""
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            endpoint_url = urlparse(endpoint)
+            kwargs["endpoint_override"] = endpoint_url.netloc
+            kwargs["scheme"] = endpoint_url.scheme or "https"
+        return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+class RunStore:
+    """Read and write a run's tables and files, relative to the run directory.
+
+    Example:
+        store = RunStore("s3://bucket/runs/demo")
+        store.write_table("cohort/cohort.parquet", table)
+        table = store.read_table("cohort/cohort.parquet")
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = filesystem_for(self.uri)
+
+    def path(self, relative: str) -> str:
+        """Path inside the filesystem for a run-relative path."""
+        return posixpath.join(self.root, relative)
+
+    def uri_of(self, relative: str) -> str:
+        """User-facing location (local path or s3:// URI) of a run-relative path."""
+        return posixpath.join(self.uri, relative)
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write atomically where the filesystem allows: a reader never sees half a file."""
+        final = self.path(relative)
+        self.fs.create_dir(posixpath.dirname(final), recursive=True)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            partial = f"{final}.{uuid.uuid4().hex}.partial"
+            with self.fs.open_output_stream(partial, compression=None) as out:
+                out.write(data)
+            self.fs.move(partial, final)
+        else:  # an S3 PUT is atomic already
+            with self.fs.open_output_stream(final, compression=None) as out:
+                out.write(data)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative), compression=None) as stream:
+            return stream.read()
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(relative, sink.getvalue().to_pybytes())
+
+    def read_table(self, relative: str) -> pa.Table:
+        return pq.read_table(self.path(relative), filesystem=self.fs)
+
+    def write_json(self, relative: str, payload: dict[str, Any]) -> None:
+        self.write_bytes(relative, json.dumps(payload, indent=2, default=str).encode())
+
+    def read_json(self, relative: str) -> dict[str, Any]:
+        return json.loads(self.read_bytes(relative))

@@ -1,0 +1,65 @@
+"""Configs: every shipped YAML validates, and a bad field is named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from radiag.cohort.mapping import MAPPINGS_DIR, ColumnMapping
+from radiag.config import ConfigError, load_config
+from radiag.pipeline import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_run_config_validates(path: Path) -> None:
+    cfg = load_config(RunConfig, path)
+    assert cfg.run_dir
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "configs" / "mappings").glob("*.yaml")) + sorted(MAPPINGS_DIR.glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_shipped_mapping_validates(path: Path) -> None:
+    assert load_config(ColumnMapping, path).source
+
+
+def test_overrides_are_parsed_as_yaml_and_reach_nested_fields() -> None:
+    cfg = load_config(
+        RunConfig,
+        ROOT / "configs" / "demo.yaml",
+        ["cohort.synthetic.subjects=12", "describe.features=[demographics, mri]", "run_dir=/x"],
+    )
+    assert cfg.cohort.synthetic.subjects == 12
+    assert cfg.describe.features == ["demographics", "mri"]
+    assert cfg.run_dir == "/x"
+
+
+def test_an_invalid_field_is_named_by_its_dotted_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cohort:\n  synthetic:\n    subjects: -3\nsplit:\n  trian: 0.7\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, bad)
+    message = str(err.value)
+    assert str(bad) in message
+    assert "cohort.synthetic.subjects" in message
+    assert "split.trian" in message  # a typo is an error, not silently ignored
+
+
+def test_split_fractions_must_sum_to_one() -> None:
+    with pytest.raises(ConfigError, match="must be 1"):
+        load_config(RunConfig, None, ["split.train=0.9"])
+
+
+def test_a_missing_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+
+
+def test_synthetic_mri_is_refused_for_real_cohorts() -> None:
+    with pytest.raises(ConfigError, match="only for the synthetic cohort"):
+        load_config(RunConfig, None, ["cohort.source=adnimerge", "cohort.path=x.csv", "mri.subjects=3"])
