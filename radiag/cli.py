@@ -42,7 +42,7 @@ def _guarded(action: Callable[[], T]) -> T:
     try:
         return action()
     except (ConfigError, CohortReadError, RuntimeError, FileNotFoundError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -54,6 +54,8 @@ def _show(summary: StageSummary) -> None:
     table = Table(title=f"stage: {summary.stage}", show_header=False)
     for key, value in summary.counts.items():
         table.add_row(key, str(value))
+    if "teacher" in summary.details:
+        table.add_row("teacher", str(summary.details["teacher"]))
     console.print(table)
     reasons = summary.details.get("quarantine_reasons")
     if reasons:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -58,3 +59,13 @@ def s3_endpoint() -> Iterator[str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache with the bundled teacher prepared once for the whole session."""
+    from radiag.models import ModelSpec, prepare_model
+
+    cache = tmp_path_factory.mktemp("models")
+    prepare_model(ModelSpec(), cache_dir=cache)
+    return cache

@@ -62,4 +62,6 @@ def test_a_missing_config_file_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_synthetic_mri_is_refused_for_real_cohorts() -> None:
     with pytest.raises(ConfigError, match="only for the synthetic cohort"):
-        load_config(RunConfig, None, ["cohort.source=adnimerge", "cohort.path=x.csv", "mri.subjects=3"])
+        load_config(
+            RunConfig, None, ["cohort.source=adnimerge", "cohort.path=x.csv", "mri.subjects=3"]
+        )

@@ -160,11 +160,15 @@ def _wrap(prefix: str, body: pa.Array, suffix: str) -> pa.Array:
 def _sentence_demographics(t: pa.Table) -> pa.Array:
     sex = pc.if_else(pc.equal(t["PTGENDER"], "Female"), "female", "male")
     sex = pc.fill_null(sex, "person")
-    age = pc.fill_null(_wrap("", _fmt(t["age_at_visit"]), "-year-old "), "")
+    age_text = _fmt(t["age_at_visit"])
+    article = pc.if_else(
+        pc.starts_with(pc.fill_null(age_text, ""), "8"), "an ", "a "
+    )  # an 80-year-old
+    age = pc.fill_null(_wrap("", age_text, "-year-old "), "")
     education = _wrap("has completed ", _fmt(t["PTEDUCAT"]), " years of education")
     marital = _wrap("is ", pc.utf8_lower(t["PTMARRY"]), "")
     who = pc.fill_null(_wrap(" who ", _join([education, marital], " and "), ""), "")
-    return pc.binary_join_element_wise("This patient is a ", age, sex, who, ".", "")
+    return pc.binary_join_element_wise("This patient is ", article, age, sex, who, ".", "")
 
 
 def _sentence_scores(t: pa.Table, blocks: list[FeatureBlock]) -> pa.Array:

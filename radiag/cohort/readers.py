@@ -88,7 +88,9 @@ def read_aibl(directory: str | Path) -> IngestResult:
     """
     directory = Path(directory)
     tables = {
-        name: read_csv_rows(_aibl_file(directory, name), required=columns)[[*columns, "_file", "_row"]]
+        name: read_csv_rows(_aibl_file(directory, name), required=columns)[
+            [*columns, "_file", "_row"]
+        ]
         for name, columns in AIBL_TABLES.items()
     }
     visits = tables["pdxconv"]  # one row per diagnosed visit; its file/row name errors

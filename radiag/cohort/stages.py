@@ -162,7 +162,9 @@ def describe_and_split(
         config_fingerprint=key,
         counts=counts,
         details={
-            "subjects_by_split_and_label": {f"{split}/{label}": int(n) for (split, label), n in strata.items()}
+            "subjects_by_split_and_label": {
+                f"{split}/{label}": int(n) for (split, label), n in strata.items()
+            }
         },
     )
     store.write_json("splits/summary.json", summary.model_dump())

@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import Field
 
 from radiag.cohort.reference import CohortReference, load_reference
-from radiag.cohort.schema import Label
+from radiag.cohort.schema import COLUMN_BY_NAME, NUMERIC_COLUMNS, Label
 from radiag.config import StrictModel
 
 GROUPS = (Label.CN, Label.MCI, Label.AD)  # index = latent stage
@@ -220,9 +220,18 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
             "Years_bl": years,
         }
     )
+    _clip_to_plausible_ranges(table)
     _apply_missingness(table, ref, rng)
     _censor_csf(table)
     return table
+
+
+def _clip_to_plausible_ranges(table: pd.DataFrame) -> None:
+    """Keep far tails inside the schema's plausible ranges: the generator writes no bad rows."""
+    for name in table.columns:
+        column = COLUMN_BY_NAME.get(name)
+        if column is not None and column.low is not None and name in NUMERIC_COLUMNS:
+            table[name] = table[name].clip(column.low, column.high)
 
 
 def _apply_missingness(table: pd.DataFrame, ref: CohortReference, rng: np.random.Generator) -> None:

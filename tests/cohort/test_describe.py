@@ -21,7 +21,17 @@ def visit(**values: object) -> dict[str, object]:
     row |= {"patient_id": "t-1-bl", "source": "t", "RID": 1, "VISCODE": "bl", "label": "CN"}
     row |= {"age_at_visit": CN.age[0], "PTGENDER": "Female", "PTEDUCAT": 16.0, "PTMARRY": "Married"}
     row |= {"APOE4": 1.0, "MMSE": 27.0, "ICV": CN.volumes["ICV"][0]}
-    row |= {region: CN.volumes[region][0] for region in ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")}
+    row |= {
+        region: CN.volumes[region][0]
+        for region in (
+            "Hippocampus",
+            "Entorhinal",
+            "Fusiform",
+            "MidTemp",
+            "WholeBrain",
+            "Ventricles",
+        )
+    }
     return row | values
 
 
@@ -44,17 +54,35 @@ def test_the_paper_template_in_full() -> None:
     )
 
 
+def test_ages_in_the_eighties_take_an() -> None:
+    assert text(visit(age_at_visit=84.2))[0].startswith("This patient is an 84-year-old female")
+
+
 def test_missing_facts_are_left_out_not_invented() -> None:
     row = visit(PTEDUCAT=None, PTMARRY=None, APOE4=None, Fusiform=None, MidTemp=None)
     described = text(row)[0]
-    assert described.startswith("This patient is a 76-year-old female. The patient has a Mini-mental")
-    assert "APOE4" not in described and "fusiform" not in described and "temporal gyrus" not in described
-    no_mri = {r: None for r in ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")}
+    assert described.startswith(
+        "This patient is a 76-year-old female. The patient has a Mini-mental"
+    )
+    assert text(visit(age_at_visit=None, PTGENDER=None))[0].startswith(
+        "This patient is a person who"
+    )
+    assert (
+        "APOE4" not in described
+        and "fusiform" not in described
+        and "temporal gyrus" not in described
+    )
+    no_mri = {
+        r: None
+        for r in ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")
+    }
     assert text(visit(**no_mri))[0].endswith("No MRI measurements are available.")
 
 
 @pytest.mark.parametrize(("sds_below", "grade"), [(0.0, "No"), (1.5, "Mild"), (3.0, "Severe")])
-def test_hippocampal_atrophy_is_graded_by_z_score_against_the_cn_norm(sds_below: float, grade: str) -> None:
+def test_hippocampal_atrophy_is_graded_by_z_score_against_the_cn_norm(
+    sds_below: float, grade: str
+) -> None:
     norm = cn_norms(load_reference())["Hippocampus"]
     volume = float(np.exp(norm.log_mean - sds_below * norm.resid_sd))
     assert f"- Atrophy of hippocampus: {grade}\n" in text(visit(Hippocampus=volume))[0]
@@ -78,7 +106,9 @@ def test_feature_sets_select_what_is_stated() -> None:
     row = visit(CDRSB=1.5, ADAS13=20.33, ABETA=650.0)
     no_cognition = text(row, features=["demographics", "apoe4", "mri"])[0]
     assert "Mini-mental" not in no_cognition and "one copy of APOE4" in no_cognition
-    everything = text(row, features=["demographics", "mmse", "apoe4", "cognitive_battery", "biomarkers", "mri"])[0]
+    everything = text(
+        row, features=["demographics", "mmse", "apoe4", "cognitive_battery", "biomarkers", "mri"]
+    )[0]
     assert "CDR-SB 1.5/18, ADAS-Cog 13 20.3/85" in everything
     assert "CSF amyloid-beta 650 pg/mL" in everything
 
@@ -88,7 +118,9 @@ def test_no_description_depends_on_the_label(tmp_path) -> None:
     store = RunStore(str(tmp_path))
     ingest(IngestConfig(), store)
     cohort = store.read_table("cohort/cohort.parquet")
-    cfg = DescribeConfig(features=["demographics", "mmse", "apoe4", "cognitive_battery", "biomarkers", "mri"])
+    cfg = DescribeConfig(
+        features=["demographics", "mmse", "apoe4", "cognitive_battery", "biomarkers", "mri"]
+    )
     original = describe(cohort, cfg)["description"]
     rng = np.random.default_rng(0)
     shuffled = cohort

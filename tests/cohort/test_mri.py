@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pydantic
 import pytest
-import ray
 from nilearn import datasets
 
 from radiag.cohort.mri import (
@@ -31,17 +29,6 @@ SUBJECTS = {
     "typical": (7_400.0, 32_000.0, 1_500_000.0),
     "enlarged_ventricles": (8_500.0, 90_000.0, 1_700_000.0),
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    """A local 2-CPU Ray; reuses (and leaves running) one that another fixture started."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def volumes_from_file(path: str | Path) -> tuple[float, float]:

@@ -51,7 +51,10 @@ def test_adnimerge_quirks_are_parsed(adni) -> None:
 
 def test_adnimerge_bad_rows_are_quarantined_with_file_row_column_and_reason(adni) -> None:
     _, quarantine = adni
-    found = {(row, column): reason for row, column, reason in quarantine[["row", "column", "reason"]].itertuples(index=False)}
+    found = {
+        (row, column): reason
+        for row, column, reason in quarantine[["row", "column", "reason"]].itertuples(index=False)
+    }
     assert found[(9, "MMSE")] == "out of range [0, 30]"
     assert found[(10, "APOE4")] == "out of range [0, 2]"
     assert found[(11, "Hippocampus")] == "not a number"
@@ -68,7 +71,12 @@ def test_aibl_exports_are_joined_on_rid_and_viscode() -> None:
     cohort = result.cohort.to_pandas().set_index("patient_id")
     assert sorted(cohort.index) == ["aibl-1-bl", "aibl-1-m18", "aibl-2-bl", "aibl-3-bl"]
     first = cohort.loc["aibl-1-bl"]
-    assert (first["label"], first["PTGENDER"], first["MMSE"], first["APOE4"]) == ("CN", "Male", 29, 0)
+    assert (first["label"], first["PTGENDER"], first["MMSE"], first["APOE4"]) == (
+        "CN",
+        "Male",
+        29,
+        0,
+    )
     assert first["AGE"] == 2007 - 1931
     assert cohort.loc["aibl-1-m18", "label"] == "MCI"
     assert cohort.loc["aibl-1-m18", "CDRSB"] == 1.0  # sum of the six CDR boxes
@@ -83,9 +91,16 @@ def test_any_csv_plugs_in_through_a_mapping_yaml() -> None:
     mapping = load_mapping(ROOT / "configs" / "mappings" / "example.yaml")
     result = read_mapped_csv(FIXTURES / "memoryclinic.csv", mapping)
     cohort = result.cohort.to_pandas().set_index("patient_id")
-    assert sorted(cohort.index) == ["memoryclinic-101-bl", "memoryclinic-101-m12", "memoryclinic-102-bl", "memoryclinic-103-bl"]
+    assert sorted(cohort.index) == [
+        "memoryclinic-101-bl",
+        "memoryclinic-101-m12",
+        "memoryclinic-102-bl",
+        "memoryclinic-103-bl",
+    ]
     assert cohort.loc["memoryclinic-101-bl", "Hippocampus"] == pytest.approx(6900)  # cm^3 -> mm^3
-    assert cohort.loc["memoryclinic-101-m12", "AGE"] == pytest.approx(71)  # age at visit -> baseline
+    assert cohort.loc["memoryclinic-101-m12", "AGE"] == pytest.approx(
+        71
+    )  # age at visit -> baseline
     assert cohort.loc["memoryclinic-102-bl", "label"] == "AD"
     assert pd.isna(cohort.loc["memoryclinic-103-bl", "label"])  # unmapped code: unlabeled
     assert result.quarantine[["row", "column"]].values.tolist() == [[6, "PTGENDER"]]
@@ -99,7 +114,9 @@ def test_any_csv_plugs_in_through_a_mapping_yaml() -> None:
         (b"PTID,VISCODE\n011_S_0002,bl\n", "missing required column(s) RID"),
     ],
 )
-def test_an_unreadable_file_fails_with_one_clear_message(tmp_path: Path, content: bytes | None, message: str) -> None:
+def test_an_unreadable_file_fails_with_one_clear_message(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
     path = tmp_path / "ADNIMERGE.csv"
     if content is not None:
         path.write_bytes(content)

@@ -88,18 +88,37 @@ def test_same_seed_same_cohort_other_seed_other_cohort() -> None:
 
 def test_a_classifier_lands_in_the_published_realism_bands(baseline: pd.DataFrame) -> None:
     """Demographics ~0.4-0.5, + MRI ~0.55-0.65, + cognition 0.85-0.95 balanced accuracy."""
-    frame = baseline.head(4000).assign(female=lambda f: (f["PTGENDER"] == "Female").astype(float) + 1)
+    frame = baseline.head(4000).assign(
+        female=lambda f: (f["PTGENDER"] == "Female").astype(float) + 1
+    )
     demographics = ["AGE", "female", "PTEDUCAT", "APOE4"]
-    mri = [*demographics, "Hippocampus", "Ventricles", "WholeBrain", "Entorhinal", "Fusiform", "MidTemp", "ICV"]
+    mri = [
+        *demographics,
+        "Hippocampus",
+        "Ventricles",
+        "WholeBrain",
+        "Entorhinal",
+        "Fusiform",
+        "MidTemp",
+        "ICV",
+    ]
     cognition = [*mri, "MMSE", "CDRSB", "ADAS13"]
-    bands = {"demographics": (demographics, 0.40, 0.50), "mri": (mri, 0.55, 0.65), "cognition": (cognition, 0.85, 0.95)}
+    bands = {
+        "demographics": (demographics, 0.40, 0.50),
+        "mri": (mri, 0.55, 0.65),
+        "cognition": (cognition, 0.85, 0.95),
+    }
     for name, (columns, low, high) in bands.items():
         features = frame[columns].astype(float)
         features = np.log1p(features.fillna(features.median()))  # volumes are log-normal
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced"))
+        model = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced")
+        )
         predicted = cross_val_predict(model, features, frame["group"], cv=4)
         score = balanced_accuracy_score(frame["group"], predicted)
-        assert low <= score <= high, f"{name}: balanced accuracy {score:.3f} outside [{low}, {high}]"
+        assert low <= score <= high, (
+            f"{name}: balanced accuracy {score:.3f} outside [{low}, {high}]"
+        )
 
 
 def test_follow_up_visits_age_and_drop_out() -> None:

@@ -1,0 +1,121 @@
+"""The `radiag` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from radiag.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+COMMANDS = [
+    [],
+    ["run"],
+    ["models"],
+    ["models", "prepare"],
+    ["cohort"],
+    ["cohort", "synth"],
+    ["cohort", "ingest"],
+    ["cohort", "mri"],
+    ["cohort", "split"],
+]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "radiag")
+def test_every_command_has_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_ingest_reports_quarantined_rows_and_keeps_the_rest(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["cohort", "ingest", "--set", f"run_dir={tmp_path}", "--set", "cohort.source=adnimerge",
+         "--set", f"cohort.path={FIXTURES / 'ADNIMERGE_quirks.csv'}"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cohort" / "summary.json").read_text())
+    assert summary["counts"]["visits"] == 7 and summary["counts"]["quarantined_rows"] == 7
+    assert "quarantined rows by reason" in result.output
+
+
+def test_an_unreadable_cohort_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    broken = tmp_path / "ADNIMERGE.csv"
+    broken.write_bytes(b"\x00\xff\xfe\x00")
+    result = runner.invoke(
+        app,
+        [
+            "cohort",
+            "ingest",
+            "--set",
+            f"run_dir={tmp_path}",
+            "--set",
+            "cohort.source=adnimerge",
+            "--set",
+            f"cohort.path={broken}",
+        ],
+    )
+    assert result.exit_code == 2
+    assert f"{broken}: not a readable CSV" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_bad_config_field_is_named(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "cohort",
+            "split",
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            "split.trian=0.5",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "split.trian" in result.output
+
+
+def test_synth_writes_an_adnimerge_shaped_file(tmp_path: Path) -> None:
+    out = tmp_path / "ADNIMERGE.csv"
+    result = runner.invoke(
+        app, ["cohort", "synth", str(out), "--set", "cohort.synthetic.subjects=25"]
+    )
+    assert result.exit_code == 0, result.output
+    header = out.read_text().splitlines()[0].split(",")
+    assert {"RID", "PTID", "VISCODE", "DX_bl", "DX", "AGE", "Years_bl", "ABETA"} <= set(header)
+
+
+@pytest.mark.slow
+def test_run_does_every_stage_then_resumes_without_redoing_work(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "radiag.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--set", f"run_dir={run_dir}", "--set", "cohort.synthetic.subjects=80", "--set", "mri.subjects=2",
+    ]  # fmt: skip
+    env = os.environ | {"RADIAG_MODEL_CACHE": str(model_cache)}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"cohort", "mri", "splits", "models"}
+    assert manifest["versions"]["ray"] == "2.60.0" and manifest["seeds"]["split"] == 0
+    assert manifest["stages"]["mri"]["counts"] == {"volumes": 2, "failed": 0}
+    test_split = run_dir / "splits" / "test.parquet"
+    assert test_split.exists() and len(list((run_dir / "mri").glob("*_seg.nii.gz"))) == 2
+
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")} == written

@@ -1,0 +1,54 @@
+"""The run store reads and writes the same way on a local disk and on S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+from radiag.cohort.synthetic import SynthConfig
+from radiag.store import RunStore
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path: Path) -> RunStore:
+    if request.param == "local":
+        return RunStore(str(tmp_path / "run"))
+    request.getfixturevalue("s3_endpoint")
+    return RunStore(f"s3://radiag/{tmp_path.name}/run")
+
+
+def test_tables_json_and_bytes_round_trip(store: RunStore) -> None:
+    table = pa.table({"patient_id": ["a", "b"], "x": [1.0, 2.0]})
+    store.write_table("stage/t.parquet", table)
+    store.write_json("stage/summary.json", {"rows": 2})
+    store.write_bytes("stage/volume.nii.gz", b"\x1f\x8bnot-really-gzip")
+    assert store.read_table("stage/t.parquet").equals(table)
+    assert store.read_json("stage/summary.json") == {"rows": 2}
+    assert store.read_bytes("stage/volume.nii.gz") == b"\x1f\x8bnot-really-gzip"  # stored as given
+    assert store.exists("stage/t.parquet") and not store.exists("stage/missing.parquet")
+
+
+def test_cohort_stages_run_against_the_store(store: RunStore) -> None:
+    summary = ingest(IngestConfig(synthetic=SynthConfig(subjects=60)), store)
+    splits = describe_and_split(DescribeConfig(), SplitConfig(), store)
+    assert summary.counts["subjects"] == 60
+    test = store.read_table("splits/test.parquet")
+    assert test.num_rows == splits.counts["test_visits"] > 0
+    assert all(text.startswith("This patient is a") for text in test["description"].to_pylist())
+    assert store.uri_of("splits/test.parquet").startswith(store.uri)
+
+
+def test_a_finished_stage_is_skipped_and_a_changed_config_is_refused(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path))
+    cfg = IngestConfig(synthetic=SynthConfig(subjects=30))
+    ingest(cfg, store)
+    written = (tmp_path / "cohort" / "cohort.parquet").stat().st_mtime_ns
+    ingest(cfg, store)
+    assert (tmp_path / "cohort" / "cohort.parquet").stat().st_mtime_ns == written
+    with pytest.raises(RuntimeError, match="different cohort config"):
+        ingest(IngestConfig(synthetic=SynthConfig(subjects=31)), store)
