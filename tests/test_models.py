@@ -1,6 +1,6 @@
 """Model preparation: the bundled GGUF teacher becomes a plain HF directory, once.
 
-The bundled model is converted for real (about 40 s on 2 cores), once for the module.
+The bundled model is converted for real (about 20 s on 2 cores), once per test session.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from radiag.models import MARKER, ModelError, ModelSpec, model_cache_dir, prepar
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
+def cache(model_cache: Path) -> Path:
+    """The session's model cache (conftest), where the bundled teacher is prepared once."""
+    return model_cache
 
 
 @pytest.fixture(scope="module")
