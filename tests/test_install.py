@@ -34,5 +34,7 @@ def test_pip_check_reports_only_the_deliberately_absent_packages() -> None:
 
 def test_the_whole_stack_imports_in_a_fresh_interpreter() -> None:
     code = "import vllm, ray, torch, transformers, deepspeed, monai, nibabel, peft; print(vllm.__version__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
