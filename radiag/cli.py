@@ -15,7 +15,9 @@ from radiag.cohort.readers import CohortReadError
 from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
-from radiag.models import prepare_model
+from radiag.models import ModelSpec, prepare_model
+from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
 from radiag.pipeline import RunConfig, connect_ray
 from radiag.pipeline import run as run_pipeline
 from radiag.store import RunStore
@@ -79,11 +81,42 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 @models_app.command("prepare")
 def models_prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Convert the configured teacher (bundled GGUF by default) into a local HF directory."""
+    """Convert the teacher's model (bundled GGUF by default) into a local HF directory."""
     cfg = _config(config, set_)
+    engine = (cfg.rationalize or RationalizeConfig()).engine
+    spec = engine.model if isinstance(engine, VllmEngineConfig) else ModelSpec()
     with console.status("preparing model"):
-        path = _guarded(lambda: prepare_model(cfg.teacher))
+        path = _guarded(lambda: prepare_model(spec))
     typer.echo(path)
+
+
+@app.command()
+def rationalize(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Module I: the teacher explains each training patient's known diagnosis."""
+    _teacher_stage("rationalize", config, set_)
+
+
+@app.command()
+def diagnose(
+    model: Annotated[str, typer.Option(help="who diagnoses: teacher")] = "teacher",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Module II-1: few-shot chain-of-thought diagnosis of the test split."""
+    if model != "teacher":
+        console.print(f"[bold red]error:[/] unknown model {model!r}; available: teacher", soft_wrap=True)
+        raise typer.Exit(2)
+    _teacher_stage("diagnose", config, set_)
+
+
+def _teacher_stage(name: str, config: Path | None, overrides: list[str] | None) -> None:
+    cfg = _config(config, overrides)
+    stage_cfg = getattr(cfg, name) or (RationalizeConfig() if name == "rationalize" else DiagnoseConfig())
+    if isinstance(stage_cfg.engine, VllmEngineConfig):
+        _guarded(lambda: prepare_model(stage_cfg.engine.model))
+    connect_ray(cfg.ray)
+    summary = _guarded(lambda: run_teacher(name, stage_cfg, RunStore(cfg.run_dir)))
+    console.print(summary.model_dump())
 
 
 @cohort_app.command("synth")

@@ -186,3 +186,35 @@ def _convert_gguf(source: Path, out: Path) -> dict[str, str]:
         tokenizer.chat_template = field.contents()
     tokenizer.save_pretrained(out)
     return {"transformers": transformers.__version__, "dtype": DTYPE}
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A ~7M-parameter random Llama with a real tokenizer and chat template, made from a config.
+
+    For tests and benchmarks: vLLM and transformers load it like any HF model, in
+    seconds, with no download. Its text is random; constrained decoding still yields
+    well-formed answers. head_dim is 64 because vLLM's CPU attention needs >= 64.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

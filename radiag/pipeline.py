@@ -27,7 +27,9 @@ from radiag.cohort.stages import (
     synthetic_mri,
 )
 from radiag.config import StrictModel
-from radiag.models import ModelSpec, prepare_model
+from radiag.models import prepare_model
+from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
 from radiag.store import RunStore
 
 VERSIONED_PACKAGES = (
@@ -55,7 +57,8 @@ class RunConfig(StrictModel):
     mri: MriConfig = Field(default_factory=MriConfig)
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
-    teacher: ModelSpec = Field(default_factory=ModelSpec)
+    rationalize: RationalizeConfig | None = Field(None, description="Module I; null skips the stage")
+    diagnose: DiagnoseConfig | None = Field(None, description="Module II-1 (teacher); null skips it")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -141,10 +144,17 @@ def run(
         stages["mri"] = synthetic_mri(cfg.mri, store)
     on_stage("splits")
     stages["splits"] = describe_and_split(cfg.describe, cfg.split, store)
-    on_stage("teacher model")
-    model_dir = prepare_model(cfg.teacher)
-    stages["models"] = StageSummary(
-        stage="models", config_fingerprint="", details={"teacher": str(model_dir)}
-    )
+    teacher_stages = {"rationalize": cfg.rationalize, "diagnose": cfg.diagnose}
+    for name, stage_cfg in teacher_stages.items():
+        if stage_cfg is None:
+            continue
+        on_stage(name)
+        if isinstance(stage_cfg.engine, VllmEngineConfig):
+            prepare_model(stage_cfg.engine.model)  # once, here, before engine replicas start
+        connect_ray(cfg.ray)
+        summary = run_teacher(name, stage_cfg, store)
+        stages[name] = StageSummary(
+            stage=name, config_fingerprint="", counts=summary.model_dump(exclude={"stage", "seconds"})
+        )
     write_manifest(store, cfg, stages)
     return stages

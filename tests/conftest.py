@@ -69,3 +69,11 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("models")
     prepare_model(ModelSpec(), cache_dir=cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (HF directory) with the bundled teacher's tokenizer and chat template."""
+    from radiag.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", model_cache / "smollm2-135m-instruct")

