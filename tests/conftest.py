@@ -76,4 +76,6 @@ def tiny_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A tiny random Llama (HF directory) with the bundled teacher's tokenizer and chat template."""
     from radiag.models import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", model_cache / "smollm2-135m-instruct")
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "tiny-llama", model_cache / "smollm2-135m-instruct"
+    )

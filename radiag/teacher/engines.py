@@ -6,6 +6,7 @@ stages and are shared.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
@@ -44,8 +45,18 @@ class Engine(Protocol):
     backend: str  # "vllm" | "openai"
     model: str  # what provenance records as the model
 
-    def generate(self, conversations: list[Messages], sampling: SamplingConfig) -> list[Completion]:
-        """One completion per conversation, in order; a failed one carries `error`."""
+    def generate(
+        self,
+        conversations: list[Messages],
+        sampling: SamplingConfig,
+        answer_prefix: str | None = None,
+        answer_choices: Sequence[str] | None = None,
+    ) -> list[Completion]:
+        """One completion per conversation, in order; a failed one carries `error`.
+
+        `answer_choices`: where the backend can, the text ends with `answer_prefix` and
+        exactly one of these choices (structured output); otherwise they are ignored.
+        """
         ...
 
 

@@ -9,10 +9,9 @@ so a killed job loses no finished batch and writes no duplicate row.
 from __future__ import annotations
 
 import datetime
-import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -30,19 +29,15 @@ from radiag.teacher.engines import (
     SamplingConfig,
     VllmEngineConfig,
 )
-from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool
+from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool, training_pool
 from radiag.teacher.parsing import parse_answer
-from radiag.teacher.prompts import ANSWERS, Shot, diagnose_messages, rationalize_messages
+from radiag.teacher.prompts import ANSWERS, FINAL, Shot, diagnose_messages, rationalize_messages
 from radiag.teacher.quality import check_rationale
 
 RECORD_COLUMNS = (
     "MMSE", "APOE4", "grade_Hippocampus", "grade_Entorhinal", "grade_Fusiform",
     "grade_MidTemp", "grade_WholeBrain", "grade_Ventricles",
 )  # fmt: skip
-# A regex the final line must match where the engine supports structured output.
-ANSWER_REGEX = (
-    r"[\s\S]{0,4000}\nFinal Diagnosis: (" + "|".join(map(re.escape, ANSWERS.values())) + ")"
-)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -165,7 +160,7 @@ class TeacherWorker:
                 "rows": [len(out)],
                 "errors": [sum(r["error"] is not None for r in out)],
                 "unparsed": [sum(r["error"] is None and r["diagnosis"] is None for r in out)],
-                "qc_flagged": [sum(bool(r["qc_flagged"]) for r in out)],
+                "qc_flagged": [sum(bool(r.get("qc_flagged")) for r in out)],
                 "output_tokens": [sum(r["completion_tokens"] for r in out)],
             }
         )
@@ -185,13 +180,16 @@ class TeacherWorker:
         }
 
     def _generate(
-        self, rows: list[dict], conversations: list, attempt: int, regex: str | None
+        self, rows: list[dict], conversations: list, attempt: int, constrain: bool
     ) -> list[dict]:
         """One engine call; rows whose input is unusable get an error without a call."""
         usable = [i for i, row in enumerate(rows) if (row.get("description") or "").strip()]
         sampling = self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + attempt})
         completions = self.engine.generate(
-            [conversations[i] for i in usable], sampling, answer_regex=regex
+            [conversations[i] for i in usable],
+            sampling,
+            answer_prefix=FINAL if constrain else None,
+            answer_choices=list(ANSWERS.values()) if constrain else None,
         )
         results = []
         by_row = dict(zip(usable, completions, strict=True))
@@ -226,19 +224,19 @@ class TeacherWorker:
             )
             for row in rows
         ]
-        results = self._check(rows, self._generate(rows, conversations, 0, None))
+        results = self._check(rows, self._generate(rows, conversations, 0, False))
         for attempt in range(1, self.cfg.regeneration_attempts + 1):
             retry = [
                 i
                 for i, r in enumerate(results)
-                if r["error"] is None and (r["qc_flagged"] or r["diagnosis"] is None)
+                if r["error"] is None and (r.get("qc_flagged") or r["diagnosis"] is None)
             ]
             if not retry:
                 break
             again = self._check(
                 [rows[i] for i in retry],
                 self._generate(
-                    [rows[i] for i in retry], [conversations[i] for i in retry], attempt, None
+                    [rows[i] for i in retry], [conversations[i] for i in retry], attempt, False
                 ),
             )
             for i, new in zip(retry, again, strict=True):
@@ -274,8 +272,7 @@ class TeacherWorker:
             )
             for row, chosen in zip(rows, shots, strict=True)
         ]
-        regex = ANSWER_REGEX if self.cfg.constrain_answer else None
-        results = self._generate(rows, conversations, 0, regex)
+        results = self._generate(rows, conversations, 0, self.cfg.constrain_answer)
         for result, chosen in zip(results, shots, strict=True):
             result["exemplar_ids"] = [s.patient_id for s in chosen]
         return results
@@ -295,7 +292,6 @@ def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Tab
 
 def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
     """Exemplars come from the training split only, with their teacher rationales."""
-    train = store.read_table("splits/train.parquet").select(["patient_id", "label", "description"])
     rationales = read_output(store, "rationalize")
     if rationales.num_rows == 0:
         raise RuntimeError(
@@ -304,9 +300,9 @@ def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
     usable = rationales.filter(
         pc.and_(pc.is_null(rationales["error"]), pc.is_valid(rationales["rationale"]))
     )
-    usable = usable.select(["patient_id", "rationale", "qc_flagged"])
-    pool = train.join(usable, "patient_id", join_type="inner")
-    return ExemplarPool.build(pool, cfg.exemplars)
+    return ExemplarPool.build(
+        training_pool(store.read_table("splits/train.parquet"), usable), cfg.exemplars
+    )
 
 
 def _progress() -> Progress:
@@ -317,9 +313,19 @@ def _progress() -> Progress:
 
 
 def run_teacher(
-    task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore
+    task: str,
+    cfg: RationalizeConfig | DiagnoseConfig,
+    store: RunStore,
+    on_batch: Callable[[dict[str, int]], None] = lambda _: None,
 ) -> TeacherSummary:
-    """Generate for every input row not yet in the output; returns counts for the whole output."""
+    """Generate for every input row not yet in the output; returns counts for the whole output.
+
+    Args:
+        task: "rationalize" or "diagnose".
+        cfg: the stage config.
+        store: the run store.
+        on_batch: called with each finished batch's counts as it arrives (benchmarks).
+    """
     import ray
 
     inputs = _inputs(store, task, cfg.split, cfg.limit)
@@ -350,6 +356,7 @@ def run_teacher(
         with _progress() as progress:
             bar = progress.add_task(task, total=todo.num_rows, tokens_per_s=0.0)
             for batch in _iter_counts(results):
+                on_batch(batch)
                 tokens += batch["output_tokens"]
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
                 progress.update(bar, advance=batch["rows"], tokens_per_s=rate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 from radiag.models import ModelSpec, prepare_model
 from radiag.teacher.engines import Completion, Messages, SamplingConfig, VllmEngineConfig
@@ -58,53 +59,110 @@ class VllmEngine:
         self,
         conversations: list[Messages],
         sampling: SamplingConfig,
-        answer_regex: str | None = None,
+        answer_prefix: str | None = None,
+        answer_choices: Sequence[str] | None = None,
     ) -> list[Completion]:
-        """Generate for every conversation that fits the context; the others get an error."""
+        """Generate for every conversation that fits the context; the others get an error.
+
+        With `answer_choices`, the answer is constrained in two steps: the rationale is
+        generated freely until `answer_prefix` (or max_tokens), then the engine continues
+        the same sequence with `answer_prefix` and must pick one of the choices (structured
+        output `choice`). The final line is then always well-formed, and a rationale that
+        ran out of tokens still says so in `finish_reason`.
+        """
+        token_ids = [self.render(c) for c in conversations]
+        completions = [self._too_long(len(ids)) for ids in token_ids]
+        fits = [i for i, ids in enumerate(token_ids) if len(ids) < self.cfg.max_model_len]
+        stop = [answer_prefix.strip()] if answer_choices and answer_prefix else None
+        start = time.perf_counter()
+        first = self._run([token_ids[i] for i in fits], sampling, stop=stop)
+        texts = {
+            i: (out.text, out.finish_reason, list(out.token_ids))
+            for i, out in zip(fits, first, strict=True)
+        }
+        if answer_choices and answer_prefix:
+            texts = self._force_answer(token_ids, texts, sampling, answer_prefix, answer_choices)
+        batch_latency = time.perf_counter() - start  # offline batching: one latency per batch
+        for i, (text, finish_reason, generated) in texts.items():
+            completions[i] = Completion(
+                text=text,
+                finish_reason=finish_reason,
+                prompt_tokens=len(token_ids[i]),
+                completion_tokens=len(generated),
+                latency_s=batch_latency,
+            )
+        return completions
+
+    def render(self, conversation: Messages) -> list[int]:
+        """Token ids of a conversation under the model's chat template, ready for the answer."""
+        text = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _too_long(self, n_tokens: int) -> Completion:
+        return Completion(
+            text="",
+            finish_reason=None,
+            prompt_tokens=n_tokens,
+            completion_tokens=0,
+            latency_s=0.0,
+            error=f"prompt has {n_tokens} tokens; the model's context (max_model_len) is {self.cfg.max_model_len}",
+        )
+
+    def _run(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        stop=None,
+        choices=None,
+        max_tokens=None,
+    ):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
-        token_ids = [
-            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
-            for c in conversations
-        ]
-        fits = [i for i, ids in enumerate(token_ids) if len(ids) < self.cfg.max_model_len]
-        structured = StructuredOutputsParams(regex=answer_regex) if answer_regex else None
         params = [
             SamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 # Room left in the context: a long prompt gets a shorter answer, not an error.
-                max_tokens=min(sampling.max_tokens, self.cfg.max_model_len - len(token_ids[i])),
+                max_tokens=min(
+                    max_tokens or sampling.max_tokens, self.cfg.max_model_len - len(ids)
+                ),
                 seed=sampling.seed,
-                structured_outputs=structured,
+                stop=stop,
+                structured_outputs=StructuredOutputsParams(choice=list(choices))
+                if choices
+                else None,
             )
-            for i in fits
+            for ids in prompts
         ]
-        start = time.perf_counter()
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=token_ids[i]) for i in fits], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
         )
-        batch_latency = time.perf_counter() - start  # offline batching: one latency per batch
-        completions = [
-            Completion(
-                text="",
-                finish_reason=None,
-                prompt_tokens=len(ids),
-                completion_tokens=0,
-                latency_s=0.0,
-                error=f"prompt has {len(ids)} tokens; the model's context (max_model_len) is {self.cfg.max_model_len}",
+        return [out.outputs[0] for out in outputs]
+
+    def _force_answer(
+        self,
+        token_ids: list[list[int]],
+        texts: dict[int, tuple[str, str | None, list[int]]],
+        sampling: SamplingConfig,
+        answer_prefix: str,
+        answer_choices: Sequence[str],
+    ) -> dict[int, tuple[str, str | None, list[int]]]:
+        """Second step: continue each rationale with the prefix and a constrained choice."""
+        prefix_text = "\n" + answer_prefix.strip() + " "
+        prefix_ids = self.tokenizer.encode(prefix_text, add_special_tokens=False)
+        rows = [i for i, (_, _, generated) in texts.items()
+                if len(token_ids[i]) + len(generated) + len(prefix_ids) + 16 < self.cfg.max_model_len]  # fmt: skip
+        continued = [token_ids[i] + texts[i][2] + prefix_ids for i in rows]
+        answers = self._run(continued, sampling, choices=answer_choices, max_tokens=32)
+        for i, answer in zip(rows, answers, strict=True):
+            text, finish_reason, generated = texts[i]
+            texts[i] = (
+                text.rstrip() + prefix_text + answer.text,
+                finish_reason,
+                generated + list(answer.token_ids),
             )
-            for ids in token_ids
-        ]
-        for i, out in zip(fits, outputs, strict=True):
-            answer = out.outputs[0]
-            completions[i] = Completion(
-                text=answer.text,
-                finish_reason=answer.finish_reason,
-                prompt_tokens=len(out.prompt_token_ids),
-                completion_tokens=len(answer.token_ids),
-                latency_s=batch_latency,
-            )
-        return completions
+        return texts

@@ -9,7 +9,14 @@ import pytest
 
 from radiag.cohort.schema import Label
 from radiag.teacher.parsing import parse_answer
-from radiag.teacher.prompts import ANSWERS, QUESTION, TEMPLATES, Shot, diagnose_messages, rationalize_messages
+from radiag.teacher.prompts import (
+    ANSWERS,
+    QUESTION,
+    TEMPLATES,
+    Shot,
+    diagnose_messages,
+    rationalize_messages,
+)
 
 DESCRIPTION = "This patient is a 74-year-old female ... Also, based on their MRI scans:\n- Atrophy of hippocampus: Mild"
 SHOTS = [
@@ -32,8 +39,14 @@ def test_rationalize_shows_the_label_and_asks_for_the_final_line(version: str) -
 @pytest.mark.parametrize("version", sorted(TEMPLATES))
 def test_diagnose_is_few_shot_exemplars_then_the_new_patient(version: str) -> None:
     messages = diagnose_messages(DESCRIPTION, SHOTS, version)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant"] * 1 + ["user", "assistant"] * 2 + ["user"]
-    assert messages[2]["content"] == "Low MMSE and severe atrophy.\nFinal Diagnosis: (A) Alzheimer's Disease"
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"] * 1 + [
+        "user",
+        "assistant",
+    ] * 2 + ["user"]
+    assert (
+        messages[2]["content"]
+        == "Low MMSE and severe atrophy.\nFinal Diagnosis: (A) Alzheimer's Disease"
+    )
     assert messages[-1]["content"].startswith(DESCRIPTION)
 
 
@@ -53,12 +66,27 @@ def test_no_diagnosis_prompt_contains_the_patients_label(version: str) -> None:
 @pytest.mark.parametrize(
     ("text", "finish", "diagnosis", "reason"),
     [
-        ("Memory is impaired.\nFinal Diagnosis: (B) Mild Cognitive Impairment", "stop", Label.MCI, None),
+        (
+            "Memory is impaired.\nFinal Diagnosis: (B) Mild Cognitive Impairment",
+            "stop",
+            Label.MCI,
+            None,
+        ),
         ("Final diagnosis: Alzheimer's disease", "stop", Label.AD, None),
         ("Final Diagnosis: **(C)** Normal Cognition", "stop", Label.CN, None),
         ("I think (A)... Final Diagnosis: (A)\nwait, Final Diagnosis: (C)", "stop", Label.CN, None),
-        ("The patient probably has Alzheimer's disease.", "stop", None, "no 'Final Diagnosis: (X)' line"),
-        ("The patient probably", "length", None, "no 'Final Diagnosis: (X)' line (stopped at max_tokens)"),
+        (
+            "The patient probably has Alzheimer's disease.",
+            "stop",
+            None,
+            "no 'Final Diagnosis: (X)' line",
+        ),
+        (
+            "The patient probably",
+            "length",
+            None,
+            "no 'Final Diagnosis: (X)' line (stopped at max_tokens)",
+        ),
     ],
 )
 def test_the_answer_is_the_last_final_line_and_never_a_guess(
