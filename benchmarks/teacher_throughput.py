@@ -132,8 +132,14 @@ def main(
         model=spec, batch_size=batch_size, cpu_threads_bind=threads_bind, max_model_len=2048
     )
     sampling = SamplingConfig(max_tokens=max_tokens)
-    # No regeneration: both sides generate each prompt exactly once.
-    cfg = RationalizeConfig(engine=engine, sampling=sampling, limit=rows, regeneration_attempts=0)
+    # No regeneration, no answer step: both sides generate each prompt exactly once.
+    cfg = RationalizeConfig(
+        engine=engine,
+        sampling=sampling,
+        limit=rows,
+        regeneration_attempts=0,
+        constrain_answer=False,
+    )
 
     run_dir = tempfile.mkdtemp(prefix="radiag-bench-")
     prepare_run(run_dir, rows)
@@ -148,7 +154,8 @@ def main(
     pipeline_result = pipeline(cfg, run_dir)
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[label] = {
+    runs = results.setdefault("runs", {})
+    runs[label] = {
         "model": model,
         "rows": len(prompts),
         "max_tokens": max_tokens,
@@ -158,12 +165,14 @@ def main(
         "ratio_pipeline_vs_bare": round(
             pipeline_result["output_tokens_per_s"] / bare_result["output_tokens_per_s"], 3
         ),
-        "goal_ratio": 0.9,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
+    # The headline is the worst run: every model measured must meet the goal.
+    results["ratio_pipeline_vs_bare"] = min(r["ratio_pipeline_vs_bare"] for r in runs.values())
+    results["goal_ratio"] = 0.9
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results[label], indent=2))
+    print(json.dumps(runs[label], indent=2))
 
 
 if __name__ == "__main__":

@@ -157,10 +157,10 @@ def run(
             prepare_model(stage_cfg.engine.model)  # once, here, before engine replicas start
         connect_ray(cfg.ray)
         summary = run_teacher(name, stage_cfg, store)
+        counts = summary.model_dump(exclude={"stage", "seconds", "qc_flag_rate"})
+        details = {"qc_flag_rate": summary.qc_flag_rate, "seconds": summary.seconds}
         stages[name] = StageSummary(
-            stage=name,
-            config_fingerprint="",
-            counts=summary.model_dump(exclude={"stage", "seconds"}),
+            stage=name, config_fingerprint="", counts=counts, details=details
         )
     write_manifest(store, cfg, stages)
     return stages

@@ -97,24 +97,33 @@ def test_synth_writes_an_adnimerge_shaped_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_does_every_stage_then_resumes_without_redoing_work(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, model_cache: Path, tiny_model: Path
 ) -> None:
+    """The demo config, smaller: the teacher is the tiny model (the YAML anchor shares it)."""
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "radiag.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"),
         "--set", f"run_dir={run_dir}", "--set", "cohort.synthetic.subjects=80", "--set", "mri.subjects=2",
+        "--set", f"rationalize.engine.model={{path: {tiny_model}}}", "--set", "rationalize.engine.max_model_len=1024",
+        "--set", "rationalize.limit=6", "--set", "diagnose.limit=4",
+        "--set", "rationalize.sampling={temperature: 1.0, max_tokens: 16}",
+        "--set", "diagnose.sampling={temperature: 1.0, max_tokens: 16}",
     ]  # fmt: skip
     env = os.environ | {"RADIAG_MODEL_CACHE": str(model_cache)}
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"cohort", "mri", "splits", "models"}
+    assert set(manifest["stages"]) == {"cohort", "mri", "splits", "rationalize", "diagnose"}
+    assert manifest["stages"]["rationalize"]["counts"]["rows"] == 6
+    assert manifest["stages"]["diagnose"]["counts"]["rows"] == 4
     assert manifest["versions"]["ray"] == "2.60.0" and manifest["seeds"]["split"] == 0
     assert manifest["stages"]["mri"]["counts"] == {"volumes": 2, "failed": 0}
     test_split = run_dir / "splits" / "test.parquet"
     assert test_split.exists() and len(list((run_dir / "mri").glob("*_seg.nii.gz"))) == 2
 
+    assert len(list((run_dir / "rationales").glob("part-*.parquet"))) >= 1
+    assert len(list((run_dir / "rationales").glob("part-*.parquet"))) >= 1
     written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

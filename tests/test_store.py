@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import boto3
 import pyarrow as pa
 import pytest
 
 from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.readers import read_adnimerge
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
@@ -52,3 +54,12 @@ def test_a_finished_stage_is_skipped_and_a_changed_config_is_refused(tmp_path: P
     assert (tmp_path / "cohort" / "cohort.parquet").stat().st_mtime_ns == written
     with pytest.raises(RuntimeError, match="different cohort config"):
         ingest(IngestConfig(synthetic=SynthConfig(subjects=31)), store)
+
+
+def test_an_adnimerge_export_in_s3_is_read_like_a_local_one(s3_endpoint: str) -> None:
+    local = Path(__file__).parent / "fixtures" / "ADNIMERGE_quirks.csv"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_object(Bucket="radiag", Key="exports/ADNIMERGE.csv", Body=local.read_bytes())
+    from_s3 = read_adnimerge("s3://radiag/exports/ADNIMERGE.csv")
+    assert from_s3.cohort.equals(read_adnimerge(local).cohort)
+    assert set(from_s3.quarantine["file"]) == {"s3://radiag/exports/ADNIMERGE.csv"}

@@ -9,6 +9,7 @@ are the same for every source. A file that cannot be read at all raises
 from __future__ import annotations
 
 import glob
+import io
 from pathlib import Path
 from typing import IO
 
@@ -16,6 +17,7 @@ import pandas as pd
 
 from radiag.cohort.mapping import ColumnMapping, bundled_mapping
 from radiag.cohort.validate import IngestResult, canonicalize
+from radiag.store import filesystem_for
 
 # AIBL exports are one CSV per instrument, named like aibl_mmse_01-Jun-2018.csv.
 AIBL_TABLES = {
@@ -42,6 +44,8 @@ def read_csv_rows(
         required: columns without which the file is refused.
         content: the file's bytes when they come from elsewhere (an s3:// run store).
     """
+    if content is None and str(path).startswith("s3://"):
+        content = _s3_object(str(path))
     try:
         rows = pd.read_csv(
             content or Path(path), dtype=str, keep_default_na=False, skipinitialspace=True
@@ -56,6 +60,16 @@ def read_csv_rows(
     rows["_file"] = str(path)
     rows["_row"] = range(2, len(rows) + 2)
     return rows
+
+
+def _s3_object(uri: str) -> IO[bytes]:
+    """An export kept in object storage (the run store's S3 settings apply)."""
+    fs, path = filesystem_for(uri)
+    try:
+        with fs.open_input_stream(path, compression=None) as stream:
+            return io.BytesIO(stream.read())
+    except OSError as err:  # FileNotFoundError included
+        raise CohortReadError(f"{uri}: cannot be read ({err})") from None
 
 
 def read_adnimerge(path: str | Path) -> IngestResult:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from radiag.config import StrictModel
 from radiag.models import ModelSpec
@@ -24,6 +24,9 @@ class SamplingConfig(StrictModel):
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1, description="new tokens per answer")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="> 1 discourages loops (small models); vLLM backend only"
+    )
     seed: int = Field(0, description="sampling seed (per request: seed + attempt)")
 
 
@@ -100,4 +103,14 @@ class OpenAIEngineConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
 
 
-EngineConfig = Annotated[VllmEngineConfig | OpenAIEngineConfig, Field(discriminator="backend")]
+def _backend(value: Any) -> str:
+    """The `backend` tag of an engine config; vllm when a config leaves it out."""
+    if isinstance(value, dict):
+        return value.get("backend", "vllm")
+    return getattr(value, "backend", "vllm")
+
+
+EngineConfig = Annotated[
+    Annotated[VllmEngineConfig, Tag("vllm")] | Annotated[OpenAIEngineConfig, Tag("openai")],
+    Discriminator(_backend),
+]

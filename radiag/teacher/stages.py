@@ -9,6 +9,7 @@ so a killed job loses no finished batch and writes no duplicate row.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from radiag.cohort.schema import Label
@@ -73,6 +74,10 @@ class TeacherStageConfig(StrictModel):
     prompt_version: Literal["v1"] = "v1"
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     limit: int | None = Field(None, ge=1, description="only the first N patients (by patient_id)")
+    constrain_answer: bool = Field(
+        True,
+        description="force the final line with structured output where the backend supports it",
+    )
 
 
 class RationalizeConfig(TeacherStageConfig):
@@ -89,10 +94,6 @@ class DiagnoseConfig(TeacherStageConfig):
 
     split: Literal["train", "val", "test"] = "test"
     exemplars: ExemplarConfig = Field(default_factory=ExemplarConfig)
-    constrain_answer: bool = Field(
-        True,
-        description="force the final line with structured output where the backend supports it",
-    )
 
 
 class TeacherSummary(BaseModel):
@@ -106,6 +107,7 @@ class TeacherSummary(BaseModel):
     output_tokens_now: int
     seconds: float
 
+    @computed_field
     @property
     def qc_flag_rate(self) -> float:
         return self.qc_flagged / self.rows if self.rows else 0.0
@@ -224,7 +226,9 @@ class TeacherWorker:
             )
             for row in rows
         ]
-        results = self._check(rows, self._generate(rows, conversations, 0, False))
+        results = self._check(
+            rows, self._generate(rows, conversations, 0, self.cfg.constrain_answer)
+        )
         for attempt in range(1, self.cfg.regeneration_attempts + 1):
             retry = [
                 i
@@ -236,7 +240,10 @@ class TeacherWorker:
             again = self._check(
                 [rows[i] for i in retry],
                 self._generate(
-                    [rows[i] for i in retry], [conversations[i] for i in retry], attempt, False
+                    [rows[i] for i in retry],
+                    [conversations[i] for i in retry],
+                    attempt,
+                    self.cfg.constrain_answer,
                 ),
             )
             for i, new in zip(retry, again, strict=True):
@@ -337,7 +344,11 @@ def run_teacher(
     if todo.num_rows:
         engine = cfg.engine
         vllm_gpus = engine.gpus_per_replica if isinstance(engine, VllmEngineConfig) else 0
-        results = ray.data.from_arrow(todo).map_batches(
+        # One block per engine call, so finished batches stream back (and are written) as they go.
+        blocks = [
+            todo.slice(i, engine.batch_size) for i in range(0, todo.num_rows, engine.batch_size)
+        ]
+        results = ray.data.from_arrow(blocks).map_batches(
             TeacherWorker,
             fn_constructor_kwargs={
                 "task": task,
@@ -349,9 +360,8 @@ def run_teacher(
             batch_format="pyarrow",
             concurrency=engine.replicas,
             num_gpus=vllm_gpus,
-            # On CPU the engine's threads do the work; the actor reserves one CPU and leaves the
-            # rest to Ray Data's own tasks, so a 2-core machine cannot deadlock.
-            num_cpus=1 if vllm_gpus == 0 else 0,
+            num_cpus=_actor_cpus(engine),
+            runtime_env=_actor_env(engine),
         )
         with _progress() as progress:
             bar = progress.add_task(task, total=todo.num_rows, tokens_per_s=0.0)
@@ -375,6 +385,21 @@ def run_teacher(
         output_tokens_now=tokens,
         seconds=round(time.perf_counter() - start, 2),
     )
+
+
+def _actor_cpus(engine: VllmEngineConfig | OpenAIEngineConfig) -> float:
+    """CPU a worker reserves. A CPU engine reserves one and leaves the rest to Ray Data's own
+    tasks, so 2 cores cannot deadlock; an HTTP client mostly waits; a GPU engine needs none."""
+    if isinstance(engine, OpenAIEngineConfig):
+        return 0.25
+    return 1.0 if engine.gpus_per_replica == 0 else 0.0
+
+
+def _actor_env(engine: VllmEngineConfig | OpenAIEngineConfig) -> dict[str, Any]:
+    """The endpoint's API key travels to the client actors from the driver's environment."""
+    if isinstance(engine, OpenAIEngineConfig) and engine.api_key_env in os.environ:
+        return {"env_vars": {engine.api_key_env: os.environ[engine.api_key_env]}}
+    return {}
 
 
 def _iter_counts(results: Any) -> Iterator[dict[str, int]]:

@@ -126,6 +126,7 @@ class VllmEngine:
             SamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                repetition_penalty=sampling.repetition_penalty,
                 # Room left in the context: a long prompt gets a shorter answer, not an error.
                 max_tokens=min(
                     max_tokens or sampling.max_tokens, self.cfg.max_model_len - len(ids)

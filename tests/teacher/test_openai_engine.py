@@ -218,3 +218,28 @@ def test_api_key_comes_from_the_environment(server: str, monkeypatch: pytest.Mon
     assert engine(server).generate([chat("a")], SAMPLING)[0].error == "HTTP 401: Unauthorized"
     monkeypatch.delenv(KEY_ENV)  # unset: "EMPTY", which this server refuses too
     assert engine(server).generate([chat("a")], SAMPLING)[0].error == "HTTP 401: Unauthorized"
+
+
+def test_the_rationalize_stage_runs_through_an_openai_endpoint(
+    server: str, tmp_path: Path, ray_cluster: None
+) -> None:
+    """The same stage, the other backend: rows written with engine 'openai' and its model name."""
+    from radiag.cohort.describe import DescribeConfig
+    from radiag.cohort.split import SplitConfig
+    from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+    from radiag.cohort.synthetic import SynthConfig
+    from radiag.store import RunStore
+    from radiag.teacher.stages import RationalizeConfig, read_output, run_teacher
+
+    store = RunStore(str(tmp_path))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=30, max_visits=1)), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    endpoint = OpenAIEngineConfig(base_url=server, model="tiny", api_key_env=KEY_ENV, batch_size=3)
+    cfg = RationalizeConfig(
+        engine=endpoint, sampling=SamplingConfig(temperature=1.0, max_tokens=12), limit=6
+    )
+    summary = run_teacher("rationalize", cfg, store)
+    out = read_output(store, "rationalize").to_pandas()
+    assert summary.rows == 6 and summary.errors == 0
+    assert set(out["engine"]) == {"openai"} and set(out["model"]) == {"tiny"}
+    assert (out["completion_tokens"] > 0).all()
