@@ -33,6 +33,8 @@ def test_tables_json_and_bytes_round_trip(store: RunStore) -> None:
     assert store.read_json("stage/summary.json") == {"rows": 2}
     assert store.read_bytes("stage/volume.nii.gz") == b"\x1f\x8bnot-really-gzip"  # stored as given
     assert store.exists("stage/t.parquet") and not store.exists("stage/missing.parquet")
+    assert store.list_files("stage", suffix=".parquet") == ["stage/t.parquet"]
+    assert store.list_files("nowhere") == []
 
 
 def test_cohort_stages_run_against_the_store(store: RunStore) -> None:

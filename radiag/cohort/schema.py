@@ -129,7 +129,3 @@ Visit: type[BaseModel] = create_model(
     "Visit", __base__=_VisitBase, **{c.name: _field(c) for c in COLUMNS}
 )
 Visit.__doc__ = "One patient visit, validated field by field (derived from COLUMNS)."
-
-
-def empty_cohort() -> pa.Table:
-    return COHORT_SCHEMA.empty_table()

@@ -343,12 +343,3 @@ def check_rationale(
     ]
     unique = tuple(dict.fromkeys(reasons))
     return QualityReport(flagged=bool(unique), reasons=unique)
-
-
-def check_batch(
-    rationales: list[str], records: list[Mapping[str, object]], labels: list[str | None]
-) -> list[QualityReport]:
-    """`check_rationale` over aligned lists (same length, same order)."""
-    return [
-        check_rationale(t, r, lab) for t, r, lab in zip(rationales, records, labels, strict=True)
-    ]

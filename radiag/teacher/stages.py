@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from pydantic import BaseModel, Field, computed_field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -119,13 +118,10 @@ def output_dir(task: str) -> str:
 
 def read_output(store: RunStore, task: str) -> pa.Table:
     """Every row written so far (all part files), or an empty table."""
-    directory = output_dir(task)
-    selector = pafs.FileSelector(store.path(directory), allow_not_found=True)
-    parts = sorted(f.path for f in store.fs.get_file_info(selector) if f.path.endswith(".parquet"))
+    parts = store.list_files(output_dir(task), suffix=".parquet")
     if not parts:
         return OUTPUT_SCHEMA.empty_table()
-    relative = [p[len(store.root) + 1 :] for p in parts]
-    return pa.concat_tables([store.read_table(r).cast(OUTPUT_SCHEMA) for r in relative])
+    return pa.concat_tables([store.read_table(part).cast(OUTPUT_SCHEMA) for part in parts])
 
 
 def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig):  # -> Engine

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from radiag.cohort.mapping import load_mapping
 from radiag.cohort.readers import CohortReadError, read_adnimerge, read_aibl, read_mapped_csv
+from radiag.cohort.schema import Visit
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,3 +125,14 @@ def test_an_unreadable_file_fails_with_one_clear_message(
     with pytest.raises(CohortReadError, match=re.escape(message)) as err:
         read_adnimerge(path)
     assert str(path) in str(err.value)
+
+
+def test_every_ingested_row_is_a_valid_visit_record(adni) -> None:
+    """The pydantic Visit (one record, e.g. a request) accepts what ingestion keeps and refuses the rest."""
+    cohort, _ = adni
+    for _, row in cohort.reset_index().iterrows():
+        Visit.model_validate({k: (None if pd.isna(v) else v) for k, v in row.items()})
+    with pytest.raises(ValidationError, match="MMSE"):
+        Visit.model_validate(
+            {"patient_id": "x-1-bl", "source": "x", "RID": 1, "VISCODE": "bl", "MMSE": 35}
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from radiag.cohort.schema import Label
-from radiag.teacher.quality import QualityReport, argued_class, check_batch, check_rationale
+from radiag.teacher.quality import QualityReport, argued_class, check_rationale
 
 GRADES = ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")
 
@@ -223,10 +223,3 @@ def test_general_or_hypothetical_findings_are_not_claims():
     row = record(Hippocampus="No")
     assert not reasons("Severe hippocampal atrophy is typically seen in AD.", row)
     assert not reasons("If there were severe hippocampal atrophy, AD would be likely.", row)
-
-
-def test_check_batch_reports_each_rationale():
-    reports = check_batch(
-        [AD_RATIONALE, "MCI is a form of AD."], [AD_RECORD, record()], ["AD", None]
-    )
-    assert [r.flagged for r in reports] == [False, True]
