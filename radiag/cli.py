@@ -16,11 +16,11 @@ from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synth
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
 from radiag.models import ModelSpec, prepare_model
-from radiag.pipeline import RunConfig, connect_ray
+from radiag.pipeline import RunConfig, connect_ray, run_teacher_stage
 from radiag.pipeline import run as run_pipeline
 from radiag.store import RunStore
 from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig
 
 app = typer.Typer(help="Reasoning-aware Alzheimer's diagnosis on Ray.", no_args_is_help=True)
 cohort_app = typer.Typer(
@@ -56,8 +56,6 @@ def _show(summary: StageSummary) -> None:
     table = Table(title=f"stage: {summary.stage}", show_header=False)
     for key, value in summary.counts.items():
         table.add_row(key, str(value))
-    if "teacher" in summary.details:
-        table.add_row("teacher", str(summary.details["teacher"]))
     console.print(table)
     reasons = summary.details.get("quarantine_reasons")
     if reasons:
@@ -116,10 +114,8 @@ def _teacher_stage(name: str, config: Path | None, overrides: list[str] | None) 
     stage_cfg = getattr(cfg, name) or (
         RationalizeConfig() if name == "rationalize" else DiagnoseConfig()
     )
-    if isinstance(stage_cfg.engine, VllmEngineConfig):
-        _guarded(lambda: prepare_model(stage_cfg.engine.model))
-    connect_ray(cfg.ray)
-    summary = _guarded(lambda: run_teacher(name, stage_cfg, RunStore(cfg.run_dir)))
+    store = RunStore(cfg.run_dir)
+    summary = _guarded(lambda: run_teacher_stage(name, stage_cfg, cfg.ray, store))
     console.print(summary.model_dump())
 
 

