@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from radiag.cohort.schema import Label
 from radiag.config import StrictModel
+from radiag.outputs import predictions_dir, read_parts, write_part
 from radiag.store import RunStore
 from radiag.teacher.engines import (
     EngineConfig,
@@ -39,32 +39,6 @@ RECORD_COLUMNS = (
     "grade_MidTemp", "grade_WholeBrain", "grade_Ventricles",
 )  # fmt: skip
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("patient_id", pa.string()),
-        ("task", pa.string()),
-        ("prompt_version", pa.string()),
-        ("engine", pa.string()),
-        ("model", pa.string()),
-        ("sampling", pa.string()),  # JSON of SamplingConfig, seed included
-        ("seed", pa.int64()),
-        ("attempts", pa.int64()),
-        ("label_shown", pa.string()),  # rationalize only: the label the teacher was given
-        ("exemplar_ids", pa.list_(pa.string())),  # diagnose only
-        ("rationale", pa.string()),
-        ("diagnosis", pa.string()),
-        ("parse_error", pa.string()),
-        ("qc_flagged", pa.bool_()),
-        ("qc_reasons", pa.list_(pa.string())),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("latency_s", pa.float64()),
-        ("error", pa.string()),
-        ("created_at", pa.string()),
-    ]
-)
-
 
 class TeacherStageConfig(StrictModel):
     """What both teacher stages share."""
@@ -72,7 +46,9 @@ class TeacherStageConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=VllmEngineConfig)
     prompt_version: Literal["v1"] = "v1"
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    limit: int | None = Field(None, ge=1, description="only the first N patients (by patient_id)")
+    limit: int | None = Field(
+        None, ge=1, description="only N patients: those with an MRI first, then by patient_id"
+    )
     constrain_answer: bool = Field(
         True,
         description="force the final line with structured output where the backend supports it",
@@ -113,15 +89,12 @@ class TeacherSummary(BaseModel):
 
 
 def output_dir(task: str) -> str:
-    return "rationales" if task == "rationalize" else "predictions/teacher"
+    return "rationales" if task == "rationalize" else predictions_dir("teacher")
 
 
 def read_output(store: RunStore, task: str) -> pa.Table:
-    """Every row written so far (all part files), or an empty table."""
-    parts = store.list_files(output_dir(task), suffix=".parquet")
-    if not parts:
-        return OUTPUT_SCHEMA.empty_table()
-    return pa.concat_tables([store.read_table(part).cast(OUTPUT_SCHEMA) for part in parts])
+    """Every row a teacher stage has written so far, or an empty table."""
+    return read_parts(store, output_dir(task))
 
 
 def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig):  # -> Engine
@@ -151,8 +124,7 @@ class TeacherWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out = self._rationalize(rows) if self.task == "rationalize" else self._diagnose(rows)
-        table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
-        self.store.write_table(f"{output_dir(self.task)}/part-{uuid.uuid4().hex}.parquet", table)
+        write_part(self.store, output_dir(self.task), out)
         return pa.table(
             {
                 "rows": [len(out)],
@@ -289,8 +261,13 @@ def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Tab
         columns = ["patient_id", "description", "label", *RECORD_COLUMNS]
     else:
         columns = ["patient_id", "description"]
-    table = table.select(columns)
-    return table.slice(0, limit) if limit else table
+    if limit:
+        # A small run takes imaged visits first, so the MRI+text student has rows to learn from.
+        has_mri = pc.is_valid(table["mri_path"])
+        table = table.append_column("no_mri", pc.invert(has_mri))
+        table = table.sort_by([("no_mri", "ascending"), ("patient_id", "ascending")])
+        table = table.slice(0, limit)
+    return table.select(columns)
 
 
 def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
