@@ -97,3 +97,19 @@ class RunStore:
 
     def read_json(self, relative: str) -> dict[str, Any]:
         return json.loads(self.read_bytes(relative))
+
+    def upload_dir(self, local: Path, relative: str) -> None:
+        """Copy a local directory tree to `relative` (an exported model, say)."""
+        self.fs.create_dir(self.path(relative), recursive=True)
+        pafs.copy_files(
+            str(local.resolve()), self.path(relative),
+            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs,
+        )  # fmt: skip
+
+    def download_dir(self, relative: str, local: Path) -> None:
+        """Copy `relative` into a local directory (libraries that only open local paths)."""
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            self.path(relative), str(local.resolve()),
+            source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem(),
+        )  # fmt: skip

@@ -67,3 +67,15 @@ def split_cohort(cohort: pa.Table, cfg: SplitConfig) -> tuple[dict[str, pa.Table
     split_of = pa.array(cohort["RID"].to_pandas().map(assignment.set_index("RID")["split"]))
     tables = {name: cohort.filter(pc.equal(split_of, name)) for name in SPLITS}
     return tables, assignment
+
+
+def first_patients(table: pa.Table, limit: int | None) -> pa.Table:
+    """The rows a small run works on: every row, or `limit` of them sorted by patient_id with
+    imaged visits first (so the MRI+text student has rows to learn from and to diagnose)."""
+    if not limit:
+        return table.sort_by("patient_id")
+    no_mri = pc.invert(pc.is_valid(table["mri_path"]))
+    ordered = table.append_column("_no_mri", no_mri).sort_by(
+        [("_no_mri", "ascending"), ("patient_id", "ascending")]
+    )
+    return ordered.slice(0, limit).drop_columns(["_no_mri"])

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, computed_field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from radiag.cohort.schema import Label
+from radiag.cohort.split import first_patients
 from radiag.config import StrictModel
 from radiag.outputs import predictions_dir, read_parts, write_part
 from radiag.store import RunStore
@@ -255,19 +256,13 @@ class TeacherWorker:
 
 def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Table:
     """The rows a stage works on. Diagnosis input holds no label column at all."""
-    table = store.read_table(f"splits/{split}.parquet").sort_by("patient_id")
+    table = store.read_table(f"splits/{split}.parquet")
     if task == "rationalize":
         table = table.filter(pc.is_valid(table["label"]))  # a rationale explains a known label
         columns = ["patient_id", "description", "label", *RECORD_COLUMNS]
     else:
         columns = ["patient_id", "description"]
-    if limit:
-        # A small run takes imaged visits first, so the MRI+text student has rows to learn from.
-        has_mri = pc.is_valid(table["mri_path"])
-        table = table.append_column("no_mri", pc.invert(has_mri))
-        table = table.sort_by([("no_mri", "ascending"), ("patient_id", "ascending")])
-        table = table.slice(0, limit)
-    return table.select(columns)
+    return first_patients(table, limit).select(columns)
 
 
 def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:

@@ -1,0 +1,1 @@
+"""Students distilled from teacher rationales: text LMs and MRI+text models (Module II-2)."""

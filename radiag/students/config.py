@@ -1,0 +1,121 @@
+"""Configs of the student stages: one class per concern, mapped one to one onto YAML."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from radiag.config import StrictModel
+from radiag.models import ModelSpec
+from radiag.students.formatting import LossName
+from radiag.students.modeling import EncoderName
+from radiag.students.volumes import VolumeConfig
+
+StudentKind = Literal["text", "vlm"]
+
+
+class LoraSettings(StrictModel):
+    """PEFT LoRA on the LM's attention and MLP projections."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1, description="usually 2 x r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        ]
+    )  # fmt: skip
+
+
+class MriSettings(StrictModel):
+    """The MRI+text student's image side (ignored by the text student)."""
+
+    encoder: EncoderName = "densenet_small"
+    feature_dim: int = Field(256, ge=8)
+    prefix_tokens: int = Field(8, ge=1, description="LM embeddings the volume becomes")
+    volumes: VolumeConfig = Field(default_factory=VolumeConfig)
+
+
+class OptimSettings(StrictModel):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
+    batch_size: int = Field(4, ge=1, description="sequences per worker per step")
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class ScalingSettings(StrictModel):
+    """Ray Train placement and the distributed strategy."""
+
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int = Field(
+        1, ge=1, description="torch threads per worker (CPU); workers x threads <= cores"
+    )
+    strategy: Literal["ddp", "deepspeed"] = Field(
+        "ddp", description="torch DDP, or DeepSpeed ZeRO (gloo + DS_ACCELERATOR=cpu on CPU)"
+    )
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class DistillConfig(StrictModel):
+    """Module II-2: one student distilled from the teacher's rationales (Ray Train)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """The LM to fine-tune; default the bundled SmolLM2-135M-Instruct."""
+    finetune: Literal["full", "lora", "frozen"] = Field(
+        "lora", description="frozen: only the MRI encoder and projector train (vlm)"
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    loss: LossName = "step_by_step"
+    rationale_weight: float = Field(
+        1.0, ge=0, description="step_by_step: weight of the rationale loss"
+    )
+    include_flagged: bool = Field(
+        False, description="also train on rationales the teacher's QC flagged"
+    )
+    limit: int | None = Field(None, ge=1, description="only the first N rationale rows")
+    max_length: int = Field(768, ge=64, description="tokens per sequence (prompt + target)")
+    precision: Literal["bf16-mixed", "fp32"] = "bf16-mixed"
+    mri: MriSettings = Field(default_factory=MriSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class StudentDiagnoseConfig(StrictModel):
+    """Diagnosis of the test split by a trained student (Ray Data, transformers)."""
+
+    split: Literal["train", "val", "test"] = "test"
+    limit: int | None = Field(
+        None, ge=1, description="only N patients: those with an MRI first, then by patient_id"
+    )
+    batch_size: int = Field(8, ge=1)
+    replicas: int = Field(1, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    generate_rationale: bool = Field(
+        True, description="write a rationale (step_by_step students can answer without one)"
+    )
+    constrain_answer: bool = Field(
+        True, description="answer = the most probable option; false: parse the written line"
+    )
+    threads_per_replica: int = Field(2, ge=1)
+
+
+class StudentsConfig(StrictModel):
+    """Both students and their diagnosis stage; a null student is skipped by `radiag run`."""
+
+    text: DistillConfig | None = None
+    vlm: DistillConfig | None = None
+    diagnose: StudentDiagnoseConfig = Field(default_factory=StudentDiagnoseConfig)
+
+    @model_validator(mode="after")
+    def _frozen_needs_an_image(self) -> StudentsConfig:
+        if self.text is not None and self.text.finetune == "frozen":
+            raise ValueError("students.text.finetune 'frozen' would train nothing")
+        return self

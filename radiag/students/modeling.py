@@ -1,0 +1,154 @@
+"""Student models: a causal LM, optionally fed an MRI volume as prefix embeddings.
+
+The MRI+text student is Frozen/LLaVA-style: a 3D MONAI encoder turns the volume
+into one feature vector, a linear projector turns that into `prefix_tokens`
+embeddings of the LM's width, and those embeddings go in front of the prompt's
+token embeddings. The text student is the same model without the encoder, so
+training, scoring and generation share one code path (`embed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+IGNORE = -100  # label of a position that carries no loss (prompt, prefix, padding)
+
+EncoderName = Literal["densenet121", "densenet_small", "vit_small"]
+
+
+def build_encoder(name: EncoderName, feature_dim: int, spatial_size: Sequence[int]) -> nn.Module:
+    """A 3D MONAI network trained from scratch: (B, 1, D, H, W) -> (B, feature_dim).
+
+    DenseNets use instance norm: per-worker batches of 1-4 volumes make batch norm noise.
+    """
+    from monai.networks.nets import DenseNet, ViT
+
+    if name == "densenet121":
+        return DenseNet(
+            spatial_dims=3, in_channels=1, out_channels=feature_dim,
+            norm=("instance", {"affine": True}),
+        )  # fmt: skip
+    if name == "densenet_small":
+        return DenseNet(
+            spatial_dims=3, in_channels=1, out_channels=feature_dim, init_features=16,
+            growth_rate=16, block_config=(2, 2, 2, 2), norm=("instance", {"affine": True}),
+        )  # fmt: skip
+    return _VitEncoder(
+        ViT(
+            in_channels=1, img_size=tuple(spatial_size), patch_size=16, hidden_size=192,
+            mlp_dim=768, num_layers=6, num_heads=6, classification=True, num_classes=feature_dim,
+            post_activation="none",
+        )
+    )  # fmt: skip
+
+
+class _VitEncoder(nn.Module):
+    """MONAI's ViT returns (logits, hidden states); keep the logits."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        return self.vit(volumes)[0]
+
+
+class MriPrefix(nn.Module):
+    """Volume -> `prefix_tokens` LM embeddings: (B, 1, D, H, W) -> (B, P, hidden)."""
+
+    def __init__(
+        self, encoder: nn.Module, feature_dim: int, hidden_size: int, prefix_tokens: int
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.prefix_tokens = prefix_tokens
+        self.projector = nn.Sequential(
+            nn.LayerNorm(feature_dim), nn.Linear(feature_dim, prefix_tokens * hidden_size)
+        )
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(volumes)  # (B, F)
+        return self.projector(features).view(volumes.shape[0], self.prefix_tokens, -1)
+
+
+class StudentModel(nn.Module):
+    """A causal LM with an optional MRI prefix. Batches are lists of token ids: `embed`
+    builds the padded embeddings, so the prefix, padding and labels always line up."""
+
+    def __init__(self, lm: PreTrainedModel, mri: MriPrefix | None, pad_token_id: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.mri = mri
+        self.pad_token_id = pad_token_id
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.mri.prefix_tokens if self.mri is not None else 0
+
+    def embed(
+        self,
+        ids: Sequence[Sequence[int]],
+        volumes: torch.Tensor | None = None,
+        pad_left: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and attention mask of `[MRI prefix][tokens]` per row, padded.
+
+        Padding goes on the right for training and scoring, on the left for generation
+        (new tokens then follow the last real token of every row).
+        """
+        embedding = self.lm.get_input_embeddings()
+        device = embedding.weight.device
+        width = max(len(row) for row in ids)
+        padded = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            span = slice(width - len(row), width) if pad_left else slice(0, len(row))
+            padded[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        tokens = embedding(padded.to(device))  # (B, T, hidden)
+        mask = mask.to(device)
+        if self.mri is None:
+            return tokens, mask
+        if volumes is None:
+            raise ValueError("the MRI+text student needs a volume for every row")
+        prefix = self.mri(volumes.to(device)).to(tokens.dtype)  # (B, P, hidden)
+        prefix_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
+        if pad_left:  # [pads][prefix][tokens]: move each row's padding in front of its prefix
+            rows = [
+                torch.cat([tokens[i, : width - len(row)], prefix[i], tokens[i, width - len(row) :]])
+                for i, row in enumerate(ids)
+            ]
+            masks = [
+                torch.cat(
+                    [mask[i, : width - len(row)], prefix_mask[i], mask[i, width - len(row) :]]
+                )
+                for i, row in enumerate(ids)
+            ]
+            return torch.stack(rows), torch.stack(masks)
+        return torch.cat([prefix, tokens], dim=1), torch.cat([prefix_mask, mask], dim=1)
+
+    def forward(
+        self,
+        ids: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        volumes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss over each row's labelled positions, and their count: (B,), (B,)."""
+        inputs, mask = self.embed(ids, volumes)
+        width = inputs.shape[1]
+        target = torch.full((len(ids), width), IGNORE, dtype=torch.long, device=inputs.device)
+        for i, row in enumerate(labels):
+            start = self.prefix_tokens
+            target[i, start : start + len(row)] = torch.tensor(row, device=inputs.device)
+        logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits  # (B, T, V)
+        shifted, following = logits[:, :-1].float(), target[:, 1:]
+        per_token = nn.functional.cross_entropy(
+            shifted.transpose(1, 2), following, ignore_index=IGNORE, reduction="none"
+        )  # (B, T-1)
+        counted = (following != IGNORE).sum(dim=1)
+        return per_token.sum(dim=1), counted

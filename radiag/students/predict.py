@@ -1,0 +1,241 @@
+"""`radiag diagnose --model text|vlm`: a trained student diagnoses the test split.
+
+Rows are sharded over predictor replicas (Ray Data actors, one model each) and
+written as part files under `predictions/student-<kind>/` in the shared output
+shape, so a re-run skips finished patients like the teacher stages do.
+
+Per patient, with greedy decoding:
+1. the rationale: generated from the zero-shot prompt (the `[rationale]` task for a
+   step-by-step student), stopped where the student starts its final line;
+2. class probabilities: the log-likelihood the student gives each of the three
+   answer options right after `Final Diagnosis:` (following its own rationale, or
+   after the `[label]` prompt for a step-by-step student), softmaxed over the three;
+3. the diagnosis: with `constrain_answer` (default, as for the teacher) the most
+   probable option; without it, the student writes its final line freely and the
+   line is parsed (an unparsable line leaves the diagnosis null, with a reason).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from radiag.cohort.schema import Label
+from radiag.cohort.split import first_patients
+from radiag.cohort.stages import StageSummary
+from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, read_parts, write_part
+from radiag.store import RunStore
+from radiag.students.config import DistillConfig, StudentDiagnoseConfig, StudentKind
+from radiag.students.distill import load_final, stage_dir
+from radiag.students.formatting import encode_prompt, prompt_kinds, student_messages
+from radiag.students.modeling import IGNORE
+from radiag.students.volumes import load_volume, prepare_volumes
+from radiag.teacher.parsing import parse_answer
+from radiag.teacher.prompts import ANSWERS, FINAL
+
+
+def model_name(kind: StudentKind) -> str:
+    return f"student-{kind}"
+
+
+class StudentPredictor:
+    """A Ray Data actor: loads one exported student, diagnoses a batch, writes it."""
+
+    def __init__(self, kind: StudentKind, cfg: dict[str, Any], store_uri: str) -> None:
+        self.kind = kind
+        self.cfg = StudentDiagnoseConfig.model_validate(cfg)
+        self.store = RunStore(store_uri)
+        torch.set_num_threads(self.cfg.threads_per_replica)
+        self.local = Path(tempfile.mkdtemp(prefix="radiag-student-"))
+        self.store.download_dir(f"{stage_dir(kind)}/final", self.local)
+        self.model, info = load_final(self.local)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.local / "lm")
+        self.trained = DistillConfig.model_validate(info["config"])
+        self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
+        self.options = [
+            self.tokenizer.encode(" " + ANSWERS[label], add_special_tokens=False) for label in Label
+        ]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        start = time.perf_counter()
+        usable = [r for r in rows if r["error"] is None]
+        results = {r["patient_id"]: self._base(r) | {"error": r["error"]} for r in rows}
+        if usable:
+            with torch.inference_mode():
+                for row, out in zip(usable, self._diagnose(usable), strict=True):
+                    results[row["patient_id"]] |= out
+        seconds = (time.perf_counter() - start) / len(rows)
+        out_rows = [r | {"latency_s": seconds} for r in results.values()]
+        write_part(self.store, predictions_dir(model_name(self.kind)), out_rows)
+        return pa.table({"rows": [len(rows)], "errors": [len(rows) - len(usable)]})
+
+    def _base(self, row: dict[str, Any]) -> dict[str, Any]:
+        sampling = {"greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
+                    "constrain_answer": self.cfg.constrain_answer}  # fmt: skip
+        return {
+            "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
+            "engine": "transformers", "model": model_name(self.kind),
+            "sampling": json.dumps(sampling), "seed": 0, "attempts": 1,
+            "prompt_tokens": 0, "completion_tokens": 0,
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        }  # fmt: skip
+
+    def _volumes(self, rows: list[dict[str, Any]]) -> torch.Tensor | None:
+        if self.kind != "vlm":
+            return None
+        return torch.stack(
+            [torch.from_numpy(load_volume(self.store, r["volume_path"])) for r in rows]
+        )  # (B, 1, D, H, W)
+
+    def _diagnose(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        volumes = self._volumes(rows)
+        writes_rationale = self.cfg.generate_rationale and self.trained.loss != "label"
+        texts: list[str | None] = [None] * len(rows)
+        prompt_tokens = [0] * len(rows)
+        completion_tokens = [0] * len(rows)
+        finish = [None] * len(rows)
+        if writes_rationale or not self.cfg.constrain_answer:
+            prompts = [self._prompt(r["description"], self.rationale_kind) for r in rows]
+            texts, completion_tokens, finish = self._generate(prompts, volumes)
+            prompt_tokens = [len(p) for p in prompts]
+        rationales = [(t.split(FINAL)[0].strip() if t is not None else None) for t in texts]
+        probabilities = self._option_probabilities(rows, rationales, volumes)
+        out = []
+        for i, probs in enumerate(probabilities):
+            record: dict[str, Any] = {
+                "rationale": rationales[i] if writes_rationale else None,
+                **{PROBABILITY_COLUMNS[label]: float(p) for label, p in zip(Label, probs, strict=True)},
+                "prompt_tokens": prompt_tokens[i], "completion_tokens": completion_tokens[i],
+                "finish_reason": finish[i],
+            }  # fmt: skip
+            if self.cfg.constrain_answer:
+                record["diagnosis"] = str(list(Label)[int(probs.argmax())])
+            else:
+                parsed = parse_answer(texts[i] or "", finish[i])
+                record["diagnosis"] = str(parsed.diagnosis) if parsed.diagnosis else None
+                record["parse_error"] = parsed.reason
+            out.append(record)
+        return out
+
+    def _prompt(self, description: str, kind: Any) -> list[int]:
+        return encode_prompt(self.tokenizer, student_messages(description or "", kind))
+
+    def _generate(
+        self, prompts: list[list[int]], volumes: torch.Tensor | None
+    ) -> tuple[list[str | None], list[int], list[str | None]]:
+        """Greedy continuation of each prompt; stops at the final line when it is constrained."""
+        inputs, mask = self.model.embed(prompts, volumes, pad_left=True)
+        generated = self.model.lm.generate(
+            inputs_embeds=inputs, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=False, pad_token_id=self.model.pad_token_id,
+            stop_strings=[FINAL] if self.cfg.constrain_answer else None, tokenizer=self.tokenizer,
+        )  # fmt: skip
+        texts, counts, reasons = [], [], []
+        for row in generated.tolist():
+            tokens = [t for t in row if t != self.model.pad_token_id]
+            ended = self.tokenizer.eos_token_id in tokens
+            tokens = tokens[: tokens.index(self.tokenizer.eos_token_id)] if ended else tokens
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            texts.append(text)
+            counts.append(len(tokens))
+            stopped = ended or (self.cfg.constrain_answer and FINAL in text)
+            reasons.append("stop" if stopped else "length")
+        return texts, counts, reasons
+
+    def _option_probabilities(
+        self, rows: list[dict[str, Any]], rationales: list[str | None], volumes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, 3) softmax over the summed log-likelihood of each answer option."""
+        ids, labels = [], []
+        for row, rationale in zip(rows, rationales, strict=True):
+            prompt = self._prompt(row["description"], self.label_kind)
+            lead = f"{rationale}\n{FINAL}" if rationale and self.label_kind is None else FINAL
+            prefix = prompt + self.tokenizer.encode(lead, add_special_tokens=False)
+            for option in self.options:
+                ids.append(prefix + option)
+                labels.append([IGNORE] * len(prefix) + option)
+        repeated = (
+            volumes.repeat_interleave(len(self.options), dim=0) if volumes is not None else None
+        )
+        losses, _ = self.model(ids, labels, repeated)  # summed negative log-likelihood per option
+        return torch.softmax(-losses.float().view(len(rows), len(self.options)), dim=1)
+
+
+def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> pa.Table:
+    """Test rows (no label column), with the preprocessed volume or the reason there is none."""
+    table = first_patients(store.read_table(f"splits/{cfg.split}.parquet"), cfg.limit)
+    table = table.select(["patient_id", "description", "mri_path"])
+    if kind != "vlm":
+        return table.append_column(
+            "volume_path", pa.nulls(table.num_rows, pa.string())
+        ).append_column("error", pa.nulls(table.num_rows, pa.string()))
+    trained = DistillConfig.model_validate(
+        store.read_json(f"{stage_dir(kind)}/final/student.json")["config"]
+    )
+    imaged = table.filter(pc.is_valid(table["mri_path"]))
+    prepared = prepare_volumes(
+        imaged.select(["patient_id", "mri_path"]), trained.mri.volumes, store
+    )
+    by_id = {r["patient_id"]: r for r in prepared.table.to_pylist()}
+    volume_paths, errors = [], []
+    for pid in table["patient_id"].to_pylist():
+        found = by_id.get(pid)
+        volume_paths.append(found["volume_path"] if found and not found["error"] else None)
+        errors.append(found["error"] if found else f"patient {pid}: no MRI")
+    return table.append_column("volume_path", pa.array(volume_paths, pa.string())).append_column(
+        "error", pa.array(errors, pa.string())
+    )
+
+
+def run_student_diagnose(
+    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore
+) -> StageSummary:
+    """Diagnose every input row not yet in `predictions/student-<kind>/`."""
+    import ray
+
+    if not store.exists(f"{stage_dir(kind)}/final/student.json"):
+        raise RuntimeError(
+            f"no trained {kind} student in {store.uri_of(stage_dir(kind))}: "
+            f"run `radiag distill --student {kind}` first"
+        )
+    inputs = _inputs(kind, cfg, store)
+    done = read_parts(store, predictions_dir(model_name(kind)))
+    todo = inputs.filter(pc.invert(pc.is_in(inputs["patient_id"], done["patient_id"])))
+    start = time.perf_counter()
+    if todo.num_rows:
+        blocks = [todo.slice(i, cfg.batch_size) for i in range(0, todo.num_rows, cfg.batch_size)]
+        counts = ray.data.from_arrow(blocks).map_batches(
+            StudentPredictor,
+            fn_constructor_kwargs={"kind": kind, "cfg": cfg.model_dump(mode="json"),
+                                   "store_uri": store.uri},
+            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.replicas,
+            num_cpus=1,
+        )  # fmt: skip
+        counts.materialize()
+    output = read_parts(store, predictions_dir(model_name(kind)))
+    return StageSummary(
+        stage=f"diagnose-{model_name(kind)}",
+        config_fingerprint="",
+        counts={
+            "rows": output.num_rows,
+            "generated_now": todo.num_rows,
+            "skipped_done": inputs.num_rows - todo.num_rows,
+            "errors": pc.sum(pc.is_valid(output["error"])).as_py() or 0,
+            "unparsed": pc.sum(
+                pc.and_(pc.is_null(output["error"]), pc.is_null(output["diagnosis"]))
+            ).as_py()
+            or 0,
+        },
+        details={"seconds": round(time.perf_counter() - start, 2)},
+    )

@@ -1,0 +1,276 @@
+"""The Ray Train loop that every worker runs, and what it builds.
+
+`TorchTrainer` places the workers and forms the process group (gloo on CPU,
+NCCL on GPU); the loop only builds the model, wraps it for the configured
+strategy and trains on its shard of the `train` dataset. Every worker reports
+the same number of times; checkpoints go through `ray.train.report` to the run
+store, and a restarted run continues from `ray.train.get_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from radiag.models import prepare_model
+from radiag.store import RunStore
+from radiag.students.config import DistillConfig, MriSettings, StudentKind
+from radiag.students.modeling import MriPrefix, StudentModel, build_encoder
+from radiag.students.volumes import load_volume
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.pt"  # the weights that train (all, or LoRA + MRI side)
+STATE_FILE = "state.json"  # epoch / step counters
+
+
+def build_student(kind: StudentKind, cfg: DistillConfig, model_dir: Path) -> StudentModel:
+    """The untrained student: base LM (+ LoRA) and, for `vlm`, a fresh MRI encoder."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.lora
+        lm = get_peft_model(
+            lm,
+            LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            ),
+        )  # fmt: skip
+    elif cfg.finetune == "frozen":
+        lm.requires_grad_(False)
+    mri = build_mri_prefix(cfg.mri, lm) if kind == "vlm" else None
+    return StudentModel(lm, mri, pad_id(tokenizer))
+
+
+def build_mri_prefix(settings: MriSettings, lm: PreTrainedModel) -> MriPrefix:
+    """A fresh MRI encoder + projector sized for `lm`'s embeddings."""
+    encoder = build_encoder(settings.encoder, settings.feature_dim, settings.volumes.spatial_size)
+    hidden = lm.get_input_embeddings().embedding_dim
+    return MriPrefix(encoder, settings.feature_dim, hidden, settings.prefix_tokens)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Strategy(Protocol):
+    """How the model is wrapped, stepped and checkpointed: DDP or DeepSpeed."""
+
+    module: StudentModel
+
+    def backward_and_step(self, loss: torch.Tensor) -> None: ...
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+
+
+class DdpStrategy:
+    """torch DDP via `ray.train.torch.prepare_model`; rank 0 writes the checkpoint."""
+
+    def __init__(self, model: StudentModel, cfg: DistillConfig) -> None:
+        import ray.train.torch
+
+        self.module = model
+        self.wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.params, self.clip = params, cfg.optim.grad_clip
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+
+    def save(self, directory: Path) -> None:
+        if _rank() == 0:
+            torch.save(trainable_state(self.module), directory / TRAINABLE_FILE)
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        self.module.load_state_dict(torch.load(directory / TRAINABLE_FILE), strict=False)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt"))
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO (`deepspeed.initialize` inside the loop). Every rank writes its
+    optimizer shard; Ray merges the workers' files into one checkpoint directory."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, model: StudentModel, cfg: DistillConfig) -> None:
+        import deepspeed
+
+        self.module = model
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": cfg.scaling.zero_stage},
+            "bf16": {"enabled": cfg.scaling.use_gpu and cfg.precision == "bf16-mixed"},
+        }
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.wrapped = self.engine
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG)
+        state = self._gathered_trainable()
+        if _rank() == 0:
+            torch.save(state, directory / TRAINABLE_FILE)
+
+    def load(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag=self.TAG)
+
+    def _gathered_trainable(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights on every rank (ZeRO-3 partitions them; all ranks gather)."""
+        import deepspeed
+
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+            return trainable_state(self.module)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _batch_volumes(store: RunStore, paths: list[str] | None) -> torch.Tensor | None:
+    if paths is None:
+        return None
+    return torch.from_numpy(np.stack([load_volume(store, p) for p in paths]))  # (B, 1, D, H, W)
+
+
+def _loss_parts(
+    sums: torch.Tensor, counts: torch.Tensor, kinds: list[str], cfg: DistillConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean loss per task kind, combined: label + w x rationale (step-by-step)."""
+    parts: dict[str, torch.Tensor] = {}
+    for kind in sorted(set(kinds)):
+        rows = torch.tensor([k == kind for k in kinds])
+        parts[kind] = sums[rows].sum() / counts[rows].sum().clamp(min=1)
+    weight = {"rationale": cfg.rationale_weight if cfg.loss == "step_by_step" else 1.0}
+    loss = sum(weight.get(kind, 1.0) * value for kind, value in parts.items())
+    assert isinstance(loss, torch.Tensor)
+    return loss, {f"loss_{kind}": float(value) for kind, value in parts.items()}
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs. `config` holds only validated, JSON-able configs."""
+    import ray.train
+
+    cfg = DistillConfig.model_validate(config["distill"])
+    kind: StudentKind = config["kind"]
+    store = RunStore(config["store_uri"])
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    model = build_student(kind, cfg, prepare_model(cfg.model))
+    strategy: DdpStrategy | DeepSpeedStrategy = (
+        DeepSpeedStrategy(model, cfg)
+        if cfg.scaling.strategy == "deepspeed"
+        else DdpStrategy(model, cfg)
+    )
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0}
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as directory:
+            strategy.load(Path(directory))
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+        log.info("resumed at %s", state)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed"
+    )
+    shard = ray.train.get_dataset_shard("train")
+    last_report = time.perf_counter()
+    done = state["step"] >= (cfg.optim.max_steps or float("inf"))
+    for epoch in range(state["epoch"], cfg.optim.epochs):
+        if done:
+            break
+        batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy")
+        for index, batch in enumerate(batches):
+            if epoch == state["epoch"] and index < state["batch_in_epoch"]:
+                continue  # finished before the restart
+            ids = [row.tolist() for row in batch["input_ids"]]
+            labels = [row.tolist() for row in batch["labels"]]
+            kinds = batch["kind"].tolist()
+            volumes = (
+                _batch_volumes(store, batch["volume_path"].tolist()) if kind == "vlm" else None
+            )
+            with autocast:
+                # Through the wrapper, so DDP / DeepSpeed hooks see the forward pass.
+                sums, counts = strategy.wrapped(ids, labels, volumes)
+            loss, parts = _loss_parts(sums, counts, kinds, cfg)
+            strategy.backward_and_step(loss)
+            state = {"epoch": epoch, "batch_in_epoch": index + 1, "step": state["step"] + 1}
+            seen = torch.tensor([len(ids), sum(len(r) for r in ids)], dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(seen)  # whole-job samples and tokens for this step
+            now = time.perf_counter()
+            elapsed, last_report = now - last_report, now
+            metrics = {
+                "step": state["step"], "epoch": epoch, "loss": float(loss), **parts,
+                "samples_per_s": float(seen[0]) / elapsed, "tokens_per_s": float(seen[1]) / elapsed,
+                "step_seconds": elapsed,
+            }  # fmt: skip
+            done = state["step"] >= (cfg.optim.max_steps or float("inf"))
+            _report(
+                strategy, metrics, state, save=done or state["step"] % cfg.checkpoint_every == 0
+            )
+            if done:
+                break
+        else:
+            state = {"epoch": epoch + 1, "batch_in_epoch": 0, "step": state["step"]}
+            _report(strategy, {"step": state["step"], "epoch": epoch + 1}, state, save=True)
+
+
+def _report(
+    strategy: DdpStrategy | DeepSpeedStrategy,
+    metrics: dict[str, float],
+    state: dict[str, int],
+    save: bool,
+) -> None:
+    """Every worker reports; with `save`, each writes its part of the checkpoint first."""
+    import ray.train
+
+    if _rank() == 0 and "loss" in metrics:
+        log.info("step %(step)d loss %(loss).4f %(samples_per_s).2f samples/s", metrics)
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        strategy.save(directory)
+        if _rank() == 0:
+            (directory / STATE_FILE).write_text(json.dumps(state))
+        has_files = any(directory.iterdir())
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if has_files else None
+        ray.train.report(metrics, checkpoint=checkpoint)
