@@ -1,0 +1,219 @@
+"""Classical baselines: scikit-learn classifiers on the cohort's tabular features.
+
+Kwon et al. (AAAI 2024) set their reasoning models against "traditional
+classification" of the same patients. Each (classifier, feature set) pair is one
+model, `baseline-<classifier>-<feature_set>`, whose test-split predictions are
+written to `predictions/<model>/` in the shared output schema, so evaluation
+scores it exactly like the teacher and the students.
+
+Only labelled train rows are fitted (val and test labels are never read); the
+imputer and the scaler sit inside the sklearn Pipeline, so they are fitted on
+train too. A re-run with the same config and the same split tables is skipped;
+any other re-run replaces each model's directory, so rows are never duplicated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from radiag.cohort.schema import Label
+from radiag.cohort.stages import fingerprint
+from radiag.config import StrictModel
+from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, write_part
+from radiag.store import RunStore
+
+Classifier = Literal["logistic", "gradient_boosting"]
+FeatureSet = Literal["tabular", "description", "tabular_cognition"]
+
+TRAIN_TABLE = "splits/train.parquet"
+TEST_TABLE = "splits/test.parquet"
+SUMMARY = "baselines/summary.json"
+
+REGIONS = ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")
+"""MRI regions the cohort measures; each enters as log(volume / ICV), i.e. head-size normalised."""
+
+TABULAR_COLUMNS = ("age_at_visit", "PTGENDER", "PTEDUCAT", "APOE4", *REGIONS, "ICV")
+"""Demographics, APOE4 and MRI volumes: the facts a patient description states without
+any cognitive test (the paper's description also states MMSE, here in COGNITION_COLUMNS;
+marital status is left out as it says nothing about the brain)."""
+
+COGNITION_COLUMNS = ("MMSE", "CDRSB", "ADAS13")
+"""Cognitive scores. The clinical diagnosis is largely defined by them, so they show how
+much of the accuracy comes from tests rather than from anatomy and risk factors."""
+
+FEATURE_SETS: dict[FeatureSet, tuple[str, ...]] = {
+    "tabular": TABULAR_COLUMNS,
+    "description": (*TABULAR_COLUMNS, "MMSE"),  # exactly what the teacher's text states
+    "tabular_cognition": (*TABULAR_COLUMNS, *COGNITION_COLUMNS),
+}
+
+
+class BaselineInputError(RuntimeError):
+    """A split table the baselines cannot use; the message names the file."""
+
+
+class BaselineConfig(StrictModel):
+    """Which baselines to fit: every classifier on every feature set."""
+
+    classifiers: list[Classifier] = Field(
+        default_factory=lambda: ["logistic", "gradient_boosting"], min_length=1
+    )
+    feature_sets: list[FeatureSet] = Field(
+        default_factory=lambda: ["tabular", "description", "tabular_cognition"], min_length=1
+    )
+    seed: int = Field(0, description="random_state of the gradient boosting")
+
+
+class ModelSummary(BaseModel):
+    """One fitted baseline: rows it saw, the features it used, fit + predict time."""
+
+    n_train: int
+    n_test: int
+    features: list[str]
+    seconds: float
+
+
+class BaselineSummary(BaseModel):
+    """What the baseline stage did; stored as baselines/summary.json."""
+
+    stage: str = "baselines"
+    config_fingerprint: str
+    models: dict[str, ModelSummary]
+
+
+def model_name(classifier: Classifier, feature_set: FeatureSet) -> str:
+    return f"baseline-{classifier}-{feature_set}"
+
+
+def feature_matrix(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Model inputs from cohort columns; a missing value stays NaN for the imputer."""
+    out: dict[str, pd.Series] = {}
+    for column in columns:
+        if column == "PTGENDER":
+            out["female"] = frame[column].map({"Female": 1.0, "Male": 0.0}).astype(float)
+        elif column in REGIONS:
+            # log: volumes scale multiplicatively with head size, and Ventricles are skewed.
+            out[f"log_{column}_icv"] = np.log(frame[column].astype(float) / frame["ICV"])
+        elif column != "ICV":  # ICV only normalises the regions
+            out[column] = frame[column].astype(float)
+    return pd.DataFrame(out)
+
+
+def build_classifier(classifier: Classifier, seed: int) -> Pipeline:
+    """Both share the same median imputation, so they see identical inputs."""
+    impute = ("impute", SimpleImputer(strategy="median"))
+    if classifier == "logistic":
+        model = LogisticRegression(class_weight="balanced", max_iter=1000)
+        return Pipeline([impute, ("scale", StandardScaler()), ("model", model)])
+    model = HistGradientBoostingClassifier(class_weight="balanced", random_state=seed)
+    return Pipeline([impute, ("model", model)])
+
+
+def _read_split(store: RunStore, path: str, needed: set[str]) -> tuple[pd.DataFrame, str]:
+    """The split as a frame and a digest of its bytes (what the outputs depend on)."""
+    data = store.read_bytes(path)
+    table = pq.read_table(pa.BufferReader(data))
+    if missing := sorted(needed - set(table.column_names)):
+        raise BaselineInputError(
+            f"{store.uri_of(path)} lacks column(s) the baselines need: {', '.join(missing)}"
+        )
+    frame = table.select(sorted(needed)).to_pandas()
+    return frame, hashlib.sha256(data).hexdigest()[:16]
+
+
+def _stored(store: RunStore, key: str) -> BaselineSummary | None:
+    if not store.exists(SUMMARY):
+        return None
+    summary = BaselineSummary.model_validate(store.read_json(SUMMARY))
+    return summary if summary.config_fingerprint == key else None
+
+
+def _predict_rows(
+    name: str, pipeline: Pipeline, x: pd.DataFrame, ids: pd.Series, seed: int
+) -> list[dict[str, object]]:
+    """One output row per test row: argmax diagnosis and the three class probabilities."""
+    if x.empty:  # sklearn refuses to predict zero rows
+        return []
+    start = time.perf_counter()
+    proba = pipeline.predict_proba(x)  # (rows, classes), columns in pipeline.classes_ order
+    shared = {
+        "task": "diagnose",
+        "engine": "scikit-learn",
+        "model": name,
+        "seed": seed,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "latency_s": (time.perf_counter() - start) / len(x),
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
+    classes = [str(c) for c in pipeline.classes_]
+    columns = [PROBABILITY_COLUMNS[Label(c)] for c in classes]
+    return [
+        {
+            **shared,
+            "patient_id": patient_id,
+            "diagnosis": classes[int(np.argmax(p))],
+            **dict(zip(columns, p.tolist(), strict=True)),
+        }
+        for patient_id, p in zip(ids, proba, strict=True)
+    ]
+
+
+def run_baseline(cfg: BaselineConfig, store: RunStore) -> BaselineSummary:
+    """splits/{train,test} -> predictions/baseline-*/ + baselines/summary.json.
+
+    Skipped when the stored summary has this config's and these splits' fingerprint.
+
+    Raises:
+        BaselineInputError: a split lacks a needed column, or train lacks a class.
+    """
+    needed = {"patient_id", "label"}.union(*(FEATURE_SETS[f] for f in cfg.feature_sets))
+    train, train_digest = _read_split(store, TRAIN_TABLE, needed)
+    test, test_digest = _read_split(store, TEST_TABLE, needed - {"label"})
+    key = fingerprint(cfg, train_digest, test_digest)
+    if done := _stored(store, key):
+        return done
+    if store.exists(SUMMARY):  # stale from now on: a killed re-run must not look finished
+        store.fs.delete_file(store.path(SUMMARY))
+
+    train = train[train["label"].notna()]
+    if absent := [label.value for label in Label if label not in set(train["label"])]:
+        raise BaselineInputError(
+            f"{store.uri_of(TRAIN_TABLE)} has no labelled rows of class(es) {', '.join(absent)}"
+        )
+    models = {}
+    for classifier in cfg.classifiers:
+        for feature_set in cfg.feature_sets:
+            name = model_name(classifier, feature_set)
+            start = time.perf_counter()
+            x_train = feature_matrix(train, FEATURE_SETS[feature_set])
+            pipeline = build_classifier(classifier, cfg.seed).fit(x_train, train["label"])
+            x_test = feature_matrix(test, FEATURE_SETS[feature_set])
+            rows = _predict_rows(name, pipeline, x_test, test["patient_id"], cfg.seed)
+            directory = predictions_dir(name)
+            store.fs.delete_dir_contents(store.path(directory), missing_dir_ok=True)
+            write_part(store, directory, rows)
+            models[name] = ModelSummary(
+                n_train=len(train),
+                n_test=len(test),
+                features=list(x_train.columns),
+                seconds=round(time.perf_counter() - start, 3),
+            )
+    summary = BaselineSummary(config_fingerprint=key, models=models)
+    store.write_json(SUMMARY, summary.model_dump())
+    return summary
