@@ -4,6 +4,7 @@ overrides, validates, and calls one stage function. Nothing else lives here."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -11,14 +12,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from radiag.baseline import BaselineConfig, run_baseline
 from radiag.cohort.readers import CohortReadError
 from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
 from radiag.models import ModelSpec, prepare_model
-from radiag.pipeline import RunConfig, connect_ray, run_teacher_stage
+from radiag.pipeline import RunConfig, baseline_summary, connect_ray, run_teacher_stage
 from radiag.pipeline import run as run_pipeline
 from radiag.store import RunStore
+from radiag.students.config import DistillConfig
+from radiag.students.distill import run_distill
+from radiag.students.predict import run_student_diagnose
 from radiag.teacher.engines import VllmEngineConfig
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig
 
@@ -37,6 +42,17 @@ SetOption = Annotated[
     typer.Option("--set", help="override a field: --set cohort.synthetic.subjects=500"),
 ]
 T = TypeVar("T")
+
+
+class DiagnosingModel(StrEnum):
+    teacher = "teacher"
+    text = "text"
+    vlm = "vlm"
+
+
+class StudentChoice(StrEnum):
+    text = "text"
+    vlm = "vlm"
 
 
 def _guarded(action: Callable[[], T]) -> T:
@@ -96,17 +112,47 @@ def rationalize(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 @app.command()
 def diagnose(
-    model: Annotated[str, typer.Option(help="who diagnoses: teacher")] = "teacher",
+    model: Annotated[
+        DiagnosingModel, typer.Option(help="teacher (few-shot), or a trained student: text, vlm")
+    ] = DiagnosingModel.teacher,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Module II-1: few-shot chain-of-thought diagnosis of the test split."""
-    if model != "teacher":
-        console.print(
-            f"[bold red]error:[/] unknown model {model!r}; available: teacher", soft_wrap=True
+    """Diagnose the test split: the teacher (Module II-1) or a distilled student."""
+    if model is DiagnosingModel.teacher:
+        _teacher_stage("diagnose", config, set_)
+        return
+    cfg = _config(config, set_)
+    connect_ray(cfg.ray)
+    kind = model.value
+    _show(
+        _guarded(lambda: run_student_diagnose(kind, cfg.students.diagnose, RunStore(cfg.run_dir)))
+    )
+
+
+@app.command()
+def distill(
+    student: Annotated[StudentChoice, typer.Option(help="text LM, or MRI+text (vlm)")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Module II-2: train a student on the teacher's rationales (Ray Train), export it."""
+    cfg = _config(config, set_)
+    kind = student.value
+    distill_cfg = getattr(cfg.students, kind) or DistillConfig()
+    connect_ray(cfg.ray)
+    _show(_guarded(lambda: run_distill(kind, distill_cfg, RunStore(cfg.run_dir))))
+
+
+@app.command()
+def baseline(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Classical classifiers (scikit-learn) on the tabular features of the same splits."""
+    cfg = _config(config, set_)
+    with console.status("fitting baselines"):
+        summary = _guarded(
+            lambda: run_baseline(cfg.baseline or BaselineConfig(), RunStore(cfg.run_dir))
         )
-        raise typer.Exit(2)
-    _teacher_stage("diagnose", config, set_)
+    _show(baseline_summary(summary))
 
 
 def _teacher_stage(name: str, config: Path | None, overrides: list[str] | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 from pydantic import Field, model_validator
 
+from radiag.baseline import BaselineConfig, BaselineSummary, run_baseline
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.mri import MriConfig
 from radiag.cohort.split import SplitConfig
@@ -29,6 +30,9 @@ from radiag.cohort.stages import (
 from radiag.config import StrictModel
 from radiag.models import prepare_model
 from radiag.store import RunStore
+from radiag.students.config import StudentsConfig
+from radiag.students.distill import run_distill
+from radiag.students.predict import model_name, run_student_diagnose
 from radiag.teacher.engines import VllmEngineConfig
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, TeacherSummary, run_teacher
 
@@ -63,6 +67,10 @@ class RunConfig(StrictModel):
     diagnose: DiagnoseConfig | None = Field(
         None, description="Module II-1 (teacher); null skips it"
     )
+    baseline: BaselineConfig | None = Field(
+        None, description="classical classifiers on the tabular features; null skips them"
+    )
+    students: StudentsConfig = Field(default_factory=StudentsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -169,5 +177,26 @@ def run(
         stages[name] = StageSummary(
             stage=name, config_fingerprint="", counts=counts, details=details
         )
+    if cfg.baseline is not None:
+        on_stage("baseline")
+        stages["baseline"] = baseline_summary(run_baseline(cfg.baseline, store))
+    for kind, distill_cfg in (("text", cfg.students.text), ("vlm", cfg.students.vlm)):
+        if distill_cfg is None:
+            continue
+        on_stage(f"distill {kind}")
+        connect_ray(cfg.ray)
+        stages[f"distill-{kind}"] = run_distill(kind, distill_cfg, store)
+        on_stage(f"diagnose {model_name(kind)}")
+        stages[f"diagnose-{kind}"] = run_student_diagnose(kind, cfg.students.diagnose, store)
     write_manifest(store, cfg, stages)
     return stages
+
+
+def baseline_summary(summary: BaselineSummary) -> StageSummary:
+    """The baselines' summary in the shape every stage reports."""
+    return StageSummary(
+        stage="baseline",
+        config_fingerprint=summary.config_fingerprint,
+        counts={name: model.n_test for name, model in summary.models.items()},
+        details={name: model.model_dump() for name, model in summary.models.items()},
+    )

@@ -39,7 +39,9 @@ from radiag.students.config import DistillConfig, StudentKind
 from radiag.students.formatting import encode_target, targets
 from radiag.students.modeling import StudentModel
 from radiag.students.training import (
+    STATE_FILE,
     TRAINABLE_FILE,
+    Progress,
     build_mri_prefix,
     build_student,
     pad_id,
@@ -219,21 +221,26 @@ def run_distill(kind: StudentKind, cfg: DistillConfig, store: RunStore) -> Stage
     if result.checkpoint is None:
         raise RuntimeError(f"{kind} student training reported no checkpoint")
     with result.checkpoint.as_directory() as checkpoint, tempfile.TemporaryDirectory() as out:
-        state = json.loads((Path(checkpoint) / "state.json").read_text())
+        progress = Progress(**json.loads((Path(checkpoint) / STATE_FILE).read_text()))
         provenance = {
             "kind": kind, "config": cfg.model_dump(mode="json"), "config_fingerprint": key,
-            "base_model": str(model_dir), "examples": examples.counts, "steps": state["step"],
+            "base_model": str(model_dir), "examples": examples.counts, "steps": progress.step,
             "trained_patients": examples.table["patient_id"].to_pylist(),
         }  # fmt: skip
         export_final(kind, cfg, Path(checkpoint), Path(out), provenance)
         store.upload_dir(Path(out), f"{stage_dir(kind)}/final")
+    store.write_bytes(
+        f"{stage_dir(kind)}/metrics.jsonl",
+        "".join(json.dumps(m) + "\n" for m in progress.history).encode(),
+    )
     summary = StageSummary(
         stage=f"distill-{kind}",
         config_fingerprint=key,
         counts={**examples.counts, "sequences": len(sequences), "too_long": too_long,
-                "steps": state["step"]},
+                "steps": progress.step},
         details={"final_model": store.uri_of(f"{stage_dir(kind)}/final"),
-                 "mri_errors": examples.errors, "seconds": round(time.perf_counter() - start, 1)},
+                 "resumed_at_steps": progress.resumed_at, "mri_errors": examples.errors,
+                 "seconds": round(time.perf_counter() - start, 1)},
     )  # fmt: skip
     store.write_json(f"{stage_dir(kind)}/summary.json", summary.model_dump())
     return summary

@@ -25,6 +25,8 @@ def build_encoder(name: EncoderName, feature_dim: int, spatial_size: Sequence[in
     """A 3D MONAI network trained from scratch: (B, 1, D, H, W) -> (B, feature_dim).
 
     DenseNets use instance norm: per-worker batches of 1-4 volumes make batch norm noise.
+    `densenet_small` downsamples 16x (DenseNet121: 32x), so 32^3 inputs still leave 2^3
+    voxels for the last norm.
     """
     from monai.networks.nets import DenseNet, ViT
 
@@ -36,7 +38,7 @@ def build_encoder(name: EncoderName, feature_dim: int, spatial_size: Sequence[in
     if name == "densenet_small":
         return DenseNet(
             spatial_dims=3, in_channels=1, out_channels=feature_dim, init_features=16,
-            growth_rate=16, block_config=(2, 2, 2, 2), norm=("instance", {"affine": True}),
+            growth_rate=16, block_config=(2, 2, 2), norm=("instance", {"affine": True}),
         )  # fmt: skip
     return _VitEncoder(
         ViT(

@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -184,6 +185,17 @@ def _loss_parts(
     return loss, {f"loss_{kind}": float(value) for kind, value in parts.items()}
 
 
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint, so a restart continues here."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already trained
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics of every step
+    resumed_at: list[int] = field(default_factory=list)  # steps where a restart continued
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs. `config` holds only validated, JSON-able configs."""
     import ray.train
@@ -199,63 +211,60 @@ def train_loop(config: dict[str, Any]) -> None:
         if cfg.scaling.strategy == "deepspeed"
         else DdpStrategy(model, cfg)
     )
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0}
+    progress = Progress()
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as directory:
             strategy.load(Path(directory))
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-        log.info("resumed at %s", state)
-    device = next(model.parameters()).device
+            progress = Progress(**json.loads((Path(directory) / STATE_FILE).read_text()))
+        progress.resumed_at.append(progress.step)
+        log.info("resumed at step %d", progress.step)
     autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed"
+        next(model.parameters()).device.type,
+        dtype=torch.bfloat16,
+        enabled=cfg.precision == "bf16-mixed",
     )
     shard = ray.train.get_dataset_shard("train")
-    last_report = time.perf_counter()
-    done = state["step"] >= (cfg.optim.max_steps or float("inf"))
-    for epoch in range(state["epoch"], cfg.optim.epochs):
-        if done:
-            break
+    max_steps = cfg.optim.max_steps or float("inf")
+    clock = time.perf_counter()
+    while progress.epoch < cfg.optim.epochs and progress.step < max_steps:
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="numpy")
         for index, batch in enumerate(batches):
-            if epoch == state["epoch"] and index < state["batch_in_epoch"]:
-                continue  # finished before the restart
+            if index < progress.batch_in_epoch:
+                continue  # trained before the restart
             ids = [row.tolist() for row in batch["input_ids"]]
-            labels = [row.tolist() for row in batch["labels"]]
-            kinds = batch["kind"].tolist()
             volumes = (
                 _batch_volumes(store, batch["volume_path"].tolist()) if kind == "vlm" else None
             )
             with autocast:
                 # Through the wrapper, so DDP / DeepSpeed hooks see the forward pass.
-                sums, counts = strategy.wrapped(ids, labels, volumes)
-            loss, parts = _loss_parts(sums, counts, kinds, cfg)
+                sums, counts = strategy.wrapped(ids, [r.tolist() for r in batch["labels"]], volumes)
+            loss, parts = _loss_parts(sums, counts, batch["kind"].tolist(), cfg)
             strategy.backward_and_step(loss)
-            state = {"epoch": epoch, "batch_in_epoch": index + 1, "step": state["step"] + 1}
             seen = torch.tensor([len(ids), sum(len(r) for r in ids)], dtype=torch.float64)
             if dist.is_initialized():
-                dist.all_reduce(seen)  # whole-job samples and tokens for this step
-            now = time.perf_counter()
-            elapsed, last_report = now - last_report, now
+                dist.all_reduce(seen)  # whole-job samples and tokens of this step
+            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+            progress.step, progress.batch_in_epoch = progress.step + 1, index + 1
             metrics = {
-                "step": state["step"], "epoch": epoch, "loss": float(loss), **parts,
+                "step": progress.step, "epoch": progress.epoch, "loss": float(loss), **parts,
                 "samples_per_s": float(seen[0]) / elapsed, "tokens_per_s": float(seen[1]) / elapsed,
                 "step_seconds": elapsed,
             }  # fmt: skip
-            done = state["step"] >= (cfg.optim.max_steps or float("inf"))
+            progress.history.append(metrics)
+            finished = progress.step >= max_steps
             _report(
-                strategy, metrics, state, save=done or state["step"] % cfg.checkpoint_every == 0
+                strategy, metrics, progress, finished or progress.step % cfg.checkpoint_every == 0
             )
-            if done:
-                break
-        else:
-            state = {"epoch": epoch + 1, "batch_in_epoch": 0, "step": state["step"]}
-            _report(strategy, {"step": state["step"], "epoch": epoch + 1}, state, save=True)
+            if finished:
+                return
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        _report(strategy, {"step": progress.step, "epoch": progress.epoch}, progress, save=True)
 
 
 def _report(
     strategy: DdpStrategy | DeepSpeedStrategy,
     metrics: dict[str, float],
-    state: dict[str, int],
+    progress: Progress,
     save: bool,
 ) -> None:
     """Every worker reports; with `save`, each writes its part of the checkpoint first."""
@@ -270,7 +279,7 @@ def _report(
         directory = Path(tmp)
         strategy.save(directory)
         if _rank() == 0:
-            (directory / STATE_FILE).write_text(json.dumps(state))
+            (directory / STATE_FILE).write_text(json.dumps(asdict(progress)))
         has_files = any(directory.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if has_files else None
         ray.train.report(metrics, checkpoint=checkpoint)

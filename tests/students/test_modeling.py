@@ -1,0 +1,66 @@
+"""The student model: the MRI prefix lines up with the tokens whatever the padding side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from radiag.students.modeling import IGNORE, MriPrefix, StudentModel, build_encoder
+
+SPATIAL = (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def vlm(lm) -> StudentModel:
+    torch.manual_seed(0)
+    encoder = build_encoder("densenet_small", 16, SPATIAL)
+    return StudentModel(lm, MriPrefix(encoder, 16, lm.config.hidden_size, 4), 0).eval()
+
+
+@pytest.mark.parametrize("name", ["densenet_small", "vit_small"])
+def test_each_encoder_maps_a_volume_to_one_feature_vector(name: str) -> None:
+    encoder = build_encoder(name, 24, SPATIAL)
+    assert encoder(torch.randn(2, 1, *SPATIAL)).shape == (2, 24)
+
+
+def test_the_volume_becomes_prefix_embeddings_in_front_of_the_tokens(lm) -> None:
+    model = vlm(lm)
+    inputs, mask = model.embed([[5, 6, 7], [8, 9]], torch.randn(2, 1, *SPATIAL))
+    assert inputs.shape == (2, 4 + 3, lm.config.hidden_size)
+    assert mask.tolist() == [[1] * 7, [1] * 6 + [0]]
+
+
+def test_left_padding_puts_padding_before_the_prefix(lm) -> None:
+    model = vlm(lm)
+    volumes = torch.randn(2, 1, *SPATIAL)
+    right, _ = model.embed([[5, 6, 7], [8, 9]], volumes)
+    left, mask = model.embed([[5, 6, 7], [8, 9]], volumes, pad_left=True)
+    assert mask.tolist() == [[1] * 7, [0] + [1] * 6]
+    assert torch.allclose(left[1, 1:], right[1, :6])  # same prefix + tokens, shifted by the pad
+
+
+def test_the_loss_ignores_prompt_and_padding_and_does_not_depend_on_the_batch(lm) -> None:
+    model = StudentModel(lm, None, pad_token_id=0)
+    ids = [[5, 6, 7, 8], [9, 10]]
+    labels = [[IGNORE, IGNORE, 7, 8], [IGNORE, 10]]
+    with torch.no_grad():
+        sums, counts = model(ids, labels)
+        alone, _ = model(ids[1:], labels[1:])
+    assert counts.tolist() == [2, 1]
+    assert torch.allclose(sums[1], alone[0], atol=1e-5)
+
+
+def test_the_mri_side_trains_from_the_text_loss(lm) -> None:
+    model = vlm(lm).train()
+    sums, counts = model([[5, 6, 7]], [[IGNORE, 6, 7]], torch.randn(1, 1, *SPATIAL))
+    (sums.sum() / counts.sum()).backward()
+    assert model.mri is not None
+    grads = [p.grad for p in model.mri.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
