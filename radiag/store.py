@@ -44,8 +44,9 @@ class RunStore:
     """
 
     def __init__(self, uri: str) -> None:
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = filesystem_for(self.uri)
+        self.fs, self.root = filesystem_for(uri.rstrip("/"))
+        # A local run is named by its absolute path: workers may run in another directory.
+        self.uri = uri.rstrip("/") if uri.startswith("s3://") else self.root
 
     def path(self, relative: str) -> str:
         """Path inside the filesystem for a run-relative path."""

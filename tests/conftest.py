@@ -16,9 +16,18 @@ import ray
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster (2 CPUs, no dashboard) shared by the tests that use Ray."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_cluster(s3_endpoint: str) -> Iterator[None]:
+    """One local Ray cluster (2 CPUs, no dashboard) shared by the tests that use Ray.
+
+    Its workers get the S3 server's settings, as a cluster's would from its environment.
+    """
+    s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": s3_env},
+    )
     yield
     ray.shutdown()
 

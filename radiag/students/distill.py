@@ -90,7 +90,7 @@ def training_examples(kind: StudentKind, cfg: DistillConfig, store: RunStore) ->
     flagged = pc.fill_null(rationales["qc_flagged"], False)
     keep = usable if cfg.include_flagged else pc.and_(usable, pc.invert(flagged))
     kept = rationales.filter(keep).select(["patient_id", "rationale"])
-    table = kept.join(train, "patient_id").sort_by("patient_id")
+    table = kept.join(train, "patient_id", join_type="inner").sort_by("patient_id")
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     counts = {
@@ -122,7 +122,7 @@ def _check_same_run(rationales: pa.Table, train: pa.Table, store: RunStore) -> N
             "rationale table comes from another cohort or run; refusing to train on it"
         )
     joined = rationales.select(["patient_id", "label_shown"]).join(
-        train.select(["patient_id", "label"]), "patient_id"
+        train.select(["patient_id", "label"]), "patient_id", join_type="inner"
     )
     differs = joined.filter(pc.not_equal(joined["label_shown"], joined["label"]))
     if differs.num_rows:
@@ -143,7 +143,9 @@ def _with_volumes(
     for error in errors:
         log.warning("skipped: %s", error)
     ready = prepared.table.filter(pc.is_null(prepared.table["error"]))
-    joined = imaged.join(ready.select(["patient_id", "volume_path"]), "patient_id")
+    joined = imaged.join(
+        ready.select(["patient_id", "volume_path"]), "patient_id", join_type="inner"
+    )
     return joined.sort_by("patient_id"), {**counts, "mri_failed": prepared.failed}, errors
 
 

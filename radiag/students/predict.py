@@ -219,7 +219,7 @@ def run_student_diagnose(
             StudentPredictor,
             fn_constructor_kwargs={"kind": kind, "cfg": cfg.model_dump(mode="json"),
                                    "store_uri": store.uri},
-            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.replicas,
+            batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
             num_cpus=1,
         )  # fmt: skip
         counts.materialize()

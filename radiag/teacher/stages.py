@@ -326,7 +326,7 @@ def run_teacher(
             },
             batch_size=engine.batch_size,
             batch_format="pyarrow",
-            concurrency=engine.replicas,
+            compute=ray.data.ActorPoolStrategy(size=engine.replicas),
             num_gpus=vllm_gpus,
             num_cpus=_actor_cpus(engine),
             runtime_env=_actor_env(engine),

@@ -1,0 +1,134 @@
+"""Distillation on Ray Train: what a student learns from, what it writes, where it refuses.
+
+Slow: each training run starts Ray Train workers (~20-30 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from radiag.outputs import write_part
+from radiag.store import RunStore
+from radiag.students.config import DistillConfig
+from radiag.students.distill import StudentDataError, load_final, run_distill, training_examples
+
+
+def test_flagged_rationales_are_left_out_unless_asked(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig]
+) -> None:
+    strict = training_examples("text", tiny_student(), fresh_run)
+    lenient = training_examples("text", tiny_student(include_flagged=True), fresh_run)
+    flagged = strict.counts["excluded_flagged"]
+    assert flagged > 0 and lenient.counts["excluded_flagged"] == 0
+    assert lenient.table.num_rows == strict.table.num_rows + flagged
+
+
+def test_rationales_from_another_run_are_refused(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig]
+) -> None:
+    write_part(fresh_run, "rationales", [{"patient_id": "aibl-999-bl", "rationale": "x"}])
+    with pytest.raises(StudentDataError, match=r"aibl-999-bl.*another cohort or run"):
+        training_examples("text", tiny_student(), fresh_run)
+
+
+def test_rationales_explaining_another_label_are_refused(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig]
+) -> None:
+    row = fresh_run.read_table("splits/train.parquet").to_pylist()[0]
+    other = "CN" if row["label"] != "CN" else "AD"
+    write_part(fresh_run, "rationales", [{"patient_id": row["patient_id"], "label_shown": other}])
+    with pytest.raises(StudentDataError, match="explain another label"):
+        training_examples("text", tiny_student(), fresh_run)
+
+
+@pytest.mark.slow
+def test_a_text_student_trains_and_exports_a_model_transformers_loads(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig]
+) -> None:
+    summary = run_distill("text", tiny_student(loss="step_by_step"), fresh_run)
+
+    assert summary.counts["steps"] == 4
+    assert summary.counts["sequences"] == 2 * summary.counts["examples"]  # two tasks per row
+    final = Path(fresh_run.path("checkpoints/text/final"))
+    assert (final / "adapter" / "adapter_config.json").is_file()  # LoRA adapter kept
+    lm = AutoModelForCausalLM.from_pretrained(final / "lm")  # merged, plain HF
+    assert lm.num_parameters() > 0
+    lines = (final.parent / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["samples_per_s"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
+    assert any("loss_label" in m and "loss_rationale" in m for m in metrics)
+    # A second call finds the finished stage and does not train again.
+    assert run_distill("text", tiny_student(loss="step_by_step"), fresh_run) == summary
+
+
+@pytest.mark.slow
+def test_the_mri_student_skips_unusable_volumes_and_trains_on_the_rest(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig], tmp_path: Path
+) -> None:
+    train = fresh_run.read_table("splits/train.parquet")
+    imaged = train.filter(pc.is_valid(train["mri_path"]))["patient_id"].to_pylist()
+    corrupt, missing = tmp_path / "corrupt.nii.gz", tmp_path / "missing.nii.gz"
+    corrupt.write_bytes(b"not a NIfTI file")
+    paths = {imaged[0]: str(corrupt), imaged[1]: str(missing)}
+    mri_path = [paths.get(p, m) for p, m in zip(train["patient_id"].to_pylist(),
+                                                 train["mri_path"].to_pylist(), strict=True)]  # fmt: skip
+    index = train.schema.get_field_index("mri_path")
+    fresh_run.write_table(
+        "splits/train.parquet", train.set_column(index, "mri_path", pa.array(mri_path, pa.string()))
+    )
+
+    cfg = tiny_student(loss="rationale_label", optim={"max_steps": 2, "batch_size": 2})
+    summary = run_distill("vlm", cfg, fresh_run)
+
+    assert summary.counts["mri_failed"] == 2 and summary.counts["steps"] == 2
+    errors = " ".join(summary.details["mri_errors"])
+    assert f"patient {imaged[0]}" in errors and str(corrupt) in errors
+    assert f"patient {imaged[1]}" in errors and str(missing) in errors
+    model, info = load_final(Path(fresh_run.path("checkpoints/vlm/final")))
+    assert model.mri is not None and info["kind"] == "vlm"
+    assert imaged[0] not in info["trained_patients"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_on_two_workers(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig]
+) -> None:
+    cfg = tiny_student(
+        optim={"max_steps": 2, "batch_size": 2},
+        scaling={"workers": 2, "cpus_per_worker": 0.5, "strategy": "deepspeed", "zero_stage": 2},
+    )
+    summary = run_distill("text", cfg, fresh_run)
+
+    assert summary.counts["steps"] == 2
+    checkpoints = Path(fresh_run.path("checkpoints/text/train"))
+    shards = sorted(p.name for p in checkpoints.glob("checkpoint_*/deepspeed/*optim_states.pt"))
+    assert any("rank_0" in s for s in shards) and any("rank_1" in s for s in shards)
+    model, _ = load_final(Path(fresh_run.path("checkpoints/text/final")), dtype=torch.float32)
+    assert model.mri is None
+
+
+@pytest.mark.slow
+def test_checkpoints_and_the_export_go_to_an_s3_run_store(
+    prepared_run: Path, tiny_student: Callable[..., DistillConfig], s3_endpoint: str
+) -> None:
+    store = RunStore("s3://radiag/runs/students")
+    for name in ("splits/train.parquet", "rationales"):
+        source = prepared_run / name
+        files = [source] if source.is_file() else sorted(source.glob("*.parquet"))
+        for file in files:
+            store.write_bytes(str(file.relative_to(prepared_run)), file.read_bytes())
+
+    run_distill("text", tiny_student(optim={"max_steps": 2}), store)
+
+    assert store.list_files("checkpoints/text/final", suffix=".json")
+    assert store.exists("checkpoints/text/final/lm/config.json")
+    assert store.exists("checkpoints/text/train")

@@ -1,0 +1,79 @@
+"""A trained student diagnoses the test split in the teacher's table shape, with probabilities.
+
+Slow: trains a tiny student first (Ray Train), then runs predictor actors (Ray Data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from radiag.cohort.schema import Label
+from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
+from radiag.store import RunStore
+from radiag.students.config import DistillConfig, StudentDiagnoseConfig
+from radiag.students.distill import run_distill
+from radiag.students.predict import run_student_diagnose
+
+pytestmark = pytest.mark.slow
+ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def trained(
+    prepared_run: Path, tmp_path_factory: pytest.TempPathFactory, tiny_student: Callable
+) -> RunStore:
+    import shutil
+
+    root = tmp_path_factory.mktemp("predict") / "run"
+    shutil.copytree(prepared_run, root)
+    store = RunStore(str(root))
+    cfg: DistillConfig = tiny_student(loss="rationale_label", optim={"max_steps": 2})
+    run_distill("text", cfg, store)
+    return store
+
+
+def test_predictions_have_the_shared_shape_and_probabilities_that_sum_to_one(
+    trained: RunStore,
+) -> None:
+    cfg = StudentDiagnoseConfig(limit=ROWS, batch_size=3, max_new_tokens=12)
+    summary = run_student_diagnose("text", cfg, trained)
+
+    table = read_parts(trained, "predictions/student-text")
+    assert table.schema == OUTPUT_SCHEMA
+    assert summary.counts["rows"] == ROWS == table.num_rows
+    rows = table.to_pylist()
+    for row in rows:
+        probs = {label: row[PROBABILITY_COLUMNS[label]] for label in Label}
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+        assert row["diagnosis"] == max(probs, key=probs.get)  # constrained: the likeliest option
+        assert row["model"] == "student-text" and row["engine"] == "transformers"
+        assert row["rationale"] is not None and row["completion_tokens"] > 0
+    test_ids = set(trained.read_table("splits/test.parquet")["patient_id"].to_pylist())
+    assert {r["patient_id"] for r in rows} <= test_ids
+
+
+def test_a_rerun_diagnoses_only_the_patients_not_done(trained: RunStore) -> None:
+    cfg = StudentDiagnoseConfig(limit=ROWS + 2, batch_size=4, max_new_tokens=8)
+    summary = run_student_diagnose("text", cfg, trained)
+
+    assert summary.counts["skipped_done"] == ROWS and summary.counts["generated_now"] == 2
+    ids = read_parts(trained, "predictions/student-text")["patient_id"]
+    assert len(ids) == ROWS + 2 == len(pc.unique(ids))
+
+
+def test_free_answers_are_parsed_and_unparsable_ones_stay_null(trained: RunStore) -> None:
+    """Without the constraint the random tiny student rarely writes a final line: the
+    diagnosis is then null with a reason, never guessed."""
+    store = trained
+    cfg = StudentDiagnoseConfig(limit=2, batch_size=2, max_new_tokens=8, constrain_answer=False)
+    for part in store.list_files("predictions/student-text", suffix=".parquet"):
+        store.fs.delete_file(store.path(part))
+    run_student_diagnose("text", cfg, store)
+
+    for row in read_parts(store, "predictions/student-text").to_pylist():
+        assert (row["diagnosis"] is None) == (row["parse_error"] is not None)
+        assert row["p_AD"] is not None  # probabilities are still read from the logits

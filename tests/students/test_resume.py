@@ -1,0 +1,73 @@
+"""A killed training run restarts from its last checkpoint, and finishes each step once.
+
+`radiag distill` is SIGKILLed after its first checkpoint; the re-run continues from
+`ray.train.get_checkpoint()` instead of step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radiag.store import RunStore
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+def distill(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "radiag.cli", "distill", "--student", "text", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the local Ray cluster goes with it
+    )
+
+
+def test_a_killed_training_run_resumes_from_its_last_checkpoint(
+    fresh_run: RunStore, tiny_model: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "distill.yaml"
+    student = {
+        "model": {"path": str(tiny_model)},
+        "optim": {"max_steps": STEPS, "batch_size": 2},
+        "checkpoint_every": 2,
+        "scaling": {"cpus_per_worker": 0.5},
+    }
+    config.write_text(
+        yaml.safe_dump(
+            {"run_dir": fresh_run.uri, "students": {"text": student}, "ray": {"num_cpus": 2}}
+        )
+    )
+    # Ray Train lists a checkpoint here once it is complete: the restart point.
+    registered = Path(fresh_run.path("checkpoints/text/train/checkpoint_manager_snapshot.json"))
+
+    first = distill(config)
+    deadline = time.monotonic() + 300
+    while not (registered.is_file() and "checkpoint_" in registered.read_text()):
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint written in time"
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)  # the driver, mid-training
+    first.wait()
+    time.sleep(2)
+    os.killpg(first.pid, signal.SIGKILL)  # then its Ray cluster and train workers
+    assert not fresh_run.exists("checkpoints/text/final")
+
+    second = distill(config)
+    output = second.communicate(timeout=600)[0].decode()
+    assert second.returncode == 0, output[-3000:]
+
+    summary = fresh_run.read_json("checkpoints/text/summary.json")
+    (resumed_at,) = summary["details"]["resumed_at_steps"]
+    assert 2 <= resumed_at < STEPS
+    lines = Path(fresh_run.path("checkpoints/text/metrics.jsonl")).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
