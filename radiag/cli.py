@@ -73,6 +73,8 @@ def _show(summary: StageSummary) -> None:
     for key, value in summary.counts.items():
         table.add_row(key, str(value))
     console.print(table)
+    for error in summary.details.get("mri_errors") or []:
+        console.print(f"[yellow]skipped:[/] {error}", soft_wrap=True, highlight=False)
     reasons = summary.details.get("quarantine_reasons")
     if reasons:
         console.print(

@@ -103,24 +103,37 @@ def test_run_does_every_stage_then_resumes_without_redoing_work(
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "radiag.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"),
-        "--set", f"run_dir={run_dir}", "--set", "cohort.synthetic.subjects=80", "--set", "mri.subjects=2",
+        "--set", f"run_dir={run_dir}", "--set", "cohort.synthetic.subjects=80", "--set", "mri.subjects=4",
         "--set", f"rationalize.engine.model={{path: {tiny_model}}}", "--set", "rationalize.engine.max_model_len=1024",
         "--set", "rationalize.limit=6", "--set", "diagnose.limit=4",
         "--set", "rationalize.sampling={temperature: 1.0, max_tokens: 16}",
         "--set", "diagnose.sampling={temperature: 1.0, max_tokens: 16}",
+        "--set", "students.diagnose={limit: 4, max_new_tokens: 8}",
     ]  # fmt: skip
+    for kind in ("text", "vlm"):  # two steps of the tiny model; its random rationales get flagged
+        command += [
+            "--set", f"students.{kind}.model={{path: {tiny_model}}}",
+            "--set", f"students.{kind}.optim={{max_steps: 2, batch_size: 2}}",
+            "--set", f"students.{kind}.include_flagged=true",
+        ]  # fmt: skip
     env = os.environ | {"RADIAG_MODEL_CACHE": str(model_cache)}
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"cohort", "mri", "splits", "rationalize", "diagnose"}
+    assert set(manifest["stages"]) == {
+        "cohort", "mri", "splits", "rationalize", "diagnose", "baseline",
+        "distill-text", "diagnose-text", "distill-vlm", "diagnose-vlm",
+    }  # fmt: skip
     assert manifest["stages"]["rationalize"]["counts"]["rows"] == 6
     assert manifest["stages"]["diagnose"]["counts"]["rows"] == 4
+    assert manifest["stages"]["distill-text"]["counts"]["steps"] == 2
+    assert manifest["stages"]["diagnose-text"]["counts"]["rows"] == 4
+    assert (run_dir / "checkpoints" / "vlm" / "final" / "mri_prefix.pt").is_file()
     assert manifest["versions"]["ray"] == "2.60.0" and manifest["seeds"]["split"] == 0
-    assert manifest["stages"]["mri"]["counts"] == {"volumes": 2, "failed": 0}
+    assert manifest["stages"]["mri"]["counts"] == {"volumes": 4, "failed": 0}
     test_split = run_dir / "splits" / "test.parquet"
-    assert test_split.exists() and len(list((run_dir / "mri").glob("*_seg.nii.gz"))) == 2
+    assert test_split.exists() and len(list((run_dir / "mri").glob("*_seg.nii.gz"))) == 4
 
     assert len(list((run_dir / "rationales").glob("part-*.parquet"))) >= 1
     assert len(list((run_dir / "rationales").glob("part-*.parquet"))) >= 1

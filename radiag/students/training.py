@@ -200,6 +200,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs. `config` holds only validated, JSON-able configs."""
     import ray.train
 
+    logging.basicConfig(level=logging.INFO)  # this worker's log (Ray's log directory)
     cfg = DistillConfig.model_validate(config["distill"])
     kind: StudentKind = config["kind"]
     store = RunStore(config["store_uri"])

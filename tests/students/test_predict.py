@@ -5,6 +5,8 @@ Slow: trains a tiny student first (Ray Train), then runs predictor actors (Ray D
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,3 +79,26 @@ def test_free_answers_are_parsed_and_unparsable_ones_stay_null(trained: RunStore
     for row in read_parts(store, "predictions/student-text").to_pylist():
         assert (row["diagnosis"] is None) == (row["parse_error"] is not None)
         assert row["p_AD"] is not None  # probabilities are still read from the logits
+
+
+def test_vllm_serves_the_exported_student(trained: RunStore) -> None:
+    """The exported `lm/` is a plain HF directory: the teacher's vLLM engine loads it."""
+    script = """
+import sys
+from radiag.students.formatting import student_messages
+from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
+from radiag.teacher.vllm_engine import VllmEngine
+
+engine = VllmEngine(VllmEngineConfig(
+    model={"path": sys.argv[1]}, max_model_len=1024, cpu_kv_cache_gib=1, batch_size=2))
+(done,) = engine.generate([student_messages("A 70-year-old man. MMSE 29.")],
+                          SamplingConfig(temperature=1.0, max_tokens=8))
+assert done.error is None and done.completion_tokens > 0, done
+print("generated", done.completion_tokens)
+"""
+    lm = trained.path("checkpoints/text/final/lm")
+    result = subprocess.run(
+        [sys.executable, "-c", script, lm], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generated" in result.stdout
