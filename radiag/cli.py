@@ -17,6 +17,7 @@ from radiag.cohort.readers import CohortReadError
 from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
+from radiag.evaluation.stage import EvaluateConfig, run_evaluate
 from radiag.models import ModelSpec, prepare_model
 from radiag.pipeline import RunConfig, baseline_summary, connect_ray, run_teacher_stage
 from radiag.pipeline import run as run_pipeline
@@ -93,6 +94,8 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     for summary in stages.values():
         _show(summary)
     console.print(f"[green]done:[/] {RunStore(cfg.run_dir).uri_of('manifest.json')}")
+    if "evaluate" in stages:
+        _show_report(stages["evaluate"])
 
 
 @models_app.command("prepare")
@@ -165,6 +168,29 @@ def _teacher_stage(name: str, config: Path | None, overrides: list[str] | None) 
     store = RunStore(cfg.run_dir)
     summary = _guarded(lambda: run_teacher_stage(name, stage_cfg, cfg.ray, store))
     console.print(summary.model_dump())
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[
+        str | None, typer.Option("--run", help="run directory or s3:// URI (default: the config's)")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Compare every model that wrote predictions in a run; write reports/ (tables, plots, HTML)."""
+    cfg = _config(config, set_)
+    store = RunStore(run_dir or cfg.run_dir)
+    with console.status("evaluating"):
+        summary = _guarded(lambda: run_evaluate(cfg.evaluate or EvaluateConfig(), store))
+    _show(summary)
+    _show_report(summary)
+
+
+def _show_report(summary: StageSummary) -> None:
+    for problem in summary.details.get("problems") or []:
+        console.print(f"[bold red]not evaluated:[/] {problem}", soft_wrap=True, highlight=False)
+    console.print(f"[green]report:[/] {summary.details['report']}", soft_wrap=True)
 
 
 @cohort_app.command("synth")

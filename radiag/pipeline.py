@@ -28,6 +28,7 @@ from radiag.cohort.stages import (
     synthetic_mri,
 )
 from radiag.config import StrictModel
+from radiag.evaluation.stage import EvaluateConfig, run_evaluate
 from radiag.models import prepare_model
 from radiag.store import RunStore
 from radiag.students.config import StudentsConfig
@@ -71,6 +72,9 @@ class RunConfig(StrictModel):
         None, description="classical classifiers on the tabular features; null skips them"
     )
     students: StudentsConfig = Field(default_factory=StudentsConfig)
+    evaluate: EvaluateConfig | None = Field(
+        None, description="metrics, rationale criteria and the HTML report; null skips it"
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -189,6 +193,10 @@ def run(
         on_stage(f"diagnose {model_name(kind)}")
         stages[f"diagnose-{kind}"] = run_student_diagnose(kind, cfg.students.diagnose, store)
     write_manifest(store, cfg, stages)
+    if cfg.evaluate is not None:  # last: the report shows the manifest written just above
+        on_stage("evaluate")
+        stages["evaluate"] = run_evaluate(cfg.evaluate, store)
+        write_manifest(store, cfg, stages)
     return stages
 
 

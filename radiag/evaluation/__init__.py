@@ -1,0 +1,1 @@
+"""Evaluation: diagnosis metrics, rationale criteria and the run report."""
