@@ -123,13 +123,16 @@ def test_run_does_every_stage_then_resumes_without_redoing_work(
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert set(manifest["stages"]) == {
         "cohort", "mri", "splits", "rationalize", "diagnose", "baseline",
-        "distill-text", "diagnose-text", "distill-vlm", "diagnose-vlm",
+        "distill-text", "diagnose-text", "distill-vlm", "diagnose-vlm", "evaluate",
     }  # fmt: skip
     assert manifest["stages"]["rationalize"]["counts"]["rows"] == 6
     assert manifest["stages"]["diagnose"]["counts"]["rows"] == 4
     assert manifest["stages"]["distill-text"]["counts"]["steps"] == 2
     assert manifest["stages"]["diagnose-text"]["counts"]["rows"] == 4
     assert (run_dir / "checkpoints" / "vlm" / "final" / "mri_prefix.pt").is_file()
+    assert manifest["stages"]["evaluate"]["counts"]["judge_scores"] > 0  # the tiny judge graded
+    assert (run_dir / "reports" / "report.html").is_file()
+    assert f"report: {run_dir / 'reports' / 'report.html'}" in first.stderr.replace("\n", "")
     assert manifest["versions"]["ray"] == "2.60.0" and manifest["seeds"]["split"] == 0
     assert manifest["stages"]["mri"]["counts"] == {"volumes": 4, "failed": 0}
     test_split = run_dir / "splits" / "test.parquet"

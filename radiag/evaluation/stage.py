@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,32 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from radiag.cohort.stages import StageSummary
+from radiag.cohort.stages import StageSummary, fingerprint
 from radiag.config import StrictModel
 from radiag.evaluation.criteria import HelpfulnessReader, score_rationales
 from radiag.evaluation.human import export_rating_sheet, import_ratings, inter_rater_agreement
-from radiag.evaluation.judge import JudgeConfig, agreement, judge_rationales, rating_items
+from radiag.evaluation.judge import (
+    JudgeConfig,
+    agreement,
+    compare_rationales,
+    judge_rationales,
+    pairwise_summary,
+    rating_items,
+    verbosity_bias,
+)
 from radiag.evaluation.metrics import ModelEvaluation, evaluate_model, paired_comparisons
-from radiag.evaluation.predictions import load_predictions, test_labels
+from radiag.evaluation.predictions import load_predictions, model_names, test_labels
 from radiag.evaluation.report import ReportInputs, write_report
+from radiag.models import prepare_model
 from radiag.outputs import read_parts
 from radiag.store import RunStore
+from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.stages import build_engine
 
 log = logging.getLogger(__name__)
 
 REPORTS = "reports"
+SUMMARY = f"{REPORTS}/summary.json"
 RECORD_FIELDS = (
     "AGE", "PTGENDER", "PTEDUCAT", "MMSE", "APOE4", "grade_Hippocampus", "grade_Entorhinal",
     "grade_Fusiform", "grade_MidTemp", "grade_WholeBrain", "grade_Ventricles",
@@ -62,7 +75,16 @@ class EvaluateConfig(StrictModel):
 
 
 def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
-    """Evaluate the run in `store` and write `reports/`; see the module docstring."""
+    """Evaluate the run in `store` and write `reports/`; see the module docstring.
+
+    Skipped when `reports/` was written from the same config and the same prediction,
+    rationale and rating files (a re-run of a finished pipeline does nothing).
+    """
+    key = fingerprint(cfg, _inputs_listing(store, cfg))
+    if store.exists(SUMMARY):
+        done = StageSummary.model_validate(store.read_json(SUMMARY))
+        if done.config_fingerprint == key:
+            return done
     truth = test_labels(store)
     predictions, problems = load_predictions(store)
     for problem in problems:
@@ -76,7 +98,8 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
     automatic = score_rationales(
         rationales, test.set_index("patient_id"), _helpfulness_reader(store), truth
     )
-    judged = _judge(cfg, rationales, test)
+    judge = _judge(cfg, rationales, test)
+    judged = judge.scores
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         human, human_agreement = _human(cfg, rationales, test, out / "human")
@@ -95,16 +118,16 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
             paired=paired_comparisons(predictions, truth),
             criteria=criteria,
             examples=_examples(automatic, rationales, test, truth, cfg.examples),
-            counts=_counts(store, evaluations),
+            counts=_counts(store, evaluations) | judge.checks,
             problems=problems,
             agreement=_agreements(judged, automatic, human, human_agreement),
         )  # fmt: skip
-        _write_tables(inputs, evaluations, judged, out)
+        _write_tables(inputs, evaluations, {"judge": judged, "judge_pairwise": judge.pairwise}, out)
         report = write_report(inputs, out)
         store.upload_dir(out, REPORTS)
-    return StageSummary(
+    summary = StageSummary(
         stage="evaluate",
-        config_fingerprint="",
+        config_fingerprint=key,
         counts={
             "models": len(evaluations),
             "problems": len(problems),
@@ -114,6 +137,18 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
         },
         details={"report": store.uri_of(f"{REPORTS}/{report.name}"), "problems": problems},
     )
+    store.write_json(SUMMARY, summary.model_dump())
+    return summary
+
+
+def _inputs_listing(store: RunStore, cfg: EvaluateConfig) -> str:
+    """The files an evaluation reads, by name: part files are never rewritten, only added."""
+    parts = [
+        *store.list_files("rationales", suffix=".parquet"),
+        *(p for name in model_names(store) for p in store.list_files(f"predictions/{name}")),
+        *(f"{path}:{Path(path).stat().st_mtime_ns}" for path in cfg.human_ratings),
+    ]
+    return json.dumps(parts)
 
 
 def _rationale_rows(predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -149,14 +184,32 @@ def _helpfulness_reader(store: RunStore) -> HelpfulnessReader | None:
     )
 
 
-def _judge(cfg: EvaluateConfig, rationales: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    if cfg.judge is None or rationales.empty:
-        return pd.DataFrame(columns=[*SCORE_KEYS, "feedback"])
-    if cfg.judge.engine.backend == "vllm":
-        from radiag.models import prepare_model
+@dataclass
+class Judged:
+    """What the LLM judge produced: absolute scores, pairwise verdicts, its bias controls."""
 
+    scores: pd.DataFrame
+    pairwise: pd.DataFrame
+    checks: dict[str, float]
+
+
+def _judge(cfg: EvaluateConfig, rationales: pd.DataFrame, test: pd.DataFrame) -> Judged:
+    """Absolute grading of every rationale; with `pairwise`, both orderings of every pair.
+    One engine serves both."""
+    if cfg.judge is None or rationales.empty:
+        return Judged(pd.DataFrame(columns=[*SCORE_KEYS, "feedback"]), pd.DataFrame(), {})
+    if isinstance(cfg.judge.engine, VllmEngineConfig):
         prepare_model(cfg.judge.engine.model)
-    return judge_rationales(cfg.judge, rationales, test)
+    engine = build_engine(cfg.judge.engine)
+    scores = judge_rationales(cfg.judge, rationales, test, engine)
+    checks = {"judge verbosity bias (Spearman, score vs words)": verbosity_bias(scores, rationales)}
+    pairwise = pd.DataFrame()
+    if cfg.judge.pairwise:
+        pairwise = pairwise_summary(compare_rationales(cfg.judge, rationales, test, engine))
+        checks["judge position consistency (pairwise)"] = float(
+            pairwise["position_consistency"].mean()
+        )
+    return Judged(scores, pairwise, checks)
 
 
 def _human(
@@ -294,7 +347,7 @@ def _counts(store: RunStore, evaluations: dict[str, ModelEvaluation]) -> dict[st
 def _write_tables(
     inputs: ReportInputs,
     evaluations: dict[str, ModelEvaluation],
-    judged: pd.DataFrame,
+    judge_tables: dict[str, pd.DataFrame],
     out: Path,
 ) -> None:
     """Every table as Parquet and CSV, and the headline metrics as JSON."""
@@ -303,8 +356,9 @@ def _write_tables(
     ) if evaluations else pd.DataFrame()  # fmt: skip
     tables = {
         "metrics": inputs.metrics, "per_class": per_class, "paired": inputs.paired,
-        "criteria": inputs.criteria, "judge": judged, "cohort_summary": inputs.cohort_summary,
+        "criteria": inputs.criteria, "cohort_summary": inputs.cohort_summary,
         "agreement": inputs.agreement if inputs.agreement is not None else pd.DataFrame(),
+        **judge_tables,
     }  # fmt: skip
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)

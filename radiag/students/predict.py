@@ -41,6 +41,8 @@ from radiag.students.volumes import load_volume, prepare_volumes
 from radiag.teacher.parsing import parse_answer
 from radiag.teacher.prompts import ANSWERS, FINAL
 
+SCORED_ROWS_PER_PASS = 4  # bounds scoring memory: 12 sequences' logits at a time
+
 
 def model_name(kind: StudentKind) -> str:
     return f"student-{kind}"
@@ -165,11 +167,17 @@ class StudentPredictor:
             for option in self.options:
                 ids.append(prefix + option)
                 labels.append([IGNORE] * len(prefix) + option)
-        repeated = (
-            volumes.repeat_interleave(len(self.options), dim=0) if volumes is not None else None
-        )
-        losses, _ = self.model(ids, labels, repeated)  # summed negative log-likelihood per option
-        return torch.softmax(-losses.float().view(len(rows), len(self.options)), dim=1)
+        repeat = len(self.options)
+        repeated = volumes.repeat_interleave(repeat, dim=0) if volumes is not None else None
+        losses = []  # summed negative log-likelihood per option
+        # A few rows per forward pass: the logits of a pass are (sequences x tokens x vocab).
+        step = SCORED_ROWS_PER_PASS * repeat
+        for start in range(0, len(ids), step):
+            chunk = slice(start, start + step)
+            volume_chunk = repeated[chunk] if repeated is not None else None
+            losses.append(self.model(ids[chunk], labels[chunk], volume_chunk)[0])
+        nll = torch.cat(losses).float().view(len(rows), repeat)
+        return torch.softmax(-nll, dim=1)
 
 
 def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> pa.Table:
