@@ -58,7 +58,7 @@ def test_rationalize_writes_one_row_per_patient_with_provenance(
     summary = run_teacher("rationalize", cfg, run)
     out = read_output(run, "rationalize").to_pandas().set_index("patient_id")
     assert summary.rows == 10 == len(out) and out.index.is_unique
-    first = out.iloc[2]
+    first = out[out["error"].isna()].sort_index().iloc[0]  # part files come in any order
     assert first["engine"] == "vllm" and first["model"] == str(tiny_model)
     assert first["prompt_version"] == "v1" and first["task"] == "rationalize"
     assert '"max_tokens":24' in first["sampling"] and first["seed"] >= 0
