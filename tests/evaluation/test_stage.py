@@ -113,3 +113,28 @@ def test_the_command_line_evaluates_a_run_and_prints_the_report(run: RunStore) -
     assert result.returncode == 0, result.stderr[-2000:]
     assert "report:" in result.stderr and "report.html" in result.stderr
     assert "not evaluated:" in result.stderr and "broken" in result.stderr
+
+
+def test_filled_rating_sheets_are_imported_with_their_agreement(
+    run: RunStore, tmp_path: Path
+) -> None:
+    sheet = pd.read_csv(run.path("reports/human/rating_sheet.csv"))
+    criteria = ["consistency", "correctness", "specificity", "helpfulness", "human_likeness"]
+    sheets = []
+    for rater, shift in (("rater_a", 0), ("rater_b", 1)):
+        filled = sheet.copy()
+        for i, criterion in enumerate(criteria):
+            filled[criterion] = [(n + i + shift * (n % 2)) % 5 + 1 for n in range(len(sheet))]
+        sheets.append(tmp_path / f"{rater}.csv")
+        filled.to_csv(sheets[-1], index=False)
+
+    summary = run_evaluate(
+        EvaluateConfig(bootstrap=50, human_ratings=[str(p) for p in sheets]), run
+    )
+
+    assert summary.counts["human_ratings"] > 0
+    agreement = pd.read_csv(run.path("reports/agreement.csv"))
+    raters = agreement[agreement["pair"] == "between human raters"]
+    assert set(raters["criterion"]) == set(criteria) and raters["alpha"].between(-1, 1).all()
+    scored = pd.read_csv(run.path("reports/criteria.csv"))
+    assert (scored["source"] == "human").any()
