@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from radiag.cohort.schema import Label
 from radiag.store import RunStore
@@ -57,6 +58,15 @@ def write_part(store: RunStore, directory: str, rows: list[dict[str, Any]]) -> N
     """Write finished rows as one new part file (missing columns become null)."""
     table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
     store.write_table(f"{directory}/part-{uuid.uuid4().hex}.parquet", table)
+
+
+def failure_counts(table: pa.Table) -> dict[str, int]:
+    """Rows that failed (`errors`) and rows that ran but gave no parsable answer (`unparsed`)."""
+    unparsed = pc.and_(pc.is_null(table["error"]), pc.is_null(table["diagnosis"]))
+    return {
+        "errors": pc.sum(pc.is_valid(table["error"])).as_py() or 0,
+        "unparsed": pc.sum(unparsed).as_py() or 0,
+    }
 
 
 def read_parts(store: RunStore, directory: str) -> pa.Table:

@@ -100,6 +100,7 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
     )
     judge = _judge(cfg, rationales, test)
     judged = judge.scores
+    manifest = store.read_json("manifest.json") if store.exists("manifest.json") else {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         human, human_agreement = _human(cfg, rationales, test, out / "human")
@@ -108,7 +109,7 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
             pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=SCORE_KEYS)
         )
         inputs = ReportInputs(
-            manifest=store.read_json("manifest.json") if store.exists("manifest.json") else {},
+            manifest=manifest,
             cohort_summary=_cohort_summary(store),
             cohort_distributions=_cohort_distributions(store),
             metrics=_metrics_table(evaluations),
@@ -118,7 +119,7 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
             paired=paired_comparisons(predictions, truth),
             criteria=criteria,
             examples=_examples(automatic, rationales, test, truth, cfg.examples),
-            counts=_counts(store, evaluations) | judge.checks,
+            counts=_counts(store, manifest, evaluations) | judge.checks,
             problems=problems,
             agreement=_agreements(judged, automatic, human, human_agreement),
         )  # fmt: skip
@@ -322,10 +323,11 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and np.isnan(value) else value
 
 
-def _counts(store: RunStore, evaluations: dict[str, ModelEvaluation]) -> dict[str, Any]:
+def _counts(
+    store: RunStore, manifest: dict[str, Any], evaluations: dict[str, ModelEvaluation]
+) -> dict[str, Any]:
     """Quarantined rows, QC flags, unparsed answers and MRI failures, from the run's stages."""
-    stages = store.read_json("manifest.json").get("stages", {}) if store.exists(
-        "manifest.json") else {}  # fmt: skip
+    stages = manifest.get("stages", {})
     teacher = read_parts(store, "rationales")
     counts: dict[str, Any] = {
         "quarantined rows by reason": stages.get("cohort", {}).get("details", {}).get(

@@ -31,7 +31,13 @@ import torch
 from radiag.cohort.schema import Label
 from radiag.cohort.split import first_patients
 from radiag.cohort.stages import StageSummary
-from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, read_parts, write_part
+from radiag.outputs import (
+    PROBABILITY_COLUMNS,
+    failure_counts,
+    predictions_dir,
+    read_parts,
+    write_part,
+)
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, StudentDiagnoseConfig, StudentKind
 from radiag.students.distill import load_final, stage_dir
@@ -239,11 +245,7 @@ def run_student_diagnose(
             "rows": output.num_rows,
             "generated_now": todo.num_rows,
             "skipped_done": inputs.num_rows - todo.num_rows,
-            "errors": pc.sum(pc.is_valid(output["error"])).as_py() or 0,
-            "unparsed": pc.sum(
-                pc.and_(pc.is_null(output["error"]), pc.is_null(output["diagnosis"]))
-            ).as_py()
-            or 0,
+            **failure_counts(output),
         },
         details={"seconds": round(time.perf_counter() - start, 2)},
     )

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from radiag.cohort.schema import Label
 from radiag.cohort.split import first_patients
 from radiag.config import StrictModel
-from radiag.outputs import predictions_dir, read_parts, write_part
+from radiag.outputs import failure_counts, predictions_dir, read_parts, write_part
 from radiag.store import RunStore
 from radiag.teacher.engines import (
     EngineConfig,
@@ -344,11 +344,7 @@ def run_teacher(
         rows=output.num_rows,
         generated_now=todo.num_rows,
         skipped_done=inputs.num_rows - todo.num_rows,
-        errors=pc.sum(pc.is_valid(output["error"])).as_py() or 0,
-        unparsed=pc.sum(
-            pc.and_(pc.is_null(output["error"]), pc.is_null(output["diagnosis"]))
-        ).as_py()
-        or 0,
+        **failure_counts(output),
         qc_flagged=pc.sum(pc.fill_null(output["qc_flagged"], False)).as_py() or 0,
         output_tokens_now=tokens,
         seconds=round(time.perf_counter() - start, 2),
