@@ -67,21 +67,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from radiag.cohort.describe import MRI_FINDINGS
-
-# QC's rule-e grammar is reused as is; specificity also reads the degree of each finding
-# phrase, which QC ignores (it flags only opposite claims), hence its private helpers.
 from radiag.teacher.quality import (
-    _DEG_WORD,
-    _FINDING,
-    _NEG_WORD,
-    _SEV_WORD,
-    _finding_regions,
-    _is_general,
-    _sentences,
     argued_class,
     check_apoe4,
     check_mmse,
     check_rationale,
+    stated_findings,
 )
 
 Criterion = Literal["consistency", "correctness", "specificity", "helpfulness", "human_likeness"]
@@ -170,25 +161,10 @@ def _states_apoe4(rationale: str, apoe4: float) -> bool:
 
 
 def _claimed_grades(rationale: str) -> dict[str, set[str]]:
-    """Per grade column, what the QC rule-e phrases claim: No, Mild, Severe or Abnormal.
-
-    Abnormal is a finding stated without a degree; a negated degree ("no significant
-    atrophy") claims nothing, as in QC.
-    """
+    """Per grade column, the degrees QC's rule-e grammar reads: No, Mild, Severe or Stated."""
     claims: dict[str, set[str]] = {}
-    for sentence in _sentences(rationale):
-        for m in _FINDING.finditer(sentence):
-            if _is_general(sentence, m):
-                continue
-            words = " ".join(w for w in (m["neg"], m["qual"], m["mid"], m["post"]) if w)
-            if _NEG_WORD.search(words):
-                claim = None if _DEG_WORD.search(words) else "No"
-            elif _SEV_WORD.search(words):
-                claim = "Severe"
-            else:
-                claim = "Mild" if _DEG_WORD.search(words) else "Abnormal"
-            for region in _finding_regions(m) if claim else []:
-                claims.setdefault(region, set()).add(claim)
+    for finding in stated_findings(rationale):
+        claims.setdefault(finding.region, set()).add(finding.degree)
     return claims
 
 
@@ -216,7 +192,7 @@ def specificity(rationale: str | None, record: Mapping) -> tuple[int, dict]:
         grade = record.get(f"grade_{region}")
         if grade in ("Mild", "Severe"):
             available.append(name.lower())
-            if claims.get(region) and claims[region] <= {"Abnormal", grade}:
+            if claims.get(region) and claims[region] <= {"Stated", grade}:
                 stated.append(name.lower())
     fraction = len(stated) / len(available) if available else 0.0
     return _specificity_bin(fraction), {"available": available, "stated": stated}

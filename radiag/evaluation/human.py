@@ -7,7 +7,7 @@ id back to (model, patient_id) is written to its own file, which is not for rate
 
 Raters fill either the CSV sheet (in a spreadsheet) or the self-contained HTML form,
 which downloads the same columns as a CSV. Scores are integers 1-5 on the five
-criteria of the judge (`radiag.evaluation.judge.RUBRICS`); a blank is "not rated".
+criteria of the judge (`radiag.evaluation.judge_prompts.RUBRICS`); a blank is "not rated".
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from radiag.evaluation.judge import CRITERIA, RUBRICS, diagnosis_text, quadratic_kappa
+from radiag.evaluation.agreement import quadratic_kappa
+from radiag.evaluation.criteria import CRITERIA
+from radiag.evaluation.judge_prompts import RUBRICS, diagnosis_text
 
 UNIT_COLUMNS = ("model", "patient_id", "criterion")  # one rated unit of a long ratings table
 LEVELS = ("nominal", "ordinal", "interval", "ratio")

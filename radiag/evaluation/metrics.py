@@ -11,6 +11,13 @@ Pure functions on pandas/numpy (no Ray). The rules every number follows:
 - Probability metrics (one-vs-rest AUC, Hand & Till mAUC, ROC curves, ECE, reliability
   bins) need p_AD/p_MCI/p_CN on every scored row; otherwise they are NaN or empty (the
   teacher has no probabilities; a model with failed rows has them on some rows only).
+- Bootstrap CIs resample subjects, not visits. A subject's visits (`patient_id` =
+  "<source>-<RID>-<VISCODE>", subject = "<source>-<RID>": `subject_of`) are correlated,
+  and resampling visits would treat them as independent evidence and give too narrow an
+  interval. Each resample draws as many subjects as were scored, with replacement, and
+  takes every scored visit of each draw (a cluster bootstrap).
+- McNemar compares two models on paired patients: the patient_ids both models answered,
+  each visit one pair. It is not clustered by subject.
 
 `predictions` tables are those of `radiag.evaluation.predictions.load_model`: a
 `patient_id` and a `diagnosis` column; `error` and the probability columns are optional.
@@ -44,7 +51,7 @@ MODEL_METRICS_COLUMNS = [
 PAIRED_COLUMNS = [
     "model_a", "model_b", "n", "both_right", "a_only", "b_only", "both_wrong", "p_value"
 ]  # fmt: skip
-_BOOT_CELLS = 2_000_000  # resampled rows held at once: bounds bootstrap memory on big splits
+_BOOT_CELLS = 2_000_000  # subject draws held at once: bounds bootstrap memory on big splits
 
 
 @dataclass
@@ -73,7 +80,8 @@ def evaluate_model(
     recall are 0; a class never predicted has precision 0). Both equal sklearn's
     `balanced_accuracy_score` / `f1_score(average="macro")` when all three classes occur.
     Each has a 95% percentile bootstrap CI (`_lo`, `_hi`): `n_boot` resamples of the scored
-    patients with replacement, drawn with `numpy.random.default_rng(seed)`.
+    subjects (with all their visits) with replacement, drawn with
+    `numpy.random.default_rng(seed)`.
 
     Args:
         name (str): the model's name, copied into `metrics["model"]`.
@@ -83,14 +91,19 @@ def evaluate_model(
         seed (int): seed of the resampling. Default: 0.
 
     Raises:
-        ValueError: a repeated patient_id, or a diagnosis or label outside AD/MCI/CN.
+        ValueError: a repeated or malformed patient_id, or a diagnosis or label outside
+            AD/MCI/CN.
     """
     scored = _scored(predictions, truth)
     n, labelled = len(scored), int(truth.notna().sum())
-    y_true, y_pred = _codes(scored["label"]), _codes(scored["predicted"])
-    confusion = _confusion(y_true[None], y_pred[None])[0]
+    per_subject = _subject_confusions(
+        scored.index.map(subject_of).to_numpy(),
+        _codes(scored["label"]),
+        _codes(scored["predicted"]),
+    )
+    confusion = per_subject.sum(axis=0)
     point = {score: float(values[0]) for score, values in _scores(confusion[None]).items()}
-    intervals = _bootstrap(y_true, y_pred, n_boot, seed)
+    intervals = _bootstrap(per_subject, n_boot, seed)
     metrics: dict[str, Any] = {
         "model": name,
         "n": n,
@@ -268,14 +281,6 @@ def _codes(values: pd.Series) -> np.ndarray:
     return pd.Categorical(values, categories=[*CLASSES, UNPARSED]).codes.astype(np.int64)
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Confusion counts of B samples at once: (B, n) codes -> (B, K, K + 1), K = len(CLASSES)."""
-    k = len(CLASSES)
-    samples = y_true.shape[0]
-    cells = y_true * (k + 1) + y_pred + (np.arange(samples) * k * (k + 1))[:, None]
-    return np.bincount(cells.ravel(), minlength=samples * k * (k + 1)).reshape(samples, k, k + 1)
-
-
 def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     """SCORES of each confusion matrix in a (B, K, K + 1) stack, as (B,) arrays."""
     k = len(CLASSES)
@@ -294,19 +299,48 @@ def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
-def _bootstrap(
-    y_true: np.ndarray, y_pred: np.ndarray, n_boot: int, seed: int
-) -> dict[str, tuple[float, float]]:
-    """95% percentile CIs (2.5th, 97.5th) of SCORES over patient resamples; NaN if none."""
-    n = len(y_true)
-    if n == 0 or n_boot <= 0:
+def subject_of(patient_id: str) -> str:
+    """The subject of a visit: "<source>-<RID>" of patient_id "<source>-<RID>-<VISCODE>".
+
+    A source name has no "-" (`radiag.cohort.mapping`) and the VISCODE is after the last
+    one, so the RID is whatever lies between, even a negative one.
+
+    Raises:
+        ValueError: an id without both separators.
+    """
+    source, _, rest = str(patient_id).partition("-")
+    rid, dash, _ = rest.rpartition("-")
+    if not (source and rid and dash):
+        raise ValueError(f"patient_id {patient_id!r} is not <source>-<RID>-<VISCODE>")
+    return f"{source}-{rid}"
+
+
+def _subject_confusions(subjects: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Confusion counts of each subject's visits: (S, K, K + 1), one matrix per subject."""
+    _, unit = np.unique(subjects, return_inverse=True)
+    k = len(CLASSES)
+    cells = unit * k * (k + 1) + y_true * (k + 1) + y_pred
+    size = unit.max(initial=-1) + 1
+    return np.bincount(cells, minlength=size * k * (k + 1)).reshape(size, k, k + 1)
+
+
+def _bootstrap(per_subject: np.ndarray, n_boot: int, seed: int) -> dict[str, tuple[float, float]]:
+    """95% percentile CIs (2.5th, 97.5th) of SCORES over subject resamples; NaN if none.
+
+    A resample draws S of the S subjects with replacement: its confusion matrix is the sum
+    of the drawn subjects' matrices, each times the number of times it was drawn.
+    """
+    size = len(per_subject)
+    if size == 0 or n_boot <= 0:
         return {score: (math.nan, math.nan) for score in SCORES}
     rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOT_CELLS // n)
+    flat = per_subject.reshape(size, -1)
+    chunk = max(1, _BOOT_CELLS // size)
     samples: dict[str, list[np.ndarray]] = {score: [] for score in SCORES}
     for start in range(0, n_boot, chunk):
-        index = rng.integers(0, n, size=(min(chunk, n_boot - start), n))  # (B, n)
-        for score, values in _scores(_confusion(y_true[index], y_pred[index])).items():
+        draws = rng.multinomial(size, np.full(size, 1 / size), size=min(chunk, n_boot - start))
+        confusion = (draws @ flat).reshape(-1, *per_subject.shape[1:])  # (B, K, K + 1)
+        for score, values in _scores(confusion).items():
             samples[score].append(values)
     return {
         score: tuple(float(v) for v in np.percentile(np.concatenate(values), [2.5, 97.5]))

@@ -90,6 +90,7 @@ def load_model(store: RunStore, name: str, test_ids: set[str]) -> pd.DataFrame:
             problems.append(str(err))
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if frames:
+        frame = _without_retried_failures(frame)
         problems += _row_problems(frame, test_ids, store.uri_of(TEST_SPLIT))
     if problems:
         raise EvaluationInputError(
@@ -169,6 +170,14 @@ def _read_part(store: RunStore, part: str) -> pd.DataFrame:
     frame = pa.Table.from_arrays(columns, schema=OUTPUT_SCHEMA).to_pandas()
     frame[_SOURCE] = uri
     return frame
+
+
+def _without_retried_failures(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop transient failures that a later row of the same patient replaced (a retry), as
+    `radiag.outputs.read_parts` does; any other repeated patient_id stays a problem."""
+    transient = frame["transient"].fillna(False).astype(bool)
+    repeated = frame["patient_id"].duplicated(keep=False)
+    return frame[~(transient & repeated)]
 
 
 def _row_problems(frame: pd.DataFrame, test_ids: set[str], split_uri: str) -> list[str]:

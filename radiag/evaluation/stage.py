@@ -3,14 +3,15 @@
 Phases, in order:
 1. predictions: every `predictions/<model>/` is loaded and checked (`predictions.py`);
    a bad table is reported by file and rows and left out, the others go on.
-2. diagnosis metrics per model with bootstrap CIs, and every pair of models compared
-   on the patients both cover (McNemar) (`metrics.py`).
+2. diagnosis metrics per model with bootstrap CIs over subjects, and every pair of
+   models compared on the patients both cover (McNemar) (`metrics.py`).
 3. rationale criteria on a 1-5 scale: the automatic measures for every rationale
-   (`criteria.py`), the LLM judge when `judge` is configured (`judge.py`), and human
+   (`criteria.py`), the LLM judge when `judge` is configured (`judge.py`; its engines
+   run in Ray actors, `judge_engine.py`), and human
    ratings: a blinded rating sheet is always exported; filled sheets listed in
    `human_ratings` are imported and their agreement computed (`human.py`).
 4. tables (Parquet, CSV, JSON), plots (PNG) and one self-contained HTML report in
-   `reports/` (`report.py`).
+   `reports/` (`report/`).
 """
 
 from __future__ import annotations
@@ -26,19 +27,29 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from radiag.cohort.stages import StageSummary, fingerprint
 from radiag.config import StrictModel
+from radiag.contract import (
+    Stage,
+    StageIdentity,
+    StageSummary,
+    config_identity,
+    content_digest,
+    digest,
+    finished_upstream,
+    read_record,
+    run_stage,
+)
+from radiag.evaluation.agreement import agreement, verbosity_bias
 from radiag.evaluation.criteria import HelpfulnessReader, score_rationales
 from radiag.evaluation.human import export_rating_sheet, import_ratings, inter_rater_agreement
 from radiag.evaluation.judge import (
     JudgeConfig,
-    agreement,
     compare_rationales,
     judge_rationales,
     pairwise_summary,
     rating_items,
-    verbosity_bias,
 )
+from radiag.evaluation.judge_engine import ActorEngine
 from radiag.evaluation.metrics import ModelEvaluation, evaluate_model, paired_comparisons
 from radiag.evaluation.predictions import load_predictions, model_names, test_labels
 from radiag.evaluation.report import ReportInputs, write_report
@@ -46,12 +57,10 @@ from radiag.models import prepare_model
 from radiag.outputs import read_parts
 from radiag.store import RunStore
 from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.stages import build_engine
 
 log = logging.getLogger(__name__)
 
 REPORTS = "reports"
-SUMMARY = f"{REPORTS}/summary.json"
 RECORD_FIELDS = (
     "AGE", "PTGENDER", "PTEDUCAT", "MMSE", "APOE4", "grade_Hippocampus", "grade_Entorhinal",
     "grade_Fusiform", "grade_MidTemp", "grade_WholeBrain", "grade_Ventricles",
@@ -74,17 +83,31 @@ class EvaluateConfig(StrictModel):
     examples: int = Field(2, ge=0, description="best and worst rationales shown per model")
 
 
-def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
+EVALUATE_STAGE = Stage("evaluate", REPORTS)
+
+
+def run_evaluate(cfg: EvaluateConfig, store: RunStore, fresh: bool = False) -> StageSummary:
     """Evaluate the run in `store` and write `reports/`; see the module docstring.
 
-    Skipped when `reports/` was written from the same config and the same prediction,
-    rationale and rating files (a re-run of a finished pipeline does nothing).
+    Under the stage contract, with one rule of its own: a report is derived whole from
+    its inputs, so new or changed predictions re-evaluate (the old report is kept under
+    `superseded/`), while another evaluation config (say, without the judge) is refused
+    unless `fresh`: a richer report is never silently replaced by a poorer one.
     """
-    key = fingerprint(cfg, _inputs_listing(store, cfg))
-    if store.exists(SUMMARY):
-        done = StageSummary.model_validate(store.read_json(SUMMARY))
-        if done.config_fingerprint == key:
-            return done
+    identity = StageIdentity(
+        stage="evaluate",
+        config=config_identity(cfg),
+        upstream=finished_upstream(store, _evaluated_stages(store)),
+        files={"inputs": digest(_inputs_listing(store, cfg))},
+    )
+    record = read_record(store, EVALUATE_STAGE)
+    same_config = record is not None and record.identity.config == identity.config
+    return run_stage(
+        store, EVALUATE_STAGE, identity, lambda: _evaluate(cfg, store), fresh or same_config
+    )
+
+
+def _evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
     truth = test_labels(store)
     predictions, problems = load_predictions(store)
     for problem in problems:
@@ -126,9 +149,8 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
         _write_tables(inputs, evaluations, {"judge": judged, "judge_pairwise": judge.pairwise}, out)
         report = write_report(inputs, out)
         store.upload_dir(out, REPORTS)
-    summary = StageSummary(
+    return StageSummary(
         stage="evaluate",
-        config_fingerprint=key,
         counts={
             "models": len(evaluations),
             "problems": len(problems),
@@ -138,18 +160,31 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
         },
         details={"report": store.uri_of(f"{REPORTS}/{report.name}"), "problems": problems},
     )
-    store.write_json(SUMMARY, summary.model_dump())
-    return summary
 
 
-def _inputs_listing(store: RunStore, cfg: EvaluateConfig) -> str:
-    """The files an evaluation reads, by name: part files are never rewritten, only added."""
-    parts = [
-        *store.list_files("rationales", suffix=".parquet"),
-        *(p for name in model_names(store) for p in store.list_files(f"predictions/{name}")),
-        *(f"{path}:{Path(path).stat().st_mtime_ns}" for path in cfg.human_ratings),
+def _evaluated_stages(store: RunStore) -> list[Stage]:
+    """Every stage whose output the report shows, found by its directory."""
+    directories = [
+        "splits",
+        "rationales",
+        "baselines",
+        *(f"predictions/{m}" for m in model_names(store)),
     ]
-    return json.dumps(parts)
+    return [Stage(directory, directory) for directory in directories]
+
+
+def _inputs_listing(store: RunStore, cfg: EvaluateConfig) -> list[Any]:
+    """The files an evaluation reads, by name and size (predictions a user dropped in too),
+    and the content of the filled rating sheets."""
+    return [
+        *store.file_sizes("rationales", suffix=".parquet"),
+        *(
+            part
+            for name in model_names(store)
+            for part in store.file_sizes(f"predictions/{name}", suffix=".parquet")
+        ),
+        *(content_digest(Path(path).read_bytes()) for path in cfg.human_ratings),
+    ]
 
 
 def _rationale_rows(predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -196,17 +231,18 @@ class Judged:
 
 def _judge(cfg: EvaluateConfig, rationales: pd.DataFrame, test: pd.DataFrame) -> Judged:
     """Absolute grading of every rationale; with `pairwise`, both orderings of every pair.
-    One engine serves both."""
+    One set of engine actors serves both; the driver only sends conversations to them."""
     if cfg.judge is None or rationales.empty:
         return Judged(pd.DataFrame(columns=[*SCORE_KEYS, "feedback"]), pd.DataFrame(), {})
     if isinstance(cfg.judge.engine, VllmEngineConfig):
-        prepare_model(cfg.judge.engine.model)
-    engine = build_engine(cfg.judge.engine)
-    scores = judge_rationales(cfg.judge, rationales, test, engine)
+        prepare_model(cfg.judge.engine.model)  # once, before the replicas start (as the teacher)
+    with ActorEngine(cfg.judge.engine) as engine:
+        scores = judge_rationales(cfg.judge, rationales, test, engine)
+        pairwise = pd.DataFrame()
+        if cfg.judge.pairwise:
+            pairwise = pairwise_summary(compare_rationales(cfg.judge, rationales, test, engine))
     checks = {"judge verbosity bias (Spearman, score vs words)": verbosity_bias(scores, rationales)}
-    pairwise = pd.DataFrame()
     if cfg.judge.pairwise:
-        pairwise = pairwise_summary(compare_rationales(cfg.judge, rationales, test, engine))
         checks["judge position consistency (pairwise)"] = float(
             pairwise["position_consistency"].mean()
         )
@@ -338,9 +374,8 @@ def _counts(
         "errors by model": {n: e.metrics["errors"] for n, e in evaluations.items()},
     }  # fmt: skip
     for kind in ("text", "vlm"):
-        summary = f"checkpoints/{kind}/summary.json"
-        if store.exists(summary):
-            counts[f"{kind} student: MRI volumes skipped"] = store.read_json(summary)["counts"].get(
+        if distilled := stages.get(f"distill-{kind}"):
+            counts[f"{kind} student: MRI volumes skipped"] = distilled["counts"].get(
                 "mri_failed", 0
             )
     return counts

@@ -42,8 +42,10 @@ e. MRI findings: hippocampus, entorhinal, fusiform, middle temporal, whole brain
    severely) enlarged". A negation alone (no, without, absence of, lack of, free of,
    does not show, no evidence of, absent, not seen, "No") claims No; a severity word
    (severe, significant, marked, pronounced, substantial, extensive, advanced,
-   profound, prominent) claims Severe; a negated degree ("no significant atrophy") or a
-   mild/moderate word claims nothing. Flagged: No against Mild/Severe; Severe against No.
+   profound, prominent) claims Severe; a negated degree ("no significant atrophy")
+   claims nothing; a mild/moderate word claims Mild, no degree word a bare finding, and
+   neither is flagged. Flagged: No against Mild/Severe; Severe against No.
+   `stated_findings` is this grammar as a public API: evaluation's specificity reads it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from radiag.teacher.parsing import parse_answer
 
@@ -295,12 +298,44 @@ def check_apoe4(rationale: str, apoe4: object | None) -> list[str]:
     return reasons
 
 
-def _finding_claim(m: re.Match[str]) -> str | None:
-    """ "No" (negated), "Severe" (a severity word) or None (mild, or negated degree)."""
+Degree = Literal["No", "Mild", "Severe", "Stated"]
+
+
+@dataclass(frozen=True)
+class StatedFinding:
+    """One MRI finding a rationale states about the patient (rule e of the module docstring)."""
+
+    region: str
+    """The grade column it names, without "grade_": Hippocampus, ..., Ventricles."""
+    degree: Degree
+    """No (negated), Severe (a severity word), Mild (a milder degree word: mild, moderate,
+    slight ...) or Stated (no degree word)."""
+
+
+def stated_findings(text: str) -> list[StatedFinding]:
+    """The MRI findings `text` states about the patient, in reading order: rule e's grammar.
+
+    Phrases in a hypothetical sentence or a general clause claim nothing, nor does a
+    negated degree ("no significant atrophy"). QC flags only opposite claims (No against
+    Mild/Severe, Severe against No); specificity also reads Mild and Stated.
+    """
+    found = []
+    for sentence in _sentences(text):
+        for m in _FINDING.finditer(sentence):
+            degree = _finding_degree(m)
+            if degree is not None and not _is_general(sentence, m):
+                found += [StatedFinding(region, degree) for region in _finding_regions(m)]
+    return found
+
+
+def _finding_degree(m: re.Match[str]) -> Degree | None:
+    """The degree a finding phrase states, or None for a negated degree."""
     words = " ".join(w for w in (m["neg"], m["qual"], m["mid"], m["post"]) if w)
     if _NEG_WORD.search(words):
         return None if _DEG_WORD.search(words) else "No"
-    return "Severe" if _SEV_WORD.search(words) else None
+    if _SEV_WORD.search(words):
+        return "Severe"
+    return "Mild" if _DEG_WORD.search(words) else "Stated"
 
 
 def _finding_regions(m: re.Match[str]) -> list[str]:
@@ -313,20 +348,17 @@ def _finding_regions(m: re.Match[str]) -> list[str]:
     return [k for k in found if k is not None and (k == "Ventricles") == enlargement]
 
 
+_OPPOSITE: dict[Degree, tuple[str, ...]] = {"No": ("Mild", "Severe"), "Severe": ("No",)}
+
+
 def check_findings(rationale: str, record: Mapping[str, object]) -> list[str]:
     """Rule e: a claimed MRI finding opposite to the recorded grade."""
     reasons = []
-    for sentence in _sentences(rationale):
-        for m in _FINDING.finditer(sentence):
-            claim = _finding_claim(m)
-            if claim is None or _is_general(sentence, m):
-                continue
-            for region in _finding_regions(m):
-                grade = _value(record, f"grade_{region}")
-                if grade in ({"No": ("Mild", "Severe"), "Severe": ("No",)}[claim]):
-                    reasons.append(
-                        f"claims {claim.lower()} {_REGIONS[region][1]} but the grade is {grade}"
-                    )
+    for finding in stated_findings(rationale):
+        grade = _value(record, f"grade_{finding.region}")
+        if grade in _OPPOSITE.get(finding.degree, ()):
+            name = _REGIONS[finding.region][1]
+            reasons.append(f"claims {finding.degree.lower()} {name} but the grade is {grade}")
     return reasons
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from radiag.evaluation.criteria import CRITERIA
 from radiag.evaluation.human import (
     RatingError,
     alpha_from_matrix,
@@ -21,7 +22,6 @@ from radiag.evaluation.human import (
     krippendorff_alpha,
     weighted_kappa,
 )
-from radiag.evaluation.judge import CRITERIA
 
 MODELS = ("teacher-secret-model", "student-secret-model")
 

@@ -1,13 +1,19 @@
 """The LLM judge: prompts, score parsing, pairwise aggregation, agreement statistics.
 
 The fake engine below stands in for a judge model only where the logic under test is
-ours (row plumbing, both-orderings aggregation); the slow test runs the real vLLM engine.
+ours (row plumbing, both-orderings aggregation); the slow test runs the real vLLM engine
+in a Ray actor, as the stage does.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +22,24 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from radiag.cohort.schema import Label
+from radiag.evaluation.agreement import agreement, verbosity_bias
+from radiag.evaluation.criteria import CRITERIA
 from radiag.evaluation.judge import (
-    CRITERIA,
-    RUBRICS,
     Judge,
     JudgeConfig,
-    agreement,
     compare_rationales,
+    judge_rationales,
+    pairwise_summary,
+)
+from radiag.evaluation.judge_engine import ActorEngine
+from radiag.evaluation.judge_prompts import (
+    RUBRICS,
     feedback_of,
     judge_messages,
-    judge_rationales,
+    load_prompts,
     pairwise_messages,
-    pairwise_summary,
     parse_choice,
     parse_score,
-    verbosity_bias,
 )
 from radiag.teacher.engines import Completion, Messages, SamplingConfig, VllmEngineConfig
 from radiag.teacher.prompts import ANSWERS, QUESTION
@@ -313,16 +322,100 @@ def test_config_defaults_and_validation() -> None:
         JudgeConfig(criteria=["fluency"])
 
 
+def test_prompt_texts_are_versioned_data_and_every_row_records_the_version() -> None:
+    v1 = load_prompts("v1")
+    assert v1.version == "v1" and v1.rubrics == RUBRICS
+    system, user = judge_messages("specificity", DESCRIPTION, RATIONALE, "AD", version="v1")
+    assert system["content"] == v1.absolute_system
+    assert user["content"].endswith("###Feedback: ")  # the judge writes right after it
+    assert pairwise_messages("specificity", DESCRIPTION, "a", "b")[1]["content"].endswith(
+        "###Feedback: "
+    )
+    with pytest.raises(FileNotFoundError):
+        load_prompts("v0")
+    engine = FakeEngine(lambda _: "[RESULT] 3")
+    rows = Judge(JudgeConfig(criteria=["consistency"]), engine).grade(
+        [{"model": "m", "patient_id": "p1", "description": DESCRIPTION, "rationale": RATIONALE}]
+    )
+    assert rows[0]["prompt_version"] == "v1"
+
+
+class StubEndpoint(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that scores a prompt by its patient's number."""
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        patient = re.search(r"patient number (\d)", request["messages"][-1]["content"])[1]
+        body = json.dumps(
+            {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+             "choices": [{"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": f"Fine. [RESULT] {patient}"}}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        ).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubEndpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_the_engine_lives_in_ray_actors_and_answers_come_back_in_order(
+    endpoint: str, ray_cluster: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas, batches of two: the driver builds no engine, and every answer is its own
+    conversation's (the stub scores patient number n with n)."""
+    from radiag.teacher.openai_engine import OpenAIEngine
+
+    def not_in_the_driver(*_: object) -> None:
+        raise AssertionError("the judge's engine was built in the driver")
+
+    monkeypatch.setattr(OpenAIEngine, "__init__", not_in_the_driver)  # this process only
+    cfg = JudgeConfig(
+        engine={"backend": "openai", "base_url": endpoint, "model": "stub", "replicas": 2,
+                "batch_size": 2, "max_retries": 0},
+        criteria=["consistency"],
+    )  # fmt: skip
+    items = [
+        {"model": "m", "patient_id": f"p{n}", "description": f"This is patient number {n}.",
+         "rationale": RATIONALE, "diagnosis": "AD"}
+        for n in (3, 1, 4, 1, 5, 2, 5)
+    ]  # fmt: skip
+    with ActorEngine(cfg.engine) as engine:
+        rows = Judge(cfg, engine).grade(items)
+    pids = {p["pid"] for p in engine.processes}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert [r["score"] for r in rows] == [3, 1, 4, 1, 5, 2, 5]
+    assert {(r["engine"], r["model_judge"]) for r in rows} == {("openai", "stub")}
+
+
 @pytest.mark.slow
-def test_real_vllm_judge_always_yields_a_score_and_a_choice(
-    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+def test_real_vllm_judge_runs_in_a_ray_actor_and_always_yields_a_score_and_a_choice(
+    tiny_model: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A random model writes gibberish feedback, but structured output forces the verdict.
 
-    Temperature 1 (seeded): at temperature 0 a random model ends its answer at once.
+    The engine is built in an actor's process: building one in this (the driver's)
+    process fails. Temperature 1 (seeded): at temperature 0 a random model ends its
+    answer at once.
     """
-    # The engine sets this for its whole process; monkeypatch restores it after the test.
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from radiag.teacher.vllm_engine import VllmEngine
+
+    def not_in_the_driver(*_: object) -> None:
+        raise AssertionError("the judge's engine was built in the driver")
+
+    monkeypatch.setattr(VllmEngine, "__init__", not_in_the_driver)  # this process only
     cfg = JudgeConfig(
         engine=VllmEngineConfig(
             model={"path": str(tiny_model)}, max_model_len=1024, cpu_kv_cache_gib=1, batch_size=4
@@ -336,17 +429,14 @@ def test_real_vllm_judge_always_yields_a_score_and_a_choice(
          "rationale": [RATIONALE, "Normal memory.", "Some atrophy.", "Scores are normal."],
          "diagnosis": ["AD", "CN", "MCI", "CN"]}
     )  # fmt: skip
-    judge = Judge(cfg)
-    try:
-        scores = judge_rationales(cfg, rows, records, engine=judge.engine)
-        assert len(scores) == 4 * len(CRITERIA)
-        assert scores["error"].isna().all() and scores["parse_error"].isna().all()
-        assert all(isinstance(s, int) and 1 <= s <= 5 for s in scores["score"].tolist())
-        assert (scores["model_judge"] == str(tiny_model)).all()
+    with ActorEngine(cfg.engine) as engine:
+        assert os.getpid() not in {p["pid"] for p in engine.processes}
+        scores = judge_rationales(cfg, rows, records, engine)
         one = cfg.model_copy(update={"criteria": ["helpfulness"]})
-        pairs = compare_rationales(one, rows, records, engine=judge.engine)
-        assert len(pairs) == 2 and pairs["error"].isna().all()
-        assert set(pairs["choice_ab"]) | set(pairs["choice_ba"]) <= {"A", "B"}
-    finally:
-        # In-process, vLLM stops its engine process only at interpreter exit; stop it now.
-        judge.engine.llm.llm_engine.engine_core.shutdown()
+        pairs = compare_rationales(one, rows, records, engine)
+    assert len(scores) == 4 * len(CRITERIA)  # 20 conversations: 5 batches of 4
+    assert scores["error"].isna().all() and scores["parse_error"].isna().all()
+    assert all(isinstance(s, int) and 1 <= s <= 5 for s in scores["score"].tolist())
+    assert (scores["engine"] == "vllm").all() and (scores["model_judge"] == str(tiny_model)).all()
+    assert len(pairs) == 2 and pairs["error"].isna().all()
+    assert set(pairs["choice_ab"]) | set(pairs["choice_ba"]) <= {"A", "B"}

@@ -22,13 +22,16 @@ from radiag.evaluation.metrics import (
     hand_till_mauc,
     mcnemar_exact,
     paired_comparisons,
+    subject_of,
 )
 
 PROBABILITIES = ["p_AD", "p_MCI", "p_CN"]
 
 
-def truth_of(labels: list[str]) -> pd.Series:
-    ids = [f"P{i:04d}" for i in range(len(labels))]
+def truth_of(labels: list[str], subjects: list[int] | None = None) -> pd.Series:
+    """Labels by patient_id; one visit per subject unless `subjects` gives each visit's RID."""
+    rids = subjects if subjects is not None else range(len(labels))
+    ids = [f"adni-{rid:04d}-v{i:04d}" for i, rid in enumerate(rids)]
     return pd.Series(labels, index=pd.Index(ids, name="patient_id"), name="label")
 
 
@@ -208,6 +211,38 @@ def test_bootstrap_ci_contains_the_estimate_narrows_with_n_and_is_seeded() -> No
     first = evaluate_model("m", predictions, truth, seed=7).metrics
     assert first == evaluate_model("m", predictions.iloc[::-1], truth, seed=7).metrics
     assert first != evaluate_model("m", predictions, truth, seed=8).metrics
+
+
+def test_the_subject_of_a_visit_is_its_source_and_rid() -> None:
+    assert subject_of("adni-1234-m06") == "adni-1234"
+    assert subject_of("oasis_3-7-bl") == subject_of("oasis_3-7-m12") == "oasis_3-7"
+    assert subject_of("adni--5-bl") == "adni--5"  # a negative RID keeps its sign
+    assert subject_of("adni-12-") == "adni-12"  # no VISCODE
+    for malformed in ("P0001", "adni-12", "-12-bl"):
+        with pytest.raises(ValueError, match="<source>-<RID>-<VISCODE>"):
+            subject_of(malformed)
+
+
+def accuracy_ci(truth: pd.Series, right: list[bool]) -> tuple[float, float]:
+    diagnoses = [label if ok else "CN" for label, ok in zip(truth, right, strict=True)]
+    m = evaluate_model("m", predictions_of(truth, diagnoses), truth, n_boot=2000, seed=3).metrics
+    return m["accuracy_lo"], m["accuracy_hi"]
+
+
+def test_bootstrap_resamples_subjects_with_all_their_visits() -> None:
+    """One subject's visits never split: with a single subject every resample is the data."""
+    truth = truth_of(["AD"] * 10, subjects=[7] * 10)
+    assert accuracy_ci(truth, [True, False] * 5) == (0.5, 0.5)  # visits would give ~[0.2, 0.8]
+
+
+def test_correlated_visits_of_one_subject_widen_the_ci() -> None:
+    """50 visits of one subject all right, 50 subjects of one visit each all wrong: the
+    evidence is 51 subjects, not 100 independent visits, and the interval says so."""
+    right = [True] * 50 + [False] * 50
+    clustered = accuracy_ci(truth_of(["AD"] * 100, subjects=[0] * 50 + list(range(1, 51))), right)
+    independent = accuracy_ci(truth_of(["AD"] * 100), right)
+    assert independent[1] - independent[0] < 0.25  # ~ 0.5 +- 2 sqrt(0.25 / 100)
+    assert clustered[0] == 0.0 and clustered[1] > 0.7  # the subject drawn 0, 1, 2, 3 ... times
 
 
 def test_paired_comparisons_count_every_pair_on_the_shared_patients() -> None:

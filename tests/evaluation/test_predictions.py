@@ -18,7 +18,13 @@ from radiag.evaluation.predictions import (
 from radiag.outputs import OUTPUT_SCHEMA, predictions_dir, write_part
 from radiag.store import RunStore
 
-LABELS = {"P1": "AD", "P2": "MCI", "P3": "CN", "P4": "AD", "P5": None}  # P5: unlabelled
+LABELS = {
+    "adni-1-bl": "AD",
+    "adni-2-bl": "MCI",
+    "adni-3-bl": "CN",
+    "adni-4-bl": "AD",
+    "adni-5-bl": None,
+}  # adni-5-bl: unlabelled
 TEST_IDS = set(LABELS)
 
 
@@ -41,7 +47,12 @@ def store(tmp_path: Path) -> RunStore:
 
 def test_test_labels_are_the_labelled_test_rows(store: RunStore) -> None:
     labels = predictions.test_labels(store)
-    assert labels.to_dict() == {"P1": "AD", "P2": "MCI", "P3": "CN", "P4": "AD"}
+    assert labels.to_dict() == {
+        "adni-1-bl": "AD",
+        "adni-2-bl": "MCI",
+        "adni-3-bl": "CN",
+        "adni-4-bl": "AD",
+    }
 
 
 def test_a_missing_split_is_named(tmp_path: Path) -> None:
@@ -51,28 +62,32 @@ def test_a_missing_split_is_named(tmp_path: Path) -> None:
 
 
 def test_model_names_are_the_folders_holding_part_files(store: RunStore) -> None:
-    write_part(store, predictions_dir("teacher"), [row("P1", "AD")])
-    write_part(store, predictions_dir("student-text"), [row("P1", "AD", p_AD=0.9)])
+    write_part(store, predictions_dir("teacher"), [row("adni-1-bl", "AD")])
+    write_part(store, predictions_dir("student-text"), [row("adni-1-bl", "AD", p_AD=0.9)])
     Path(store.path("predictions/empty")).mkdir(parents=True)
     assert model_names(store) == ["student-text", "teacher"]
 
 
 def test_a_model_loads_from_all_its_parts_in_the_output_schema(store: RunStore) -> None:
     directory = predictions_dir("student-text")
-    write_part(store, directory, [row("P3", "CN", p_AD=0.1, p_MCI=0.2, p_CN=0.7)])
-    write_part(store, directory, [row("P1", None, parse_error="no final answer"), row("P5", "AD")])
+    write_part(store, directory, [row("adni-3-bl", "CN", p_AD=0.1, p_MCI=0.2, p_CN=0.7)])
+    write_part(
+        store,
+        directory,
+        [row("adni-1-bl", None, parse_error="no final answer"), row("adni-5-bl", "AD")],
+    )
 
     frame = load_model(store, "student-text", TEST_IDS)
 
     assert list(frame.columns) == OUTPUT_SCHEMA.names
-    assert list(frame["patient_id"]) == ["P1", "P3", "P5"]
+    assert list(frame["patient_id"]) == ["adni-1-bl", "adni-3-bl", "adni-5-bl"]
     assert frame.loc[1, "p_CN"] == 0.7
     assert frame["p_CN"].isna().sum() == 2
 
 
 def test_probability_and_provenance_columns_are_optional(store: RunStore) -> None:
     table = pa.table(
-        {"patient_id": ["P1"], "diagnosis": ["AD"], "error": [None], "parse_error": [None]},
+        {"patient_id": ["adni-1-bl"], "diagnosis": ["AD"], "error": [None], "parse_error": [None]},
         schema=pa.schema([(name, pa.string()) for name in predictions.REQUIRED_COLUMNS]),
     )
     store.write_table("predictions/minimal/part-0.parquet", table)
@@ -83,7 +98,7 @@ def test_probability_and_provenance_columns_are_optional(store: RunStore) -> Non
 
 
 def test_an_unknown_diagnosis_names_the_file_and_rows(store: RunStore) -> None:
-    rows = [row("P1", "Dementia"), row("P2", "MCI"), row("P4", "Dementia")]
+    rows = [row("adni-1-bl", "Dementia"), row("adni-2-bl", "MCI"), row("adni-4-bl", "Dementia")]
     write_part(store, predictions_dir("teacher"), rows)
 
     with pytest.raises(EvaluationInputError) as caught:
@@ -91,12 +106,12 @@ def test_an_unknown_diagnosis_names_the_file_and_rows(store: RunStore) -> None:
 
     message = str(caught.value)
     assert only_part(store, "teacher") in message
-    assert "2 rows (P1: 'Dementia', P4: 'Dementia')" in message
-    assert "P2" not in message
+    assert "2 rows (adni-1-bl: 'Dementia', adni-4-bl: 'Dementia')" in message
+    assert "adni-2-bl" not in message
 
 
 def test_a_missing_column_is_reported_not_a_cast_error(store: RunStore) -> None:
-    table = pa.table({"patient_id": ["P1"], "diagnosis": ["AD"]})  # no error, parse_error
+    table = pa.table({"patient_id": ["adni-1-bl"], "diagnosis": ["AD"]})  # no error, parse_error
     store.write_table("predictions/old/part-0.parquet", table)
 
     with pytest.raises(EvaluationInputError) as caught:
@@ -108,7 +123,7 @@ def test_a_missing_column_is_reported_not_a_cast_error(store: RunStore) -> None:
 
 
 def test_a_patient_outside_the_test_split_is_named(store: RunStore) -> None:
-    rows = [row("P1", "AD"), *(row(f"TRAIN-{i}", "CN") for i in range(7))]
+    rows = [row("adni-1-bl", "AD"), *(row(f"TRAIN-{i}", "CN") for i in range(7))]
     write_part(store, predictions_dir("baseline-logistic-tabular"), rows)
 
     with pytest.raises(EvaluationInputError) as caught:
@@ -121,8 +136,10 @@ def test_a_patient_outside_the_test_split_is_named(store: RunStore) -> None:
 
 
 def test_a_patient_predicted_twice_names_both_parts(store: RunStore) -> None:
-    write_part(store, predictions_dir("student-vlm"), [row("P1", "AD")])
-    write_part(store, predictions_dir("student-vlm"), [row("P1", "CN"), row("P2", "MCI")])
+    write_part(store, predictions_dir("student-vlm"), [row("adni-1-bl", "AD")])
+    write_part(
+        store, predictions_dir("student-vlm"), [row("adni-1-bl", "CN"), row("adni-2-bl", "MCI")]
+    )
 
     with pytest.raises(EvaluationInputError) as caught:
         load_model(store, "student-vlm", TEST_IDS)
@@ -130,15 +147,19 @@ def test_a_patient_predicted_twice_names_both_parts(store: RunStore) -> None:
     message = str(caught.value)
     for part in store.list_files(predictions_dir("student-vlm"), suffix=".parquet"):
         assert store.uri_of(part) in message
-    assert "2 rows (P1, P1)" in message
+    assert "2 rows (adni-1-bl, adni-1-bl)" in message
 
 
 def test_load_predictions_keeps_the_good_models_and_reports_the_bad(store: RunStore) -> None:
-    write_part(store, predictions_dir("teacher"), [row(p, "AD") for p in ("P1", "P2", "P3")])
+    write_part(
+        store,
+        predictions_dir("teacher"),
+        [row(p, "AD") for p in ("adni-1-bl", "adni-2-bl", "adni-3-bl")],
+    )
     proba = {"p_AD": 0.2, "p_MCI": 0.7, "p_CN": 0.1}
-    write_part(store, predictions_dir("student-text"), [row("P2", "MCI", **proba)])
-    write_part(store, predictions_dir("student-vlm"), [row("P1", "Dementia")])
-    store.write_table("predictions/broken/part-0.parquet", pa.table({"patient_id": ["P1"]}))
+    write_part(store, predictions_dir("student-text"), [row("adni-2-bl", "MCI", **proba)])
+    write_part(store, predictions_dir("student-vlm"), [row("adni-1-bl", "Dementia")])
+    store.write_table("predictions/broken/part-0.parquet", pa.table({"patient_id": ["adni-1-bl"]}))
 
     models, problems = load_predictions(store)
 
@@ -154,9 +175,11 @@ def test_load_predictions_keeps_the_good_models_and_reports_the_bad(store: RunSt
 
 def test_an_s3_run_loads_and_names_s3_files(s3_endpoint: str) -> None:
     store = RunStore("s3://radiag/evaluation-test")
-    store.write_table("splits/test.parquet", pa.table({"patient_id": ["P1"], "label": ["AD"]}))
-    write_part(store, predictions_dir("teacher"), [row("P1", "AD")])
-    write_part(store, predictions_dir("student-text"), [row("P9", "AD")])
+    store.write_table(
+        "splits/test.parquet", pa.table({"patient_id": ["adni-1-bl"], "label": ["AD"]})
+    )
+    write_part(store, predictions_dir("teacher"), [row("adni-1-bl", "AD")])
+    write_part(store, predictions_dir("student-text"), [row("adni-9-bl", "AD")])
 
     models, problems = load_predictions(store)
 

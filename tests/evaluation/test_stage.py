@@ -107,7 +107,7 @@ def test_reports_hold_tables_plots_and_one_html_page(run: RunStore, summary) -> 
 def test_the_command_line_evaluates_a_run_and_prints_the_report(run: RunStore) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "radiag.cli", "evaluate", "--run", run.uri, "--set",
-         "evaluate={bootstrap: 50}"],
+         "evaluate={bootstrap: 50}", "--fresh"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -129,7 +129,7 @@ def test_filled_rating_sheets_are_imported_with_their_agreement(
         filled.to_csv(sheets[-1], index=False)
 
     summary = run_evaluate(
-        EvaluateConfig(bootstrap=50, human_ratings=[str(p) for p in sheets]), run
+        EvaluateConfig(bootstrap=50, human_ratings=[str(p) for p in sheets]), run, fresh=True
     )
 
     assert summary.counts["human_ratings"] > 0

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from radiag.cohort.schema import Label
-from radiag.teacher.quality import QualityReport, argued_class, check_rationale
+from radiag.teacher.quality import (
+    QualityReport,
+    StatedFinding,
+    argued_class,
+    check_rationale,
+    stated_findings,
+)
 
 GRADES = ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")
 
@@ -223,3 +229,19 @@ def test_general_or_hypothetical_findings_are_not_claims():
     row = record(Hippocampus="No")
     assert not reasons("Severe hippocampal atrophy is typically seen in AD.", row)
     assert not reasons("If there were severe hippocampal atrophy, AD would be likely.", row)
+
+
+def test_stated_findings_read_region_and_degree_of_every_claim_on_the_patient():
+    text = (
+        "There is mild hippocampal atrophy and no evidence of entorhinal or fusiform atrophy. "
+        "The ventricles are markedly enlarged. Cortical atrophy is present. "
+        "There is no significant middle temporal atrophy. "
+        "Severe hippocampal atrophy is typically seen in AD."
+    )
+    assert stated_findings(text) == [
+        StatedFinding("Hippocampus", "Mild"),
+        StatedFinding("Entorhinal", "No"),
+        StatedFinding("Fusiform", "No"),
+        StatedFinding("Ventricles", "Severe"),
+        StatedFinding("WholeBrain", "Stated"),
+    ]  # a negated degree and a general clause claim nothing
