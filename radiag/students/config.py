@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -90,6 +90,10 @@ class DistillConfig(StrictModel):
 
 class StudentDiagnoseConfig(StrictModel):
     """Diagnosis of the test split by a trained student (Ray Data, transformers)."""
+
+    scheduling_fields: ClassVar[frozenset[str]] = frozenset(
+        {"limit", "batch_size", "replicas", "threads_per_replica"}
+    )  # how fast, not what: left out of the stage identity
 
     split: Literal["train", "val", "test"] = "test"
     limit: int | None = Field(

@@ -31,13 +31,14 @@ import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel
 
-from radiag.cohort.stages import StageSummary, fingerprint, finished
-from radiag.models import prepare_model
+from radiag.cohort.stages import SPLITS_STAGE
+from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
+from radiag.models import model_fingerprint, prepare_model
 from radiag.outputs import read_parts
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, StudentKind
 from radiag.students.formatting import encode_target, targets
-from radiag.students.modeling import StudentModel
+from radiag.students.modeling import StudentModel, load_trainable, require_exact_keys
 from radiag.students.training import (
     STATE_FILE,
     TRAINABLE_FILE,
@@ -48,6 +49,7 @@ from radiag.students.training import (
     train_loop,
 )
 from radiag.students.volumes import prepare_volumes
+from radiag.teacher.stages import RATIONALIZE_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -194,38 +196,44 @@ def _trainer(kind: StudentKind, cfg: DistillConfig, store: RunStore, sequences: 
     )  # fmt: skip
 
 
-def _guard_config(kind: StudentKind, key: str, store: RunStore) -> None:
-    """A restarted run must not continue another config's checkpoints."""
-    path = f"{stage_dir(kind)}/started.json"
-    if store.exists(path) and store.read_json(path)["config_fingerprint"] != key:
-        raise RuntimeError(
-            f"{store.uri_of(stage_dir(kind))} holds training of a different {kind} config; "
-            "use a new run_dir (or delete that folder) to train with this one"
-        )
-    store.write_json(path, {"config_fingerprint": key})
+def distill_stage(kind: StudentKind) -> Stage:
+    return Stage(f"distill-{kind}", stage_dir(kind))
 
 
-def run_distill(kind: StudentKind, cfg: DistillConfig, store: RunStore) -> StageSummary:
-    """Train the `kind` student and export it; resumes a killed run (see module docstring)."""
+def run_distill(
+    kind: StudentKind, cfg: DistillConfig, store: RunStore, fresh: bool = False
+) -> StageSummary:
+    """Train the `kind` student and export it, under the stage contract: a killed run
+    resumes from its last checkpoint; rationales that changed are another identity."""
+    identity = StageIdentity(
+        stage=f"distill-{kind}",
+        config=config_identity(cfg),
+        upstream=upstream(store, [SPLITS_STAGE, RATIONALIZE_STAGE]),
+        files={"model": model_fingerprint(cfg.model)},
+    )
+    return run_stage(
+        store, distill_stage(kind), identity, lambda: _distill(kind, cfg, store, identity), fresh
+    )
+
+
+def _distill(
+    kind: StudentKind, cfg: DistillConfig, store: RunStore, identity: StageIdentity
+) -> StageSummary:
     from transformers import AutoTokenizer
 
-    key = fingerprint(cfg, kind)
-    if done := finished(store, stage_dir(kind), key):
-        return done
     start = time.perf_counter()
     examples = training_examples(kind, cfg, store)
     model_dir = prepare_model(cfg.model)
     sequences, too_long = training_sequences(
         examples.table, cfg, AutoTokenizer.from_pretrained(model_dir)
     )
-    _guard_config(kind, key, store)
     result = _trainer(kind, cfg, store, sequences).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{kind} student training reported no checkpoint")
     with result.checkpoint.as_directory() as checkpoint, tempfile.TemporaryDirectory() as out:
         progress = Progress(**json.loads((Path(checkpoint) / STATE_FILE).read_text()))
         provenance = {
-            "kind": kind, "config": cfg.model_dump(mode="json"), "config_fingerprint": key,
+            "kind": kind, "config": cfg.model_dump(mode="json"), "identity": identity.fingerprint,
             "base_model": str(model_dir), "examples": examples.counts, "steps": progress.step,
             "trained_patients": examples.table["patient_id"].to_pylist(),
         }  # fmt: skip
@@ -235,17 +243,14 @@ def run_distill(kind: StudentKind, cfg: DistillConfig, store: RunStore) -> Stage
         f"{stage_dir(kind)}/metrics.jsonl",
         "".join(json.dumps(m) + "\n" for m in progress.history).encode(),
     )
-    summary = StageSummary(
+    return StageSummary(
         stage=f"distill-{kind}",
-        config_fingerprint=key,
         counts={**examples.counts, "sequences": len(sequences), "too_long": too_long,
                 "steps": progress.step},
         details={"final_model": store.uri_of(f"{stage_dir(kind)}/final"),
                  "resumed_at_steps": progress.resumed_at, "mri_errors": examples.errors,
                  "seconds": round(time.perf_counter() - start, 1)},
     )  # fmt: skip
-    store.write_json(f"{stage_dir(kind)}/summary.json", summary.model_dump())
-    return summary
 
 
 def export_final(
@@ -256,7 +261,7 @@ def export_final(
 
     model_dir = prepare_model(cfg.model)
     model = build_student(kind, cfg, model_dir)
-    model.load_state_dict(torch.load(checkpoint / TRAINABLE_FILE), strict=False)
+    load_trainable(model, torch.load(checkpoint / TRAINABLE_FILE))
     lm = model.lm
     if cfg.finetune == "lora":
         lm.save_pretrained(out / "adapter")
@@ -271,7 +276,12 @@ def export_final(
 
 
 def load_final(directory: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[StudentModel, dict]:
-    """A trained student from its exported directory, and its provenance."""
+    """A trained student from its exported directory, and its provenance.
+
+    Raises:
+        StudentWeightsError: `lm/` lacks a weight or has a foreign one (the MRI prefix
+            loads with `strict=True`, which raises naming the keys too).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     marker = directory / FINAL_MARKER
@@ -279,7 +289,10 @@ def load_final(directory: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[St
         raise FileNotFoundError(f"{directory} is not a finished student export (no {FINAL_MARKER})")
     info = json.loads(marker.read_text())
     cfg = DistillConfig.model_validate(info["config"])
-    lm = AutoModelForCausalLM.from_pretrained(directory / "lm", dtype=dtype)
+    lm, loading = AutoModelForCausalLM.from_pretrained(
+        directory / "lm", dtype=dtype, output_loading_info=True
+    )
+    require_exact_keys(loading["missing_keys"], loading["unexpected_keys"], f"{directory}/lm")
     tokenizer = AutoTokenizer.from_pretrained(directory / "lm")
     mri = None
     if info["kind"] == "vlm":

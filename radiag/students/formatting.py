@@ -11,6 +11,11 @@ teacher's rationale and the final line. Three losses (after Hsieh et al. 2023):
   label loss + `rationale_weight` x rationale loss, and at inference the label
   comes from the `[label]` task alone (the rationale is optional output).
 
+The final line's tokens are fixed once its letter is chosen, so a token-mean over
+them says little about the diagnosis. `encode_target` therefore marks the answer
+option's tokens (`answer_mask`): training adds their summed log-likelihood, the
+very quantity `predict.py` compares across the three options, as its own loss term.
+
 Each transform here maps one row dict to token ids; none of them needs Ray.
 """
 
@@ -24,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from radiag.cohort.schema import Label
 from radiag.students.modeling import IGNORE
 from radiag.teacher.engines import Messages
-from radiag.teacher.prompts import QUESTION, TEMPLATES, answer_line
+from radiag.teacher.prompts import ANSWERS, FINAL, QUESTION, TEMPLATES
 
 LossName = Literal["label", "rationale_label", "step_by_step"]
 Kind = Literal["label", "rationale", "rationale_label"]
@@ -52,25 +57,34 @@ def prompt_kinds(loss: LossName) -> tuple[Kind | None, Kind | None]:
 
 @dataclass(frozen=True)
 class Target:
+    """One training sequence: the prompt, then `text`, then (if any) the answer option."""
+
     kind: Kind
     messages: Messages
-    text: str
+    text: str  # what precedes the option: "...\nFinal Diagnosis:", or the whole rationale
+    answer: Label | None = None  # the option that ends the final line
 
 
 def targets(row: dict[str, Any], loss: LossName, prompt_version: str = "v1") -> list[Target]:
     """The sequences one training row becomes under `loss`."""
-    final = answer_line(Label(row["label"]))
+    label = Label(row["label"])
     rationale = (row.get("rationale") or "").strip()
     description = row["description"]
     if loss == "label":
-        return [Target("label", student_messages(description, None, prompt_version), final)]
+        messages = student_messages(description, None, prompt_version)
+        return [Target("label", messages, FINAL, label)]
     if loss == "rationale_label":
         messages = student_messages(description, None, prompt_version)
-        return [Target("rationale_label", messages, f"{rationale}\n{final}")]
+        return [Target("rationale_label", messages, f"{rationale}\n{FINAL}", label)]
     return [
-        Target("label", student_messages(description, "label", prompt_version), final),
+        Target("label", student_messages(description, "label", prompt_version), FINAL, label),
         Target("rationale", student_messages(description, "rationale", prompt_version), rationale),
     ]
+
+
+def option_ids(tokenizer: PreTrainedTokenizerBase, label: Label) -> list[int]:
+    """Token ids of one answer option as it follows `Final Diagnosis:` (training and scoring)."""
+    return tokenizer.encode(" " + ANSWERS[label], add_special_tokens=False)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
@@ -82,30 +96,41 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> lis
 def encode_target(
     tokenizer: PreTrainedTokenizerBase, target: Target, max_length: int
 ) -> dict[str, Any] | None:
-    """input_ids and labels (prompt masked) for one target, ending with EOS.
+    """input_ids, labels (prompt masked) and answer_mask for one target, ending with EOS.
 
+    `answer_mask` is 1 on the answer option's tokens (aligned with `labels`), 0 elsewhere.
     A sequence longer than `max_length` is shortened inside the rationale, so the final
     line survives; None when even the prompt and final line do not fit.
     """
     prompt = encode_prompt(tokenizer, target.messages)
-    answer = [*tokenizer.encode(target.text, add_special_tokens=False), tokenizer.eos_token_id]
-    room = max_length - len(prompt)
-    if len(answer) > room:
-        if target.kind == "label":
+    option = option_ids(tokenizer, target.answer) if target.answer is not None else []
+    text = tokenizer.encode(target.text, add_special_tokens=False)
+    room = max_length - len(prompt) - len(option) - 1  # 1: EOS
+    if len(text) > room:
+        text = _shortened(tokenizer, target, room)
+        if text is None:
             return None
-        # Keep the final line ("\n" + tail) whole; cut the rationale (head) to fit.
-        if target.kind == "rationale_label":
-            head, _, tail = target.text.rpartition("\n")
-            tail_ids = tokenizer.encode("\n" + tail, add_special_tokens=False)
-        else:
-            head, tail_ids = target.text, []
-        tail_ids = [*tail_ids, tokenizer.eos_token_id]
-        keep = room - len(tail_ids)
-        if keep <= 0:
-            return None
-        answer = tokenizer.encode(head, add_special_tokens=False)[:keep] + tail_ids
+    answer = [*text, *option, tokenizer.eos_token_id]
     return {
         "kind": target.kind,
         "input_ids": prompt + answer,
         "labels": [IGNORE] * len(prompt) + answer,
+        "answer_mask": [0] * (len(prompt) + len(text)) + [1] * len(option) + [0],
     }
+
+
+def _shortened(tokenizer: PreTrainedTokenizerBase, target: Target, room: int) -> list[int] | None:
+    """The target's text cut to `room` tokens inside the rationale; None if the
+    final line's own tokens do not fit."""
+    if target.kind == "label":
+        return None
+    # Keep "\nFinal Diagnosis:" (the tail) whole; cut the rationale (head) to fit.
+    if target.kind == "rationale_label":
+        head, _, tail = target.text.rpartition("\n")
+        tail_ids = tokenizer.encode("\n" + tail, add_special_tokens=False)
+    else:
+        head, tail_ids = target.text, []
+    keep = room - len(tail_ids)
+    if keep <= 0:
+        return None
+    return tokenizer.encode(head, add_special_tokens=False)[:keep] + tail_ids

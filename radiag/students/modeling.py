@@ -139,18 +139,65 @@ class StudentModel(nn.Module):
         ids: Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]],
         volumes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token loss over each row's labelled positions, and their count: (B,), (B,)."""
+    ) -> torch.Tensor:
+        """Next-token loss of every label: (B, L), L = longest `labels` row; 0 where a label
+        is IGNORE or past the row's end. Callers sum it over the tokens they care about."""
         inputs, mask = self.embed(ids, volumes)
-        width = inputs.shape[1]
-        target = torch.full((len(ids), width), IGNORE, dtype=torch.long, device=inputs.device)
+        batch, width = inputs.shape[:2]
+        start = self.prefix_tokens
+        target = torch.full((batch, width), IGNORE, dtype=torch.long, device=inputs.device)
         for i, row in enumerate(labels):
-            start = self.prefix_tokens
             target[i, start : start + len(row)] = torch.tensor(row, device=inputs.device)
-        logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits  # (B, T, V)
-        shifted, following = logits[:, :-1].float(), target[:, 1:]
-        per_token = nn.functional.cross_entropy(
-            shifted.transpose(1, 2), following, ignore_index=IGNORE, reduction="none"
-        )  # (B, T-1)
-        counted = (following != IGNORE).sum(dim=1)
-        return per_token.sum(dim=1), counted
+        following = target[:, 1:]
+        # Logits only where a next token is labelled: the vocabulary projection of every
+        # prompt position would cost more than the rest of a small model.
+        keep = (following != IGNORE).any(dim=0).nonzero().squeeze(1)
+        logits = self.lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=keep).logits
+        kept = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2),
+            following[:, keep],
+            ignore_index=IGNORE,
+            reduction="none",
+        )  # (B, kept positions)
+        per_position = torch.zeros((batch, width), device=inputs.device)  # by input position
+        per_position[:, keep + 1] = kept
+        return per_position[:, start : start + max(len(row) for row in labels)]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that train (all of them, or LoRA + MRI side), on the CPU."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class StudentWeightsError(ValueError):
+    """Saved student weights that do not fit the model they are loaded into."""
+
+
+def require_exact_keys(missing: Sequence[str], unexpected: Sequence[str], what: str) -> None:
+    """Raise unless a weight load matched key for key (`what` names the weights).
+
+    Raises:
+        StudentWeightsError: naming the missing and unexpected keys.
+    """
+    if missing or unexpected:
+        raise StudentWeightsError(
+            f"{what} do not fit the model: missing keys {sorted(missing)}, "
+            f"unexpected keys {sorted(unexpected)}"
+        )
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `trainable_state` output into `model`, refusing any key mismatch.
+
+    The frozen base weights are not in `state`, so `load_state_dict` must run with
+    strict=False; without this check a renamed or missing LoRA key would silently
+    leave the base model's weights in place.
+
+    Raises:
+        StudentWeightsError: naming the missing and unexpected keys.
+    """
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    require_exact_keys(
+        list(expected - state.keys()), list(state.keys() - expected), "student weights"
+    )
+    model.load_state_dict(state, strict=False)

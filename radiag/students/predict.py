@@ -30,22 +30,32 @@ import torch
 
 from radiag.cohort.schema import Label
 from radiag.cohort.split import first_patients
-from radiag.cohort.stages import StageSummary
+from radiag.cohort.stages import SPLITS_STAGE
+from radiag.contract import (
+    Stage,
+    StageIdentity,
+    StageNotReady,
+    StageSummary,
+    config_identity,
+    run_stage,
+    upstream,
+)
 from radiag.outputs import (
     PROBABILITY_COLUMNS,
     failure_counts,
     predictions_dir,
     read_parts,
+    still_to_do,
     write_part,
 )
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, StudentDiagnoseConfig, StudentKind
-from radiag.students.distill import load_final, stage_dir
-from radiag.students.formatting import encode_prompt, prompt_kinds, student_messages
+from radiag.students.distill import distill_stage, load_final, stage_dir
+from radiag.students.formatting import encode_prompt, option_ids, prompt_kinds, student_messages
 from radiag.students.modeling import IGNORE
 from radiag.students.volumes import load_volume, prepare_volumes
 from radiag.teacher.parsing import parse_answer
-from radiag.teacher.prompts import ANSWERS, FINAL
+from radiag.teacher.prompts import FINAL
 
 SCORED_ROWS_PER_PASS = 4  # bounds scoring memory: 12 sequences' logits at a time
 
@@ -70,9 +80,7 @@ class StudentPredictor:
         self.tokenizer = AutoTokenizer.from_pretrained(self.local / "lm")
         self.trained = DistillConfig.model_validate(info["config"])
         self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
-        self.options = [
-            self.tokenizer.encode(" " + ANSWERS[label], add_special_tokens=False) for label in Label
-        ]
+        self.options = [option_ids(self.tokenizer, label) for label in Label]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -181,7 +189,7 @@ class StudentPredictor:
         for start in range(0, len(ids), step):
             chunk = slice(start, start + step)
             volume_chunk = repeated[chunk] if repeated is not None else None
-            losses.append(self.model(ids[chunk], labels[chunk], volume_chunk)[0])
+            losses.append(self.model(ids[chunk], labels[chunk], volume_chunk).sum(dim=1))
         nll = torch.cat(losses).float().view(len(rows), repeat)
         return torch.softmax(-nll, dim=1)
 
@@ -213,19 +221,30 @@ def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> p
 
 
 def run_student_diagnose(
-    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore
+    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, fresh: bool = False
 ) -> StageSummary:
-    """Diagnose every input row not yet in `predictions/student-<kind>/`."""
-    import ray
-
+    """Diagnose every input row not yet in `predictions/student-<kind>/`, under the stage
+    contract: a retrained student is another identity, never mixed with the old one's rows."""
     if not store.exists(f"{stage_dir(kind)}/final/student.json"):
-        raise RuntimeError(
+        raise StageNotReady(
             f"no trained {kind} student in {store.uri_of(stage_dir(kind))}: "
             f"run `radiag distill --student {kind}` first"
         )
+    identity = StageIdentity(
+        stage=f"diagnose-{model_name(kind)}",
+        config=config_identity(cfg),
+        upstream=upstream(store, [SPLITS_STAGE, distill_stage(kind)]),
+    )
+    stage = Stage(identity.stage, predictions_dir(model_name(kind)), resumable=True)
+    return run_stage(store, stage, identity, lambda: _diagnose_all(kind, cfg, store), fresh)
+
+
+def _diagnose_all(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> StageSummary:
+    import ray
+
     inputs = _inputs(kind, cfg, store)
     done = read_parts(store, predictions_dir(model_name(kind)))
-    todo = inputs.filter(pc.invert(pc.is_in(inputs["patient_id"], done["patient_id"])))
+    todo = still_to_do(inputs, done)
     start = time.perf_counter()
     if todo.num_rows:
         blocks = [todo.slice(i, cfg.batch_size) for i in range(0, todo.num_rows, cfg.batch_size)]
@@ -240,7 +259,6 @@ def run_student_diagnose(
     output = read_parts(store, predictions_dir(model_name(kind)))
     return StageSummary(
         stage=f"diagnose-{model_name(kind)}",
-        config_fingerprint="",
         counts={
             "rows": output.num_rows,
             "generated_now": todo.num_rows,

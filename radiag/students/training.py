@@ -5,6 +5,12 @@ NCCL on GPU); the loop only builds the model, wraps it for the configured
 strategy and trains on its shard of the `train` dataset. Every worker reports
 the same number of times; checkpoints go through `ray.train.report` to the run
 store, and a restarted run continues from `ray.train.get_checkpoint()`.
+
+A checkpoint restores everything that decides the next step, so a resumed run
+ends with the same weights as an uninterrupted one: the trainable weights (loaded
+strictly), the optimizer state, every rank's torch RNG (LoRA dropout) and the data
+position (`Progress`: epoch and batches already trained; the sequences' order is
+fixed by the seed before training starts).
 """
 
 from __future__ import annotations
@@ -30,13 +36,26 @@ from transformers import (
 from radiag.models import prepare_model
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, MriSettings, StudentKind
-from radiag.students.modeling import MriPrefix, StudentModel, build_encoder
+from radiag.students.modeling import (
+    IGNORE,
+    MriPrefix,
+    StudentModel,
+    build_encoder,
+    load_trainable,
+    trainable_state,
+)
 from radiag.students.volumes import load_volume
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.pt"  # the weights that train (all, or LoRA + MRI side)
 STATE_FILE = "state.json"  # epoch / step counters
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def _rng_file(rank: int) -> str:
+    """Each rank's RNG state: dropout draws differ per rank."""
+    return f"rng-{rank}.pt"
 
 
 def build_student(kind: StudentKind, cfg: DistillConfig, model_dir: Path) -> StudentModel:
@@ -69,10 +88,6 @@ def build_mri_prefix(settings: MriSettings, lm: PreTrainedModel) -> MriPrefix:
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 class Strategy(Protocol):
@@ -108,11 +123,11 @@ class DdpStrategy:
     def save(self, directory: Path) -> None:
         if _rank() == 0:
             torch.save(trainable_state(self.module), directory / TRAINABLE_FILE)
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
-        self.module.load_state_dict(torch.load(directory / TRAINABLE_FILE), strict=False)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt"))
+        load_trainable(self.module, torch.load(directory / TRAINABLE_FILE))
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE))
 
 
 class DeepSpeedStrategy:
@@ -171,18 +186,51 @@ def _batch_volumes(store: RunStore, paths: list[str] | None) -> torch.Tensor | N
     return torch.from_numpy(np.stack([load_volume(store, p) for p in paths]))  # (B, 1, D, H, W)
 
 
-def _loss_parts(
-    sums: torch.Tensor, counts: torch.Tensor, kinds: list[str], cfg: DistillConfig
+def _padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
+    """Ragged rows as one (B, width) tensor, cut or filled with `fill` on the right."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : min(len(row), width)] = torch.tensor(row[:width], dtype=torch.long)
+    return out
+
+
+def training_loss(
+    nll: torch.Tensor,
+    labels: list[list[int]],
+    answer_mask: list[list[int]],
+    kinds: list[str],
+    cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean loss per task kind, combined: label + w x rationale (step-by-step)."""
+    """The training loss: token-mean text loss per task kind (label + w x rationale for
+    step-by-step), plus the answer loss: the answer option's summed negative
+    log-likelihood, averaged over the rows that have one.
+
+    The answer term is the one that teaches the diagnosis: in a token mean its letter
+    would be one of ~11 final-line tokens (or of hundreds after a rationale), and every
+    other one of them is fixed text the model learns in a few steps.
+    """
+    width = nll.shape[1]
+    answer = _padded(answer_mask, width, 0).bool().to(nll.device)
+    text = (_padded(labels, width, IGNORE) != IGNORE).to(nll.device) & ~answer
     parts: dict[str, torch.Tensor] = {}
     for kind in sorted(set(kinds)):
-        rows = torch.tensor([k == kind for k in kinds])
-        parts[kind] = sums[rows].sum() / counts[rows].sum().clamp(min=1)
+        rows = torch.tensor([k == kind for k in kinds], device=nll.device)[:, None]
+        parts[kind] = (nll * (text & rows)).sum() / (text & rows).sum().clamp(min=1)
+    answered = answer.any(dim=1)
+    if answered.any():
+        parts["answer"] = (nll * answer).sum(dim=1)[answered].mean()
     weight = {"rationale": cfg.rationale_weight if cfg.loss == "step_by_step" else 1.0}
     loss = sum(weight.get(kind, 1.0) * value for kind, value in parts.items())
     assert isinstance(loss, torch.Tensor)
-    return loss, {f"loss_{kind}": float(value) for kind, value in parts.items()}
+    return loss, {f"loss_{kind}": float(value.detach()) for kind, value in parts.items()}
+
+
+def _save_rng(directory: Path) -> None:
+    torch.save(torch.get_rng_state(), directory / _rng_file(_rank()))
+
+
+def _restore_rng(directory: Path) -> None:
+    torch.set_rng_state(torch.load(directory / _rng_file(_rank())))
 
 
 @dataclass
@@ -216,6 +264,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as directory:
             strategy.load(Path(directory))
+            _restore_rng(Path(directory))
             progress = Progress(**json.loads((Path(directory) / STATE_FILE).read_text()))
         progress.resumed_at.append(progress.step)
         log.info("resumed at step %d", progress.step)
@@ -238,8 +287,10 @@ def train_loop(config: dict[str, Any]) -> None:
             )
             with autocast:
                 # Through the wrapper, so DDP / DeepSpeed hooks see the forward pass.
-                sums, counts = strategy.wrapped(ids, [r.tolist() for r in batch["labels"]], volumes)
-            loss, parts = _loss_parts(sums, counts, batch["kind"].tolist(), cfg)
+                labels = [r.tolist() for r in batch["labels"]]
+                nll = strategy.wrapped(ids, labels, volumes)
+            answer_mask = [r.tolist() for r in batch["answer_mask"]]
+            loss, parts = training_loss(nll, labels, answer_mask, batch["kind"].tolist(), cfg)
             strategy.backward_and_step(loss)
             seen = torch.tensor([len(ids), sum(len(r) for r in ids)], dtype=torch.float64)
             if dist.is_initialized():
@@ -279,6 +330,7 @@ def _report(
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         strategy.save(directory)
+        _save_rng(directory)
         if _rank() == 0:
             (directory / STATE_FILE).write_text(json.dumps(asdict(progress)))
         has_files = any(directory.iterdir())

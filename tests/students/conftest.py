@@ -17,12 +17,21 @@ from radiag.cohort.mri import MriConfig
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import SynthConfig
+from radiag.contract import StageIdentity, StageSummary, run_stage
 from radiag.outputs import write_part
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
+from radiag.teacher.stages import RATIONALIZE_STAGE
 
 
 def write_rationales(store: RunStore) -> None:
+    """Rationales in the teacher's output shape, recorded as a finished rationalize stage
+    of a fixture identity (the stages below read its output digest)."""
+    identity = StageIdentity(stage="rationalize", config={"fixture": "tests/students"})
+    run_stage(store, RATIONALIZE_STAGE, identity, lambda: _write_rationale_rows(store))
+
+
+def _write_rationale_rows(store: RunStore) -> StageSummary:
     rows = [
         {
             "patient_id": row["patient_id"],
@@ -36,6 +45,7 @@ def write_rationales(store: RunStore) -> None:
         if row["label"]
     ]
     write_part(store, "rationales", rows)
+    return StageSummary(stage="rationalize", counts={"rows": len(rows)})
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ Slow: each training run starts Ray Train workers (~20-30 s on 2 cores).
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,9 @@ def test_rationales_explaining_another_label_are_refused(
 ) -> None:
     row = fresh_run.read_table("splits/train.parquet").to_pylist()[0]
     other = "CN" if row["label"] != "CN" else "AD"
-    write_part(fresh_run, "rationales", [{"patient_id": row["patient_id"], "label_shown": other}])
+    newer = datetime.datetime.now(datetime.UTC).isoformat()  # replaces the fixture's row
+    rows = [{"patient_id": row["patient_id"], "label_shown": other, "created_at": newer}]
+    write_part(fresh_run, "rationales", rows)
     with pytest.raises(StudentDataError, match="explain another label"):
         training_examples("text", tiny_student(), fresh_run)
 
@@ -121,9 +124,9 @@ def test_checkpoints_and_the_export_go_to_an_s3_run_store(
     prepared_run: Path, tiny_student: Callable[..., DistillConfig], s3_endpoint: str
 ) -> None:
     store = RunStore("s3://radiag/runs/students")
-    for name in ("splits/train.parquet", "rationales"):
+    for name in ("splits/train.parquet", "splits/stage.json", "rationales"):
         source = prepared_run / name
-        files = [source] if source.is_file() else sorted(source.glob("*.parquet"))
+        files = [source] if source.is_file() else sorted(source.glob("*"))
         for file in files:
             store.write_bytes(str(file.relative_to(prepared_run)), file.read_bytes())
 

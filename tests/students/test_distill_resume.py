@@ -66,7 +66,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(
     output = second.communicate(timeout=600)[0].decode()
     assert second.returncode == 0, output[-3000:]
 
-    summary = fresh_run.read_json("checkpoints/text/summary.json")
+    summary = fresh_run.read_json("checkpoints/text/stage.json")["summary"]
     (resumed_at,) = summary["details"]["resumed_at_steps"]
     assert 2 <= resumed_at < STEPS
     lines = Path(fresh_run.path("checkpoints/text/metrics.jsonl")).read_text().splitlines()

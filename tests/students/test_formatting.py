@@ -12,6 +12,7 @@ from radiag.students.formatting import (
     TASK_PREFIX,
     encode_prompt,
     encode_target,
+    option_ids,
     prompt_kinds,
     student_messages,
     targets,
@@ -34,12 +35,30 @@ def tokenizer(tiny_model: Path):
 
 def test_label_loss_targets_only_the_final_line() -> None:
     (target,) = targets(ROW, "label")
-    assert target.kind == "label" and target.text == answer_line(Label.AD)
+    assert (target.kind, target.text, target.answer) == ("label", FINAL, Label.AD)
 
 
 def test_rationale_label_loss_is_one_sequence_ending_with_the_final_line() -> None:
     (target,) = targets(ROW, "rationale_label")
-    assert target.text == f"{ROW['rationale']}\n{FINAL} {ANSWERS[Label.AD]}"
+    assert target.text == f"{ROW['rationale']}\n{FINAL}" and target.answer == Label.AD
+
+
+@pytest.mark.parametrize("loss", ["label", "rationale_label"])
+def test_the_answer_mask_marks_exactly_the_option_that_predict_scores(tokenizer, loss) -> None:
+    """The answer loss and the inference scoring must read the same tokens."""
+    (target,) = targets(ROW, loss)
+    encoded = encode_target(tokenizer, target, max_length=1024)
+    assert encoded is not None and len(encoded["answer_mask"]) == len(encoded["labels"])
+    marked = [t for t, m in zip(encoded["labels"], encoded["answer_mask"], strict=True) if m]
+    assert marked == option_ids(tokenizer, Label.AD)
+    answer = tokenizer.decode(encoded["input_ids"][-len(marked) - 1 :], skip_special_tokens=True)
+    assert answer == " " + ANSWERS[Label.AD]
+
+
+def test_a_rationale_task_has_no_answer_tokens(tokenizer) -> None:
+    _, rationale = targets(ROW, "step_by_step")
+    encoded = encode_target(tokenizer, rationale, max_length=1024)
+    assert encoded is not None and not any(encoded["answer_mask"])
 
 
 def test_step_by_step_makes_two_tasks_told_apart_by_a_prompt_prefix() -> None:
@@ -47,7 +66,7 @@ def test_step_by_step_makes_two_tasks_told_apart_by_a_prompt_prefix() -> None:
     assert (label.kind, rationale.kind) == ("label", "rationale")
     assert label.messages[-1]["content"].startswith(TASK_PREFIX["label"])
     assert rationale.messages[-1]["content"].startswith(TASK_PREFIX["rationale"])
-    assert rationale.text == ROW["rationale"]  # no final line: the label task answers
+    assert rationale.text == ROW["rationale"] and rationale.answer is None  # no final line
     assert prompt_kinds("step_by_step") == ("label", "rationale")
     assert prompt_kinds("rationale_label") == (None, None)
 

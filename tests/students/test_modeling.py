@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from radiag.students.modeling import IGNORE, MriPrefix, StudentModel, build_encoder
+from radiag.students.modeling import (
+    IGNORE,
+    MriPrefix,
+    StudentModel,
+    StudentWeightsError,
+    build_encoder,
+    load_trainable,
+    trainable_state,
+)
 
 SPATIAL = (32, 32, 32)
 
@@ -51,16 +60,49 @@ def test_the_loss_ignores_prompt_and_padding_and_does_not_depend_on_the_batch(lm
     ids = [[5, 6, 7, 8], [9, 10]]
     labels = [[IGNORE, IGNORE, 7, 8], [IGNORE, 10]]
     with torch.no_grad():
-        sums, counts = model(ids, labels)
-        alone, _ = model(ids[1:], labels[1:])
-    assert counts.tolist() == [2, 1]
-    assert torch.allclose(sums[1], alone[0], atol=1e-5)
+        nll = model(ids, labels)
+        alone = model(ids[1:], labels[1:])
+    assert nll.shape == (2, 4)
+    assert (nll[0, :2] == 0).all() and (nll[0, 2:] > 0).all()  # prompt positions: no loss
+    assert nll[1, 0] == 0 and (nll[1, 2:] == 0).all()  # prompt and padding: no loss
+    assert torch.allclose(nll[1, :2], alone[0], atol=1e-5)
+
+
+def test_the_loss_of_a_token_is_its_negative_log_likelihood(lm) -> None:
+    model = StudentModel(lm, None, pad_token_id=0)
+    with torch.no_grad():
+        nll = model([[5, 6, 7]], [[IGNORE, IGNORE, 7]])
+        logits = lm(torch.tensor([[5, 6, 7]])).logits
+    expected = -torch.log_softmax(logits[0, 1].float(), dim=-1)[7]
+    assert torch.allclose(nll[0, 2], expected, atol=1e-4)
 
 
 def test_the_mri_side_trains_from_the_text_loss(lm) -> None:
     model = vlm(lm).train()
-    sums, counts = model([[5, 6, 7]], [[IGNORE, 6, 7]], torch.randn(1, 1, *SPATIAL))
-    (sums.sum() / counts.sum()).backward()
+    model([[5, 6, 7]], [[IGNORE, 6, 7]], torch.randn(1, 1, *SPATIAL)).sum().backward()
     assert model.mri is not None
     grads = [p.grad for p in model.mri.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_trainable_weights_load_back_exactly(lm) -> None:
+    model = vlm(copy.deepcopy(lm))  # the module's `lm` stays untouched
+    state = {name: torch.zeros_like(value) for name, value in trainable_state(model).items()}
+    load_trainable(model, state)
+    assert all((p == 0).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_loading_weights_with_a_missing_key_names_it(lm) -> None:
+    model = vlm(lm)
+    state = trainable_state(model)
+    dropped = next(iter(state))
+    del state[dropped]
+    with pytest.raises(StudentWeightsError, match=f"missing keys \\['{dropped}'\\]"):
+        load_trainable(model, state)
+
+
+def test_loading_weights_with_a_foreign_key_names_it(lm) -> None:
+    model = vlm(lm)
+    state = trainable_state(model) | {"lm.lora_B.stray.weight": torch.zeros(1)}
+    with pytest.raises(StudentWeightsError, match=r"unexpected keys \['lm.lora_B.stray.weight'\]"):
+        load_trainable(model, state)
