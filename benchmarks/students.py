@@ -43,8 +43,10 @@ def prepare_run(run_dir: str, subjects: int, imaged: int) -> None:
     from radiag.cohort.split import SplitConfig
     from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synthetic_mri
     from radiag.cohort.synthetic import SynthConfig
+    from radiag.contract import StageIdentity, StageSummary, run_stage
     from radiag.outputs import write_part
     from radiag.store import RunStore
+    from radiag.teacher.stages import RATIONALIZE_STAGE
 
     store = RunStore(run_dir)
     ingest(IngestConfig(synthetic=SynthConfig(subjects=subjects, max_visits=1)), store)
@@ -59,7 +61,14 @@ def prepare_run(run_dir: str, subjects: int, imaged: int) -> None:
         for r in store.read_table("splits/train.parquet").to_pylist()
         if r["label"]
     ]  # fmt: skip
-    write_part(store, "rationales", rows)
+
+    def write() -> StageSummary:
+        write_part(store, "rationales", rows)
+        return StageSummary(stage="rationalize", counts={"rows": len(rows)})
+
+    # Recorded as a finished rationalize stage of its own identity: distill reads its digest.
+    identity = StageIdentity(stage="rationalize", config={"benchmark": "template rationales"})
+    run_stage(store, RATIONALIZE_STAGE, identity, write)
 
 
 def train(run_dir: str, kind: str, workers: int, strategy: str, steps: int, warmup: int) -> dict:
@@ -71,7 +80,7 @@ def train(run_dir: str, kind: str, workers: int, strategy: str, steps: int, warm
     from radiag.students.distill import run_distill, stage_dir
 
     store = RunStore(run_dir)
-    shutil.rmtree(store.path(stage_dir(kind)), ignore_errors=True)
+    shutil.rmtree(store.path(stage_dir(kind)), ignore_errors=True)  # each measurement trains anew
     cfg = DistillConfig.model_validate(
         {
             "loss": "rationale_label", "max_length": 512,

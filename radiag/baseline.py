@@ -8,22 +8,20 @@ scores it exactly like the teacher and the students.
 
 Only labelled train rows are fitted (val and test labels are never read); the
 imputer and the scaler sit inside the sklearn Pipeline, so they are fitted on
-train too. A re-run with the same config and the same split tables is skipped;
-any other re-run replaces each model's directory, so rows are never duplicated.
+train too. The stage follows the stage contract (`radiag.contract`): a re-run with
+the same config and the same splits is skipped; another config is refused, or with
+`fresh` its predictions are superseded, so rows are never mixed or duplicated.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.impute import SimpleImputer
@@ -32,8 +30,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from radiag.cohort.schema import Label
-from radiag.cohort.stages import fingerprint
+from radiag.cohort.stages import SPLITS_STAGE
 from radiag.config import StrictModel
+from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
 from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, write_part
 from radiag.store import RunStore
 
@@ -42,7 +41,6 @@ FeatureSet = Literal["tabular", "description", "tabular_cognition"]
 
 TRAIN_TABLE = "splits/train.parquet"
 TEST_TABLE = "splits/test.parquet"
-SUMMARY = "baselines/summary.json"
 
 REGIONS = ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")
 """MRI regions the cohort measures; each enters as log(volume / ICV), i.e. head-size normalised."""
@@ -88,16 +86,19 @@ class ModelSummary(BaseModel):
     seconds: float
 
 
-class BaselineSummary(BaseModel):
-    """What the baseline stage did; stored as baselines/summary.json."""
-
-    stage: str = "baselines"
-    config_fingerprint: str
-    models: dict[str, ModelSummary]
-
-
 def model_name(classifier: Classifier, feature_set: FeatureSet) -> str:
     return f"baseline-{classifier}-{feature_set}"
+
+
+BASELINE_STAGE = Stage(
+    "baseline",
+    "baselines",
+    also=tuple(
+        predictions_dir(model_name(c, f))
+        for c in get_args(Classifier)
+        for f in get_args(FeatureSet)
+    ),
+)
 
 
 def feature_matrix(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -124,23 +125,13 @@ def build_classifier(classifier: Classifier, seed: int) -> Pipeline:
     return Pipeline([impute, ("model", model)])
 
 
-def _read_split(store: RunStore, path: str, needed: set[str]) -> tuple[pd.DataFrame, str]:
-    """The split as a frame and a digest of its bytes (what the outputs depend on)."""
-    data = store.read_bytes(path)
-    table = pq.read_table(pa.BufferReader(data))
+def _read_split(store: RunStore, path: str, needed: set[str]) -> pd.DataFrame:
+    table = store.read_table(path)
     if missing := sorted(needed - set(table.column_names)):
         raise BaselineInputError(
             f"{store.uri_of(path)} lacks column(s) the baselines need: {', '.join(missing)}"
         )
-    frame = table.select(sorted(needed)).to_pandas()
-    return frame, hashlib.sha256(data).hexdigest()[:16]
-
-
-def _stored(store: RunStore, key: str) -> BaselineSummary | None:
-    if not store.exists(SUMMARY):
-        return None
-    summary = BaselineSummary.model_validate(store.read_json(SUMMARY))
-    return summary if summary.config_fingerprint == key else None
+    return table.select(sorted(needed)).to_pandas()
 
 
 def _predict_rows(
@@ -174,23 +165,22 @@ def _predict_rows(
     ]
 
 
-def run_baseline(cfg: BaselineConfig, store: RunStore) -> BaselineSummary:
-    """splits/{train,test} -> predictions/baseline-*/ + baselines/summary.json.
-
-    Skipped when the stored summary has this config's and these splits' fingerprint.
+def run_baseline(cfg: BaselineConfig, store: RunStore, fresh: bool = False) -> StageSummary:
+    """splits/{train,test} -> predictions/baseline-*/, under the stage contract.
 
     Raises:
         BaselineInputError: a split lacks a needed column, or train lacks a class.
     """
-    needed = {"patient_id", "label"}.union(*(FEATURE_SETS[f] for f in cfg.feature_sets))
-    train, train_digest = _read_split(store, TRAIN_TABLE, needed)
-    test, test_digest = _read_split(store, TEST_TABLE, needed - {"label"})
-    key = fingerprint(cfg, train_digest, test_digest)
-    if done := _stored(store, key):
-        return done
-    if store.exists(SUMMARY):  # stale from now on: a killed re-run must not look finished
-        store.fs.delete_file(store.path(SUMMARY))
+    identity = StageIdentity(
+        stage="baseline", config=config_identity(cfg), upstream=upstream(store, [SPLITS_STAGE])
+    )
+    return run_stage(store, BASELINE_STAGE, identity, lambda: _fit_all(cfg, store), fresh=fresh)
 
+
+def _fit_all(cfg: BaselineConfig, store: RunStore) -> StageSummary:
+    needed = {"patient_id", "label"}.union(*(FEATURE_SETS[f] for f in cfg.feature_sets))
+    train = _read_split(store, TRAIN_TABLE, needed)
+    test = _read_split(store, TEST_TABLE, needed - {"label"})
     train = train[train["label"].notna()]
     if absent := [label.value for label in Label if label not in set(train["label"])]:
         raise BaselineInputError(
@@ -214,6 +204,8 @@ def run_baseline(cfg: BaselineConfig, store: RunStore) -> BaselineSummary:
                 features=list(x_train.columns),
                 seconds=round(time.perf_counter() - start, 3),
             )
-    summary = BaselineSummary(config_fingerprint=key, models=models)
-    store.write_json(SUMMARY, summary.model_dump())
-    return summary
+    return StageSummary(
+        stage="baseline",
+        counts={name: model.n_test for name, model in models.items()},
+        details={name: model.model_dump() for name, model in models.items()},
+    )

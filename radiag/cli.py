@@ -1,32 +1,42 @@
 """`radiag` command line: each command loads a YAML config, applies `--set`
-overrides, validates, and calls one stage function. Nothing else lives here."""
+overrides, validates, and calls one stage function. Nothing else lives here.
+
+Exit codes: 0 done; 2 an expected user error (bad config or file, a refused stage
+identity, a stage run before its inputs), one red line; 1 anything unexpected, with
+its traceback on the console and in the run's log file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from radiag.baseline import BaselineConfig, run_baseline
+from radiag.baseline import BaselineConfig, BaselineInputError, run_baseline
 from radiag.cohort.readers import CohortReadError
-from radiag.cohort.stages import StageSummary, describe_and_split, ingest, synthetic_mri
+from radiag.cohort.stages import describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
+from radiag.contract import StageConflict, StageNotReady, StageSummary
+from radiag.evaluation.predictions import EvaluationInputError
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
-from radiag.models import ModelSpec, prepare_model
-from radiag.pipeline import RunConfig, baseline_summary, connect_ray, run_teacher_stage
+from radiag.logs import run_logs
+from radiag.models import ModelError, ModelSpec, prepare_model
+from radiag.pipeline import RunConfig, connect_ray
 from radiag.pipeline import run as run_pipeline
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
-from radiag.students.distill import run_distill
+from radiag.students.distill import StudentDataError, run_distill
 from radiag.students.predict import run_student_diagnose
 from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, teacher_stage
 
 app = typer.Typer(help="Reasoning-aware Alzheimer's diagnosis on Ray.", no_args_is_help=True)
 cohort_app = typer.Typer(
@@ -36,11 +46,28 @@ models_app = typer.Typer(help="Local model directories (no hub at run time).", n
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
+log = logging.getLogger("radiag")
+
+USER_ERRORS = (
+    ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
+    BaselineInputError, StudentDataError, EvaluationInputError,
+)  # fmt: skip
+"""Errors whose message tells the user what to do: one red line, exit code 2."""
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a field: --set cohort.synthetic.subjects=500"),
+]
+FreshOption = Annotated[
+    bool,
+    typer.Option(
+        "--fresh",
+        help="outputs written by another config move to superseded/ instead of being refused",
+    ),
+]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="show engine, Ray and library logs on the console")
 ]
 T = TypeVar("T")
 
@@ -56,46 +83,78 @@ class StudentChoice(StrEnum):
     vlm = "vlm"
 
 
-def _guarded(action: Callable[[], T]) -> T:
-    """Run a command body; user errors become one red line and exit code 2, not a traceback."""
-    try:
-        return action()
-    except (ConfigError, CohortReadError, RuntimeError, FileNotFoundError) as err:
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    return typer.Exit(2)
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
-    return _guarded(lambda: load_config(RunConfig, path, overrides))
+    try:
+        return load_config(RunConfig, path, overrides)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
 
 
-def _show(summary: StageSummary) -> None:
-    table = Table(title=f"stage: {summary.stage}", show_header=False)
-    for key, value in summary.counts.items():
-        table.add_row(key, str(value))
-    console.print(table)
+@contextlib.contextmanager
+def _session(run_dir: str, verbose: bool, ray_cfg: RunConfig | None = None) -> Iterator[RunStore]:
+    """A command's run store, with logs to `<run_dir>/logs/` and errors mapped to exit codes."""
+    store = RunStore(run_dir)
+    with run_logs(store, verbose) as log_file:
+        try:
+            if ray_cfg is not None:
+                connect_ray(ray_cfg.ray, log_to_driver=verbose)
+            yield store
+        except USER_ERRORS as err:
+            log.error("%s", err)
+            raise _fail(str(err)) from None
+        except Exception:
+            log.exception("unexpected error")
+            console.print_exception(max_frames=8)
+            console.print(f"[bold red]unexpected error[/]; full log: {log_file}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
+def _show(summary: StageSummary, seconds: float | None = None) -> None:
+    """One line per stage: its name, counts, and what to look at."""
+    counts = " ".join(f"{k}={v}" for k, v in summary.counts.items())
+    took = f" ({seconds:.1f} s)" if seconds is not None else ""
+    console.print(f"[green]✓[/] [bold]{summary.stage}[/] {counts}{took}", highlight=False)
     for error in summary.details.get("mri_errors") or []:
-        console.print(f"[yellow]skipped:[/] {error}", soft_wrap=True, highlight=False)
-    reasons = summary.details.get("quarantine_reasons")
-    if reasons:
+        console.print(f"  [yellow]skipped:[/] {error}", soft_wrap=True, highlight=False)
+    if reasons := summary.details.get("quarantine_reasons"):
         console.print(
-            f"[yellow]quarantined rows by reason[/] (details in cohort/quarantine.parquet): {reasons}"
+            f"  [yellow]quarantined rows by reason[/] (cohort/quarantine.parquet): {reasons}",
+            highlight=False,
         )
+    for problem in summary.details.get("problems") or []:
+        console.print(f"  [bold red]not evaluated:[/] {problem}", soft_wrap=True, highlight=False)
+    if report := summary.details.get("report"):
+        console.print(f"[green]report:[/] {report}", soft_wrap=True, highlight=False)
+
+
+def _stage(action: Callable[[], StageSummary], label: str) -> None:
+    """Run one stage with a spinner and print its line."""
+    start = time.perf_counter()
+    with console.status(label):
+        summary = action()
+    _show(summary, time.perf_counter() - start)
 
 
 @app.command()
-def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+def run(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
     """Run the whole pipeline from one config (resumes a killed run)."""
     cfg = _config(config, set_)
-    with console.status("starting") as status:
-        stages = _guarded(
-            lambda: run_pipeline(cfg, on_stage=lambda s: status.update(f"stage: {s}"))
+    with _session(cfg.run_dir, verbose, cfg) as store, console.status("starting") as status:
+        run_pipeline(
+            cfg,
+            fresh=fresh,
+            on_stage=lambda name: status.update(f"stage: {name}"),
+            on_done=_show,
         )
-    for summary in stages.values():
-        _show(summary)
-    console.print(f"[green]done:[/] {RunStore(cfg.run_dir).uri_of('manifest.json')}")
-    if "evaluate" in stages:
-        _show_report(stages["evaluate"])
+        console.print(f"[green]done:[/] {store.uri_of('manifest.json')}", highlight=False)
 
 
 @models_app.command("prepare")
@@ -105,14 +164,23 @@ def models_prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
     engine = (cfg.rationalize or RationalizeConfig()).engine
     spec = engine.model if isinstance(engine, VllmEngineConfig) else ModelSpec()
     with console.status("preparing model"):
-        path = _guarded(lambda: prepare_model(spec))
+        try:
+            path = prepare_model(spec)
+        except ModelError as err:
+            raise _fail(str(err)) from None
     typer.echo(path)
 
 
 @app.command()
-def rationalize(config: ConfigOption = None, set_: SetOption = None) -> None:
+def rationalize(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
     """Module I: the teacher explains each training patient's known diagnosis."""
-    _teacher_stage("rationalize", config, set_)
+    cfg = _config(config, set_)
+    stage_cfg = cfg.rationalize or RationalizeConfig()
+    with _session(cfg.run_dir, verbose, cfg) as store:
+        _show(teacher_stage("rationalize", stage_cfg, store, fresh))
 
 
 @app.command()
@@ -122,17 +190,20 @@ def diagnose(
     ] = DiagnosingModel.teacher,
     config: ConfigOption = None,
     set_: SetOption = None,
+    fresh: FreshOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Diagnose the test split: the teacher (Module II-1) or a distilled student."""
-    if model is DiagnosingModel.teacher:
-        _teacher_stage("diagnose", config, set_)
-        return
     cfg = _config(config, set_)
-    connect_ray(cfg.ray)
-    kind = model.value
-    _show(
-        _guarded(lambda: run_student_diagnose(kind, cfg.students.diagnose, RunStore(cfg.run_dir)))
-    )
+    with _session(cfg.run_dir, verbose, cfg) as store:
+        if model is DiagnosingModel.teacher:
+            _show(teacher_stage("diagnose", cfg.diagnose or DiagnoseConfig(), store, fresh))
+        else:
+            kind = model.value
+            _stage(
+                lambda: run_student_diagnose(kind, cfg.students.diagnose, store, fresh),
+                f"student {kind} diagnosing",
+            )
 
 
 @app.command()
@@ -140,34 +211,26 @@ def distill(
     student: Annotated[StudentChoice, typer.Option(help="text LM, or MRI+text (vlm)")],
     config: ConfigOption = None,
     set_: SetOption = None,
+    fresh: FreshOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Module II-2: train a student on the teacher's rationales (Ray Train), export it."""
     cfg = _config(config, set_)
     kind = student.value
     distill_cfg = getattr(cfg.students, kind) or DistillConfig()
-    connect_ray(cfg.ray)
-    _show(_guarded(lambda: run_distill(kind, distill_cfg, RunStore(cfg.run_dir))))
+    with _session(cfg.run_dir, verbose, cfg) as store:
+        _stage(lambda: run_distill(kind, distill_cfg, store, fresh), f"training the {kind} student")
 
 
 @app.command()
-def baseline(config: ConfigOption = None, set_: SetOption = None) -> None:
+def baseline(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
     """Classical classifiers (scikit-learn) on the tabular features of the same splits."""
     cfg = _config(config, set_)
-    with console.status("fitting baselines"):
-        summary = _guarded(
-            lambda: run_baseline(cfg.baseline or BaselineConfig(), RunStore(cfg.run_dir))
-        )
-    _show(baseline_summary(summary))
-
-
-def _teacher_stage(name: str, config: Path | None, overrides: list[str] | None) -> None:
-    cfg = _config(config, overrides)
-    stage_cfg = getattr(cfg, name) or (
-        RationalizeConfig() if name == "rationalize" else DiagnoseConfig()
-    )
-    store = RunStore(cfg.run_dir)
-    summary = _guarded(lambda: run_teacher_stage(name, stage_cfg, cfg.ray, store))
-    console.print(summary.model_dump())
+    with _session(cfg.run_dir, verbose) as store:
+        _stage(lambda: run_baseline(cfg.baseline or BaselineConfig(), store, fresh), "baselines")
 
 
 @app.command()
@@ -177,20 +240,33 @@ def evaluate(
     ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
+    fresh: FreshOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Compare every model that wrote predictions in a run; write reports/ (tables, plots, HTML)."""
-    cfg = _config(config, set_)
-    store = RunStore(run_dir or cfg.run_dir)
-    with console.status("evaluating"):
-        summary = _guarded(lambda: run_evaluate(cfg.evaluate or EvaluateConfig(), store))
-    _show(summary)
-    _show_report(summary)
+    """Compare every model that wrote predictions in a run; write reports/ (tables, plots, HTML).
+
+    Without `--config`, the config is the one the run's manifest recorded (with the
+    `--set` overrides), so the judge and the other settings of the run are kept.
+    """
+    if run_dir is not None and config is None:
+        cfg = _config_of_run(run_dir, set_)
+    else:
+        cfg = _config(config, set_)
+    with _session(run_dir or cfg.run_dir, verbose, cfg) as store:
+        evaluate_cfg = cfg.evaluate or EvaluateConfig()
+        _stage(lambda: run_evaluate(evaluate_cfg, store, fresh), "evaluating")
 
 
-def _show_report(summary: StageSummary) -> None:
-    for problem in summary.details.get("problems") or []:
-        console.print(f"[bold red]not evaluated:[/] {problem}", soft_wrap=True, highlight=False)
-    console.print(f"[green]report:[/] {summary.details['report']}", soft_wrap=True)
+def _config_of_run(run_dir: str, overrides: list[str] | None) -> RunConfig:
+    """The config a run's manifest recorded, with `overrides`; defaults if it has none."""
+    store = RunStore(run_dir)
+    recorded = (
+        store.read_json("manifest.json").get("config", {}) if store.exists("manifest.json") else {}
+    )
+    try:
+        return load_config(RunConfig, overrides=overrides, base=recorded)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
 
 
 @cohort_app.command("synth")
@@ -204,38 +280,47 @@ def cohort_synth(
     with console.status(f"generating {synth.subjects} subjects"):
         frame = generate_cohort(synth)
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out, index=False) if out.suffix == ".parquet" else frame.to_csv(
-        out, index=False
-    )
+    if out.suffix == ".parquet":
+        frame.to_parquet(out, index=False)
+    else:
+        frame.to_csv(out, index=False)
     console.print(f"[green]wrote[/] {len(frame)} visits of {synth.subjects} subjects to {out}")
 
 
 @cohort_app.command("ingest")
-def cohort_ingest(config: ConfigOption = None, set_: SetOption = None) -> None:
+def cohort_ingest(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
     """Read the configured source into cohort/ (bad rows to cohort/quarantine.parquet)."""
     cfg = _config(config, set_)
-    with console.status("ingesting"):
-        summary = _guarded(lambda: ingest(cfg.cohort, RunStore(cfg.run_dir)))
-    _show(summary)
+    with _session(cfg.run_dir, verbose) as store:
+        _stage(lambda: ingest(cfg.cohort, store, fresh), "ingesting")
 
 
 @cohort_app.command("mri")
-def cohort_mri(config: ConfigOption = None, set_: SetOption = None) -> None:
+def cohort_mri(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
     """Synthesise T1 volumes for `mri.subjects` baseline visits (Ray Data)."""
     cfg = _config(config, set_)
-    connect_ray(cfg.ray)
-    _show(_guarded(lambda: synthetic_mri(cfg.mri, RunStore(cfg.run_dir))))
+    with _session(cfg.run_dir, verbose, cfg) as store:
+        _stage(lambda: synthetic_mri(cfg.mri, store, fresh), "synthesising T1 volumes")
 
 
 @cohort_app.command("split")
-def cohort_split(config: ConfigOption = None, set_: SetOption = None) -> None:
+def cohort_split(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
     """Describe every visit and split subjects into train / val / test."""
     cfg = _config(config, set_)
-    with console.status("describing and splitting"):
-        summary = _guarded(
-            lambda: describe_and_split(cfg.describe, cfg.split, RunStore(cfg.run_dir))
+    with _session(cfg.run_dir, verbose) as store:
+        _stage(
+            lambda: describe_and_split(cfg.describe, cfg.split, store, fresh),
+            "describing and splitting",
         )
-    _show(summary)
 
 
 if __name__ == "__main__":

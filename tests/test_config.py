@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from radiag.cohort.mapping import MAPPINGS_DIR, ColumnMapping
 from radiag.config import ConfigError, load_config
@@ -13,10 +15,34 @@ from radiag.pipeline import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_loaded_as_written(written: Any, loaded: Any, path: str = "") -> None:
+    """Every value the YAML sets reaches the validated config unchanged (none dropped)."""
+    if isinstance(written, dict):
+        assert isinstance(loaded, dict), f"{path}: not a section"
+        for key, value in written.items():
+            assert key in loaded, f"{path}.{key} was dropped"
+            assert_loaded_as_written(value, loaded[key], f"{path}.{key}")
+    elif isinstance(written, list):
+        assert len(written) == len(loaded), path
+        for i, (w, item) in enumerate(zip(written, loaded, strict=True)):
+            assert_loaded_as_written(w, item, f"{path}[{i}]")
+    else:
+        assert loaded == written, f"{path}: wrote {written!r}, loaded {loaded!r}"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_run_config_validates(path: Path) -> None:
+def test_every_shipped_run_config_loads_exactly_what_it_says(path: Path) -> None:
     cfg = load_config(RunConfig, path)
-    assert cfg.run_dir
+    assert_loaded_as_written(yaml.safe_load(path.read_text()), cfg.model_dump(mode="json"))
+
+
+def test_the_demo_config_runs_every_stage_on_the_bundled_teacher() -> None:
+    cfg = load_config(RunConfig, ROOT / "configs" / "demo.yaml")
+    assert cfg.rationalize is not None and cfg.diagnose is not None and cfg.evaluate is not None
+    assert cfg.rationalize.engine == cfg.diagnose.engine  # one YAML anchor
+    assert cfg.rationalize.engine.model.bundled == "smollm2-135m-instruct"
+    assert cfg.students.text is not None and cfg.students.vlm is not None
+    assert cfg.evaluate.judge is not None and cfg.ray.num_cpus == 2
 
 
 @pytest.mark.parametrize(

