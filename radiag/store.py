@@ -61,12 +61,7 @@ class RunStore:
 
     def list_files(self, directory: str, suffix: str = "") -> list[str]:
         """Run-relative paths of the files directly in `directory` ending with `suffix`, sorted."""
-        selector = pafs.FileSelector(self.path(directory), allow_not_found=True)
-        return sorted(
-            posixpath.relpath(info.path, self.root)
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.path.endswith(suffix)
-        )
+        return [path for path, _ in self.file_sizes(directory, suffix)]
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Write atomically where the filesystem allows: a reader never sees half a file."""
