@@ -59,7 +59,8 @@ def test_predictions_have_the_shared_shape_and_probabilities_that_sum_to_one(
 
 
 def test_a_rerun_diagnoses_only_the_patients_not_done(trained: RunStore) -> None:
-    cfg = StudentDiagnoseConfig(limit=ROWS + 2, batch_size=4, max_new_tokens=8)
+    # The same identity (a larger limit, another batch size: scheduling only) resumes.
+    cfg = StudentDiagnoseConfig(limit=ROWS + 2, batch_size=4, max_new_tokens=12)
     summary = run_student_diagnose("text", cfg, trained)
 
     assert summary.counts["skipped_done"] == ROWS and summary.counts["generated_now"] == 2
