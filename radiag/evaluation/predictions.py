@@ -175,9 +175,10 @@ def _read_part(store: RunStore, part: str) -> pd.DataFrame:
 def _without_retried_failures(frame: pd.DataFrame) -> pd.DataFrame:
     """Drop transient failures that a later row of the same patient replaced (a retry), as
     `radiag.outputs.read_parts` does; any other repeated patient_id stays a problem."""
-    transient = frame["transient"].fillna(False).astype(bool)
-    repeated = frame["patient_id"].duplicated(keep=False)
-    return frame[~(transient & repeated)]
+    ordered = frame.sort_values("created_at", kind="stable", na_position="first")
+    transient = ordered["transient"].fillna(False).astype(bool)
+    replaced = ordered["patient_id"].duplicated(keep="last")  # a newer row of the patient exists
+    return ordered[~(transient & replaced)]
 
 
 def _row_problems(frame: pd.DataFrame, test_ids: set[str], split_uri: str) -> list[str]:

@@ -187,3 +187,28 @@ def test_an_s3_run_loads_and_names_s3_files(s3_endpoint: str) -> None:
     assert problems[0].startswith("predictions of 'student-text' in s3://radiag/evaluation-test/")
     part = only_part(store, "student-text")
     assert part.startswith("s3://radiag/evaluation-test/predictions/") and part in problems[0]
+
+
+def test_a_retried_transient_failure_counts_once_as_its_newest_row(store: RunStore) -> None:
+    """Two runs failed with a 503 and a third succeeded: the patient is scored once, as the
+    retry; a patient whose retries all failed keeps its newest failure (not dropped)."""
+    directory = predictions_dir("teacher")
+    failed = {"error": "HTTP 503", "transient": True}
+    write_part(store, directory, [row("adni-1-bl", None, created_at="1", **failed),
+                                  row("adni-2-bl", None, created_at="1", **failed)])  # fmt: skip
+    write_part(store, directory, [row("adni-1-bl", None, created_at="2", **failed)])
+    write_part(store, directory, [row("adni-1-bl", "AD", created_at="3"),
+                                  row("adni-2-bl", None, created_at="2", **failed)])  # fmt: skip
+
+    frame = load_model(store, "teacher", TEST_IDS).set_index("patient_id")
+    assert list(frame.index) == ["adni-1-bl", "adni-2-bl"]
+    assert frame.loc["adni-1-bl", "diagnosis"] == "AD"
+    assert frame.loc["adni-2-bl", "error"] == "HTTP 503"
+
+
+def test_a_patient_predicted_twice_without_a_retry_is_still_a_problem(store: RunStore) -> None:
+    directory = predictions_dir("teacher")
+    write_part(store, directory, [row("adni-1-bl", "AD", created_at="1")])
+    write_part(store, directory, [row("adni-1-bl", "CN", created_at="2"), row("adni-2-bl", "MCI")])
+    with pytest.raises(EvaluationInputError, match="predicted twice"):
+        load_model(store, "teacher", TEST_IDS)
