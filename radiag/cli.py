@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -69,7 +69,6 @@ FreshOption = Annotated[
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="show engine, Ray and library logs on the console")
 ]
-T = TypeVar("T")
 
 
 class DiagnosingModel(StrEnum):

@@ -32,7 +32,7 @@ import json
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field
 
@@ -154,9 +154,13 @@ def upstream_digest(store: RunStore, stage: Stage) -> str:
     return record.output_digest
 
 
-def content_digest(content: bytes) -> str:
-    """Digest of an outside file's bytes (the identity's `files` key names the file)."""
-    return hashlib.sha256(content).hexdigest()[:16]
+def content_digest(stream: BinaryIO) -> str:
+    """Digest of an outside file's bytes, read in chunks (a cohort export can be GBs);
+    the identity's `files` key names the file."""
+    sha = hashlib.sha256()
+    while chunk := stream.read(1 << 20):
+        sha.update(chunk)
+    return sha.hexdigest()[:16]
 
 
 def run_stage(
@@ -203,13 +207,12 @@ def run_stage(
     return summary
 
 
-def supersede(store: RunStore, stage: Stage, fingerprint: str) -> str:
-    """Move a stage's outputs to `superseded/<stage>-<fingerprint>/`; returns that path."""
+def supersede(store: RunStore, stage: Stage, fingerprint: str) -> None:
+    """Move a stage's outputs to `superseded/<stage>-<fingerprint>/`."""
     target = f"{SUPERSEDED}/{stage.name}-{fingerprint}"
     for directory in (stage.directory, *stage.also):
         if store.exists(directory):
             store.move_dir(directory, posixpath.join(target, directory))
-    return target
 
 
 def _listing(store: RunStore, stage: Stage) -> list[tuple[str, int]]:

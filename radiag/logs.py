@@ -22,7 +22,6 @@ import ray.data  # attaches Ray Data's log handlers, which are quietened below
 from radiag.store import RunStore
 
 LOGS = "logs"
-DRIVER_LOG = f"{LOGS}/radiag.log"
 NOISY_LOGGERS = ("ray", "vllm", "transformers", "deepspeed", "torch", "urllib3", "filelock")
 
 # Set before the libraries are imported by a stage: they read these once.

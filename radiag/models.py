@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import model_validator
 
 from radiag.config import StrictModel
+from radiag.contract import content_digest, digest
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,14 @@ def model_fingerprint(spec: ModelSpec) -> str:
         parts = _fingerprint(source)
     else:
         directory = prepare_model(spec)
-        config = (directory / "config.json").read_bytes()
-        parts = {"config.json": hashlib.sha256(config).hexdigest()}
+        with (directory / "config.json").open("rb") as config:
+            parts = {"config.json": content_digest(config)}
         parts |= {
             p.name: _fingerprint(p)
             for p in sorted(directory.iterdir())
             if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"}
         }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(parts)
 
 
 def _bundled_file(name: str) -> Path:

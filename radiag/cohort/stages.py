@@ -118,7 +118,7 @@ def source_files(cfg: IngestConfig) -> dict[str, str]:
         )
         for file in files:
             with fs.open_input_stream(file) as stream:
-                found[file] = content_digest(stream.read())
+                found[file] = content_digest(stream)
     return found
 
 

@@ -23,9 +23,9 @@ from radiag.teacher.engines import (  # the teacher's resource rules: both stage
     EngineConfig,
     Messages,
     SamplingConfig,
-    VllmEngineConfig,
     actor_cpus,
     actor_env,
+    actor_gpus,
     build_engine,
 )
 
@@ -75,9 +75,8 @@ class ActorEngine:
     """
 
     def __init__(self, cfg: EngineConfig) -> None:
-        gpus = cfg.gpus_per_replica if isinstance(cfg, VllmEngineConfig) else 0
         worker = ray.remote(JudgeWorker).options(
-            num_cpus=actor_cpus(cfg), num_gpus=gpus, runtime_env=actor_env(cfg)
+            num_cpus=actor_cpus(cfg), num_gpus=actor_gpus(cfg), runtime_env=actor_env(cfg)
         )
         self.batch_size = cfg.batch_size
         self.actors = [worker.remote(cfg.model_dump(mode="json")) for _ in range(cfg.replicas)]

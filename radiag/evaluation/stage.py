@@ -183,8 +183,13 @@ def _inputs_listing(store: RunStore, cfg: EvaluateConfig) -> list[Any]:
             for name in model_names(store)
             for part in store.file_sizes(f"predictions/{name}", suffix=".parquet")
         ),
-        *(content_digest(Path(path).read_bytes()) for path in cfg.human_ratings),
+        *(_file_digest(Path(path)) for path in cfg.human_ratings),
     ]
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as stream:
+        return content_digest(stream)
 
 
 def _rationale_rows(predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -138,6 +138,11 @@ def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig) -> Engine:
     return OpenAIEngine(cfg)
 
 
+def actor_gpus(engine: VllmEngineConfig | OpenAIEngineConfig) -> int:
+    """GPUs an engine replica reserves: its tensor-parallel size; none for an HTTP client."""
+    return engine.gpus_per_replica if isinstance(engine, VllmEngineConfig) else 0
+
+
 def actor_cpus(engine: VllmEngineConfig | OpenAIEngineConfig) -> float:
     """CPU a worker reserves. A CPU engine reserves one and leaves the rest to Ray Data's own
     tasks, so 2 cores cannot deadlock; an HTTP client mostly waits; a GPU engine needs none."""

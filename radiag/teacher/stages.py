@@ -42,6 +42,7 @@ from radiag.teacher.engines import (
     VllmEngineConfig,
     actor_cpus,
     actor_env,
+    actor_gpus,
     build_engine,
 )
 from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool, training_pool
@@ -336,7 +337,6 @@ def run_teacher(
         engine = cfg.engine
         if isinstance(engine, VllmEngineConfig):
             prepare_model(engine.model)  # once, here, before engine replicas start
-        vllm_gpus = engine.gpus_per_replica if isinstance(engine, VllmEngineConfig) else 0
         # One block per engine call, so finished batches stream back (and are written) as they go.
         blocks = [
             todo.slice(i, engine.batch_size) for i in range(0, todo.num_rows, engine.batch_size)
@@ -352,7 +352,7 @@ def run_teacher(
             batch_size=engine.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=engine.replicas),
-            num_gpus=vllm_gpus,
+            num_gpus=actor_gpus(engine),
             num_cpus=actor_cpus(engine),
             runtime_env=actor_env(engine),
         )
