@@ -16,10 +16,12 @@ the same config and the same splits is skipped; another config is refused, or wi
 from __future__ import annotations
 
 import datetime
+import io
 import time
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+import joblib
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -40,6 +42,7 @@ Classifier = Literal["logistic", "gradient_boosting"]
 FeatureSet = Literal["tabular", "description", "tabular_cognition"]
 
 TRAIN_TABLE = "splits/train.parquet"
+MODELS_DIR = "baselines"  # one fitted pipeline per model: what `radiag serve` loads
 TEST_TABLE = "splits/test.parquet"
 
 REGIONS = ("Hippocampus", "Entorhinal", "Fusiform", "MidTemp", "WholeBrain", "Ventricles")
@@ -109,7 +112,9 @@ def feature_matrix(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
             out["female"] = frame[column].map({"Female": 1.0, "Male": 0.0}).astype(float)
         elif column in REGIONS:
             # log: volumes scale multiplicatively with head size, and Ventricles are skewed.
-            out[f"log_{column}_icv"] = np.log(frame[column].astype(float) / frame["ICV"])
+            out[f"log_{column}_icv"] = np.log(
+                frame[column].astype(float) / frame["ICV"].astype(float)
+            )
         elif column != "ICV":  # ICV only normalises the regions
             out[column] = frame[column].astype(float)
     return pd.DataFrame(out)
@@ -123,6 +128,39 @@ def build_classifier(classifier: Classifier, seed: int) -> Pipeline:
         return Pipeline([impute, ("scale", StandardScaler()), ("model", model)])
     model = HistGradientBoostingClassifier(class_weight="balanced", random_state=seed)
     return Pipeline([impute, ("model", model)])
+
+
+def model_path(name: str) -> str:
+    return f"{MODELS_DIR}/{name}.joblib"
+
+
+def load_baseline(store: RunStore, name: str) -> tuple[Pipeline, FeatureSet]:
+    """A fitted baseline of this run and its feature set (joblib: trust only your own runs).
+
+    Raises:
+        BaselineInputError: the run has no such fitted model.
+    """
+    if not store.exists(model_path(name)):
+        raise BaselineInputError(
+            f"{store.uri_of(model_path(name))} does not exist: run `radiag baseline` "
+            "(runs made before baselines were saved need `--fresh`)"
+        )
+    saved = joblib.load(io.BytesIO(store.read_bytes(model_path(name))))
+    return saved["pipeline"], saved["feature_set"]
+
+
+def predict_rows(
+    name: str, pipeline: Pipeline, feature_set: FeatureSet, frame: pd.DataFrame, seed: int = 0
+) -> list[dict[str, object]]:
+    """Output rows (diagnosis + probabilities) of a fitted baseline for cohort rows."""
+    x = feature_matrix(frame, FEATURE_SETS[feature_set])
+    return _predict_rows(name, pipeline, x, frame["patient_id"], seed)
+
+
+def _save(store: RunStore, name: str, pipeline: Pipeline, feature_set: FeatureSet) -> None:
+    buffer = io.BytesIO()
+    joblib.dump({"pipeline": pipeline, "feature_set": feature_set}, buffer)
+    store.write_bytes(model_path(name), buffer.getvalue())
 
 
 def _read_split(store: RunStore, path: str, needed: set[str]) -> pd.DataFrame:
@@ -193,8 +231,8 @@ def _fit_all(cfg: BaselineConfig, store: RunStore) -> StageSummary:
             start = time.perf_counter()
             x_train = feature_matrix(train, FEATURE_SETS[feature_set])
             pipeline = build_classifier(classifier, cfg.seed).fit(x_train, train["label"])
-            x_test = feature_matrix(test, FEATURE_SETS[feature_set])
-            rows = _predict_rows(name, pipeline, x_test, test["patient_id"], cfg.seed)
+            _save(store, name, pipeline, feature_set)
+            rows = predict_rows(name, pipeline, feature_set, test, cfg.seed)
             directory = predictions_dir(name)
             store.fs.delete_dir_contents(store.path(directory), missing_dir_ok=True)
             write_part(store, directory, rows)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import ray
+
+from radiag.contract import StageIdentity, StageSummary, run_stage
+from radiag.outputs import write_part
+from radiag.store import RunStore
+from radiag.teacher.stages import RATIONALIZE_STAGE
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +93,33 @@ def tiny_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return build_tiny_model(
         tmp_path_factory.mktemp("tiny") / "tiny-llama", model_cache / "smollm2-135m-instruct"
     )
+
+
+@pytest.fixture(scope="session")
+def write_rationales() -> Callable[[RunStore], None]:
+    """Writes rationales in the teacher's output shape for a run's training split, recorded
+    as a finished rationalize stage of a fixture identity (the teacher stages are tested in
+    tests/teacher); every fifth one is QC-flagged, as the teacher would."""
+    return _write_rationales
+
+
+def _write_rationales(store: RunStore) -> None:
+    identity = StageIdentity(stage="rationalize", config={"fixture": "tests"})
+    run_stage(store, RATIONALIZE_STAGE, identity, lambda: _rationale_rows(store))
+
+
+def _rationale_rows(store: RunStore) -> StageSummary:
+    rows = [
+        {
+            "patient_id": row["patient_id"],
+            "task": "rationalize",
+            "label_shown": row["label"],
+            "rationale": f"The MMSE is {row['MMSE']:.0f} and APOE4 count {row['APOE4']:.0f}.",
+            "diagnosis": row["label"],
+            "qc_flagged": i % 5 == 0,
+        }
+        for i, row in enumerate(store.read_table("splits/train.parquet").to_pylist())
+        if row["label"]
+    ]
+    write_part(store, "rationales", rows)
+    return StageSummary(stage="rationalize", counts={"rows": len(rows)})

@@ -64,69 +64,46 @@ def model_name(kind: StudentKind) -> str:
     return f"student-{kind}"
 
 
-class StudentPredictor:
-    """A Ray Data actor: loads one exported student, diagnoses a batch, writes it."""
+class StudentDiagnoser:
+    """One exported student, loaded: diagnoses descriptions (and T1 volumes for the MRI+text
+    student). The batch stage and the Serve deployment share it, so they answer alike."""
 
-    def __init__(self, kind: StudentKind, cfg: dict[str, Any], store_uri: str) -> None:
-        self.kind = kind
-        self.cfg = StudentDiagnoseConfig.model_validate(cfg)
-        self.store = RunStore(store_uri)
-        torch.set_num_threads(self.cfg.threads_per_replica)
-        self.local = Path(tempfile.mkdtemp(prefix="radiag-student-"))
-        self.store.download_dir(f"{stage_dir(kind)}/final", self.local)
-        self.model, info = load_final(self.local)
+    def __init__(self, directory: Path, cfg: StudentDiagnoseConfig) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.local / "lm")
-        self.trained = DistillConfig.model_validate(info["config"])
+        self.cfg = cfg
+        self.model, self.info = load_final(directory)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory / "lm")
+        self.trained = DistillConfig.model_validate(self.info["config"])
         self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
         self.options = [option_ids(self.tokenizer, label) for label in Label]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        start = time.perf_counter()
-        usable = [r for r in rows if r["error"] is None]
-        results = {r["patient_id"]: self._base(r) | {"error": r["error"]} for r in rows}
-        if usable:
-            with torch.inference_mode():
-                for row, out in zip(usable, self._diagnose(usable), strict=True):
-                    results[row["patient_id"]] |= out
-        seconds = (time.perf_counter() - start) / len(rows)
-        out_rows = [r | {"latency_s": seconds} for r in results.values()]
-        write_part(self.store, predictions_dir(model_name(self.kind)), out_rows)
-        return pa.table({"rows": [len(rows)], "errors": [len(rows) - len(usable)]})
+    @property
+    def needs_volume(self) -> bool:
+        return self.info["kind"] == "vlm"
 
-    def _base(self, row: dict[str, Any]) -> dict[str, Any]:
-        sampling = {"greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
-                    "constrain_answer": self.cfg.constrain_answer}  # fmt: skip
-        return {
-            "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
-            "engine": "transformers", "model": model_name(self.kind),
-            "sampling": json.dumps(sampling), "seed": 0, "attempts": 1,
-            "prompt_tokens": 0, "completion_tokens": 0,
-            "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
-        }  # fmt: skip
+    def diagnose(
+        self, descriptions: list[str], volumes: torch.Tensor | None
+    ) -> list[dict[str, Any]]:
+        """Rationale, class probabilities and diagnosis per description; `volumes` is
+        (B, 1, D, H, W) for the MRI+text student, None for the text one."""
+        with torch.inference_mode():
+            return self._diagnose(descriptions, volumes)
 
-    def _volumes(self, rows: list[dict[str, Any]]) -> torch.Tensor | None:
-        if self.kind != "vlm":
-            return None
-        return torch.stack(
-            [torch.from_numpy(load_volume(self.store, r["volume_path"])) for r in rows]
-        )  # (B, 1, D, H, W)
-
-    def _diagnose(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        volumes = self._volumes(rows)
+    def _diagnose(
+        self, descriptions: list[str], volumes: torch.Tensor | None
+    ) -> list[dict[str, Any]]:
         writes_rationale = self.cfg.generate_rationale and self.trained.loss != "label"
-        texts: list[str | None] = [None] * len(rows)
-        prompt_tokens = [0] * len(rows)
-        completion_tokens = [0] * len(rows)
-        finish = [None] * len(rows)
+        n = len(descriptions)
+        texts: list[str | None] = [None] * n
+        prompt_tokens, completion_tokens = [0] * n, [0] * n
+        finish: list[str | None] = [None] * n
         if writes_rationale or not self.cfg.constrain_answer:
-            prompts = [self._prompt(r["description"], self.rationale_kind) for r in rows]
+            prompts = [self._prompt(d, self.rationale_kind) for d in descriptions]
             texts, completion_tokens, finish = self._generate(prompts, volumes)
             prompt_tokens = [len(p) for p in prompts]
         rationales = [(t.split(FINAL)[0].strip() if t is not None else None) for t in texts]
-        probabilities = self._option_probabilities(rows, rationales, volumes)
+        probabilities = self._option_probabilities(descriptions, rationales, volumes)
         out = []
         for i, probs in enumerate(probabilities):
             record: dict[str, Any] = {
@@ -170,12 +147,12 @@ class StudentPredictor:
         return texts, counts, reasons
 
     def _option_probabilities(
-        self, rows: list[dict[str, Any]], rationales: list[str | None], volumes: torch.Tensor | None
+        self, descriptions: list[str], rationales: list[str | None], volumes: torch.Tensor | None
     ) -> torch.Tensor:
         """(B, 3) softmax over the summed log-likelihood of each answer option."""
         ids, labels = [], []
-        for row, rationale in zip(rows, rationales, strict=True):
-            prompt = self._prompt(row["description"], self.label_kind)
+        for description, rationale in zip(descriptions, rationales, strict=True):
+            prompt = self._prompt(description, self.label_kind)
             lead = f"{rationale}\n{FINAL}" if rationale and self.label_kind is None else FINAL
             prefix = prompt + self.tokenizer.encode(lead, add_special_tokens=False)
             for option in self.options:
@@ -190,8 +167,60 @@ class StudentPredictor:
             chunk = slice(start, start + step)
             volume_chunk = repeated[chunk] if repeated is not None else None
             losses.append(self.model(ids[chunk], labels[chunk], volume_chunk).sum(dim=1))
-        nll = torch.cat(losses).float().view(len(rows), repeat)
+        nll = torch.cat(losses).float().view(len(descriptions), repeat)
         return torch.softmax(-nll, dim=1)
+
+
+def download_student(store: RunStore, kind: StudentKind) -> Path:
+    """A local copy of the run's exported student (workers may not share the run's disk)."""
+    local = Path(tempfile.mkdtemp(prefix="radiag-student-"))
+    store.download_dir(f"{stage_dir(kind)}/final", local)
+    return local
+
+
+class StudentPredictor:
+    """A Ray Data actor: one `StudentDiagnoser`; diagnoses a batch and writes it."""
+
+    def __init__(self, kind: StudentKind, cfg: dict[str, Any], store_uri: str) -> None:
+        self.kind = kind
+        self.cfg = StudentDiagnoseConfig.model_validate(cfg)
+        self.store = RunStore(store_uri)
+        torch.set_num_threads(self.cfg.threads_per_replica)
+        self.student = StudentDiagnoser(download_student(self.store, kind), self.cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        start = time.perf_counter()
+        usable = [r for r in rows if r["error"] is None]
+        results = {r["patient_id"]: self._base(r) | {"error": r["error"]} for r in rows}
+        if usable:
+            answers = self.student.diagnose(
+                [r["description"] or "" for r in usable], self._volumes(usable)
+            )
+            for row, out in zip(usable, answers, strict=True):
+                results[row["patient_id"]] |= out
+        seconds = (time.perf_counter() - start) / len(rows)
+        out_rows = [r | {"latency_s": seconds} for r in results.values()]
+        write_part(self.store, predictions_dir(model_name(self.kind)), out_rows)
+        return pa.table({"rows": [len(rows)], "errors": [len(rows) - len(usable)]})
+
+    def _base(self, row: dict[str, Any]) -> dict[str, Any]:
+        sampling = {"greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
+                    "constrain_answer": self.cfg.constrain_answer}  # fmt: skip
+        return {
+            "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
+            "engine": "transformers", "model": model_name(self.kind),
+            "sampling": json.dumps(sampling), "seed": 0, "attempts": 1,
+            "prompt_tokens": 0, "completion_tokens": 0,
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        }  # fmt: skip
+
+    def _volumes(self, rows: list[dict[str, Any]]) -> torch.Tensor | None:
+        if self.kind != "vlm":
+            return None
+        return torch.stack(
+            [torch.from_numpy(load_volume(self.store, r["volume_path"])) for r in rows]
+        )  # (B, 1, D, H, W)
 
 
 def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> pa.Table:

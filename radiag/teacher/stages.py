@@ -288,7 +288,7 @@ def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Tab
     return first_patients(table, limit).select(columns)
 
 
-def _exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
+def exemplar_pool(store: RunStore, cfg: DiagnoseConfig) -> ExemplarPool:
     """Exemplars come from the training split only, with their teacher rationales."""
     rationales = read_output(store, "rationalize")
     if rationales.num_rows == 0:
@@ -330,7 +330,7 @@ def run_teacher(
     done = read_output(store, task)
     todo = still_to_do(inputs, done)
     retried = pc.sum(pc.is_in(todo["patient_id"], done["patient_id"])).as_py() or 0
-    pool = _exemplar_pool(store, cfg) if isinstance(cfg, DiagnoseConfig) else None
+    pool = exemplar_pool(store, cfg) if isinstance(cfg, DiagnoseConfig) else None
     start = time.perf_counter()
     tokens = 0
     if todo.num_rows:

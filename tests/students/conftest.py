@@ -1,8 +1,5 @@
-"""A run ready for distillation: cohort, synthetic T1s, splits and teacher rationales.
-
-The rationales are written here in the teacher's output shape (the teacher stages
-are tested in tests/teacher); every fifth one is QC-flagged, as the teacher would.
-"""
+"""A run ready for distillation: cohort, synthetic T1s, splits and teacher rationales
+(`write_rationales` of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,39 +14,16 @@ from radiag.cohort.mri import MriConfig
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import SynthConfig
-from radiag.contract import StageIdentity, StageSummary, run_stage
-from radiag.outputs import write_part
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
-from radiag.teacher.stages import RATIONALIZE_STAGE
-
-
-def write_rationales(store: RunStore) -> None:
-    """Rationales in the teacher's output shape, recorded as a finished rationalize stage
-    of a fixture identity (the stages below read its output digest)."""
-    identity = StageIdentity(stage="rationalize", config={"fixture": "tests/students"})
-    run_stage(store, RATIONALIZE_STAGE, identity, lambda: _write_rationale_rows(store))
-
-
-def _write_rationale_rows(store: RunStore) -> StageSummary:
-    rows = [
-        {
-            "patient_id": row["patient_id"],
-            "task": "rationalize",
-            "label_shown": row["label"],
-            "rationale": f"The MMSE is {row['MMSE']:.0f} and APOE4 count {row['APOE4']:.0f}.",
-            "diagnosis": row["label"],
-            "qc_flagged": i % 5 == 0,
-        }
-        for i, row in enumerate(store.read_table("splits/train.parquet").to_pylist())
-        if row["label"]
-    ]
-    write_part(store, "rationales", rows)
-    return StageSummary(stage="rationalize", counts={"rows": len(rows)})
 
 
 @pytest.fixture(scope="session")
-def prepared_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> Path:
+def prepared_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: None,
+    write_rationales: Callable[[RunStore], None],
+) -> Path:
     """40 subjects, 16 of them imaged; copy it before changing it (`fresh_run`)."""
     root = tmp_path_factory.mktemp("students") / "run"
     store = RunStore(str(root))

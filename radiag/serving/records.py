@@ -1,0 +1,86 @@
+"""What a client sends and gets back, and the patient description built from it.
+
+A request carries one patient record in the canonical visit schema (ADNIMERGE names,
+the same ranges as ingest validation); fields that name a diagnosis (`label`, `DX`,
+`DX_bl`) are not part of a record, so a label cannot reach any model. The description
+is made by the batch pipeline's own `describe` on a one-row table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from radiag.cohort.describe import DescribeConfig, describe
+from radiag.cohort.schema import COHORT_SCHEMA, COLUMNS, Column, Label
+
+LABEL_COLUMNS = frozenset({"label", "DX", "DX_bl"})
+"""Never in a record: a diagnosis request must not carry the answer."""
+SERVED_COLUMNS = tuple(
+    c for c in COLUMNS if c.name not in LABEL_COLUMNS | {"mri_path", "source", "patient_id"}
+)
+_PY = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.date32(): str}
+
+
+def _optional(column: Column) -> tuple[Any, Any]:
+    kind = _PY[column.type]
+    if column.allowed:
+        kind = Literal[column.allowed]  # type: ignore[valid-type]
+    return kind | None, Field(None, description=column.doc, ge=column.low, le=column.high)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PatientRecord: type[BaseModel] = create_model(
+    "PatientRecord", __base__=_Strict, **{c.name: _optional(c) for c in SERVED_COLUMNS}
+)
+PatientRecord.__doc__ = "One visit's facts, every field optional, unknown fields refused."
+
+
+class DiagnoseRequest(_Strict):
+    """POST /v1/diagnose: a model of the run, a patient, optionally where its T1 is."""
+
+    model: str = Field(description="teacher, student-text, student-vlm or baseline-<...>")
+    patient: PatientRecord  # type: ignore[valid-type]
+    patient_id: str = Field("request", max_length=128, description="echoed back; for your logs")
+    mri_uri: str | None = Field(
+        None, max_length=2048, description="a T1 NIfTI under an allowed storage prefix"
+    )
+
+
+class DiagnoseResponse(BaseModel):
+    """What one model concluded for one patient, and which model (stage identity) it was."""
+
+    model: str
+    identity: str
+    patient_id: str
+    description: str
+    rationale: str | None = None
+    diagnosis: Label | None = None
+    probabilities: dict[Label, float] | None = None
+    parse_error: str | None = None
+    mri_used: bool = False
+    exemplar_ids: list[str] | None = None
+    latency_s: float = 0.0
+
+
+def record_table(record: BaseModel, patient_id: str = "request") -> pa.Table:
+    """A one-row cohort table (every canonical column) for a patient record."""
+    values = {c.name: None for c in COLUMNS} | record.model_dump()
+    values |= {"patient_id": patient_id, "source": "request", "RID": 0, "VISCODE": "bl"}
+    if values["age_at_visit"] is None and values["AGE"] is not None:
+        values["age_at_visit"] = values["AGE"] + (values["Years_bl"] or 0.0)  # as ingest does
+    if values["EXAMDATE"] is not None:
+        values["EXAMDATE"] = pa.scalar(values["EXAMDATE"]).cast(pa.date32()).as_py()
+    return pa.Table.from_pylist([values], schema=COHORT_SCHEMA)
+
+
+def describe_record(
+    record: BaseModel, cfg: DescribeConfig, patient_id: str = "request"
+) -> pa.Table:
+    """The record with `description` and the graded MRI columns, as the splits stage makes them."""
+    return describe(record_table(record, patient_id), cfg)

@@ -1,0 +1,98 @@
+"""A finished run (splits, baselines, both tiny students) and the real Serve app over it,
+on 127.0.0.1 of the session's local Ray cluster, reached with real HTTP clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from radiag.baseline import BaselineConfig, run_baseline
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.mri import MriConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synthetic_mri
+from radiag.cohort.synthetic import SynthConfig
+from radiag.store import RunStore
+from radiag.students.distill import run_distill
+
+TOKEN = "test-token-0123456789abcdef"
+
+TINY_STUDENT = {
+    "optim": {"max_steps": 2, "batch_size": 4},
+    "checkpoint_every": 2,
+    "max_length": 512,
+    "mri": {"volumes": {"pixdim_mm": 4.0, "spatial_size": [48, 64, 48]}},
+    "scaling": {"cpus_per_worker": 0.5},
+}
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    url: str
+    token: str
+    run: Path
+
+    def client(self, token: str | None = TOKEN, timeout: float = 120) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: None,
+    tiny_model: Path,
+    write_rationales: Callable[[RunStore], None],
+) -> Path:
+    """40 synthetic subjects (16 imaged), baselines and two students of a few steps each."""
+    from radiag.students.config import DistillConfig
+
+    root = tmp_path_factory.mktemp("serving") / "run"
+    store = RunStore(str(root))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=40, max_visits=1)), store)
+    synthetic_mri(MriConfig(subjects=16), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    write_rationales(store)
+    run_baseline(BaselineConfig(classifiers=["logistic"]), store)
+    for kind in ("text", "vlm"):
+        cfg = DistillConfig.model_validate(TINY_STUDENT | {"model": {"path": str(tiny_model)}})
+        run_distill(kind, cfg, store)
+    return root
+
+
+def start_app(run: Path, args: dict | None = None, name: str = "radiag") -> str:
+    """serve.run of the app on a fresh port; returns its base URL."""
+    from ray import serve
+
+    from radiag.serving.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    os.environ["RADIAG_SERVE_TOKEN"] = TOKEN
+    serve.run(build_app({"run_dir": str(run), **(args or {})}), name=name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served_app(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    """The app over a private copy of the run (some tests hot-swap or write to it)."""
+    from ray import serve
+
+    run = tmp_path_factory.mktemp("served") / "run"
+    shutil.copytree(served_run, run)
+    url = start_app(run, {"limits": {"allowed_mri_prefixes": [str(run / "mri")]}})
+    yield ServedApp(url, TOKEN, run)
+    serve.shutdown()
