@@ -29,7 +29,7 @@ from radiag.evaluation.predictions import EvaluationInputError
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
-from radiag.pipeline import RunConfig, connect_ray
+from radiag.pipeline import RayConfig, RunConfig, connect_ray
 from radiag.pipeline import run as run_pipeline
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
@@ -154,6 +154,44 @@ def run(
             on_done=_show,
         )
         console.print(f"[green]done:[/] {store.uri_of('manifest.json')}", highlight=False)
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[str, typer.Option("--run", help="the run whose models to serve")],
+    config: ConfigOption = None, set_: SetOption = None,
+    teacher: Annotated[bool, typer.Option(help="also serve the teacher LLM (vLLM, ~7 GiB on CPU)")] = False,
+    host: Annotated[str, typer.Option(help="address the HTTP proxy listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the HTTP proxy")] = 8000,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: $RAY_ADDRESS or a local Ray)")] = None,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
+    """Serve a run's models (one Ray Serve app) until Ctrl-C; the token comes from
+    $RADIAG_SERVE_TOKEN (or `token_file` in the config)."""
+    from radiag.serving.app import ConfigurationError, deploy, read_token
+    from radiag.serving.config import ServeConfig, TeacherServeConfig
+
+    try:
+        cfg = load_config(ServeConfig, config, [*(set_ or []), f"run_dir={run_dir}"])
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    if teacher and cfg.teacher is None:
+        cfg = cfg.model_copy(update={"teacher": TeacherServeConfig()})
+    try:
+        read_token(cfg)  # before Ray starts: a missing secret fails in a second
+    except (ConfigurationError, OSError) as err:
+        raise _fail(str(err)) from None
+    with _session(run_dir, verbose):
+        connect_ray(RayConfig(address=address), log_to_driver=verbose)
+        try:
+            with console.status("deploying (a teacher replica takes about a minute on CPU)"):
+                url = deploy(cfg, host, port)
+        except (ConfigurationError, FileNotFoundError) as err:
+            raise _fail(str(err)) from None
+        console.print(f"[green]serving:[/] {url}  (Ctrl-C stops)", highlight=False)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
 
 
 @models_app.command("prepare")

@@ -36,7 +36,7 @@ runner = CliRunner()
 
 def test_the_help_test_walks_every_command() -> None:
     names = {" ".join(c) for c in COMMANDS}
-    assert {"run", "rationalize", "diagnose", "distill", "baseline", "evaluate"} <= names
+    assert {"run", "rationalize", "diagnose", "distill", "baseline", "evaluate", "serve"} <= names
     assert {
         "cohort synth",
         "cohort ingest",
@@ -55,7 +55,8 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [c for c in COMMANDS if c and c[-1] not in {"cohort", "models", "synth", "prepare"}]
+    "command",
+    [c for c in COMMANDS if c and c[-1] not in {"cohort", "models", "synth", "prepare", "serve"}],
 )
 def test_every_stage_command_offers_fresh_and_verbose(command: list[str]) -> None:
     output = runner.invoke(app, [*command, "--help"], terminal_width=200).output

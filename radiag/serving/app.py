@@ -39,7 +39,7 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from radiag.baseline import MODELS_DIR
 from radiag.cohort.describe import DescribeConfig
-from radiag.cohort.stages import SPLITS_STAGE
+from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE
 from radiag.contract import read_record
 from radiag.serving.config import ServeConfig
 from radiag.serving.records import (
@@ -48,11 +48,16 @@ from radiag.serving.records import (
     DiagnoseResponse,
     describe_record,
 )
-from radiag.serving.servers import BaselineServer, StudentRequest, StudentServer
+from radiag.serving.servers import (
+    BaselineServer,
+    StudentRequest,
+    StudentServer,
+    student_diagnose_config,
+)
 from radiag.store import RunStore, filesystem_for
 from radiag.students.distill import stage_dir
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # what Serve writes to each replica's log file
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 OPEN_ROUTES = frozenset({"/healthz"})
@@ -216,9 +221,11 @@ class RadiagIngress(OpenAiIngress):
 
     async def examples(self) -> dict[str, Any]:
         """A few test-split patients as records, offered only for a synthetic cohort."""
+        cohort = read_record(self.store, COHORT_STAGE)
+        synthetic = cohort is not None and cohort.identity.config.get("source") == "synthetic"
+        if self.cfg.limits.examples == 0 or not synthetic:
+            return {"examples": []}  # never real patients' records
         table = self.store.read_table("splits/test.parquet")
-        if self.cfg.limits.examples == 0 or set(table["source"].to_pylist()) != {"synthetic"}:
-            return {"examples": []}
         names = [c.name for c in SERVED_COLUMNS]
         rows = table.slice(0, self.cfg.limits.examples).to_pylist()
         return {
@@ -383,12 +390,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         if card["kind"] == "student":
             kind = name.removeprefix("student-")
             students = cfg.students
+            decoding = students.diagnose or student_diagnose_config(store, kind)
             diagnosers[name] = StudentServer.options(
                 name=f"student-{kind}",
                 user_config={"run_dir": students.source_run or store.uri,
                              **students.batching.model_dump()},
                 **students.scaling.deployment_options(),
-            ).bind(kind, students.threads_per_replica)  # fmt: skip
+            ).bind(kind, students.threads_per_replica, decoding.model_dump())  # fmt: skip
     if any(card["kind"] == "baseline" for card in models.values()):
         diagnosers["baselines"] = BaselineServer.options(
             name="baselines", **cfg.baselines.scaling.deployment_options()
@@ -416,3 +424,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         serve_config=cfg.model_dump(mode="json"),
         diagnosers=diagnosers,
     )
+
+
+def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Serve's HTTP proxy on host:port and deploy the app as "radiag" at "/"; returns
+    the URL once every deployment is running (Ray must be connected)."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg.model_dump(mode="json")), name="radiag", route_prefix="/")
+    return f"http://{host}:{port}"

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from radiag.config import StrictModel
 from radiag.models import ModelSpec
+from radiag.students.config import StudentDiagnoseConfig
 from radiag.teacher.engines import SamplingConfig
 
 
@@ -68,6 +69,11 @@ class StudentServeConfig(DeploymentConfig):
     """The students of the run (text and MRI+text), each its own autoscaled deployment."""
 
     threads_per_replica: int = Field(1, ge=1, description="torch threads per replica")
+    diagnose: StudentDiagnoseConfig | None = Field(
+        None,
+        description="decoding (max_new_tokens, constrain_answer, ...); default: what the run's "
+        "student diagnosis stage used, so served and batch answers agree",
+    )
     source_run: str | None = Field(
         None,
         description="serve the students another run trained (a newer training run) instead "

@@ -27,7 +27,7 @@ from radiag.serving.config import BatchingConfig
 from radiag.store import RunStore
 from radiag.students.config import StudentDiagnoseConfig, StudentKind
 from radiag.students.distill import distill_stage
-from radiag.students.predict import StudentDiagnoser, download_student
+from radiag.students.predict import StudentDiagnoser, download_student, student_diagnose_stage
 from radiag.students.volumes import volume_transform
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,12 @@ def stage_fingerprint(store: RunStore, stage: Any) -> str:
     return record.fingerprint
 
 
+def student_diagnose_config(store: RunStore, kind: StudentKind) -> StudentDiagnoseConfig:
+    """How the run's student diagnosis stage decoded (defaults if the run has none)."""
+    record = read_record(store, student_diagnose_stage(kind))
+    return StudentDiagnoseConfig.model_validate(record.identity.config if record else {})
+
+
 @dataclass(frozen=True)
 class StudentRequest:
     description: str
@@ -59,9 +65,9 @@ class StudentServer:
     "batch_wait_timeout_s"}: changing `run_dir` swaps in that run's student; requests in
     flight finish on the model they started with."""
 
-    def __init__(self, kind: StudentKind, threads: int, max_new_tokens: int = 96) -> None:
+    def __init__(self, kind: StudentKind, threads: int, diagnose: dict[str, Any]) -> None:
         self.kind = kind
-        self.cfg = StudentDiagnoseConfig(max_new_tokens=max_new_tokens)
+        self.cfg = StudentDiagnoseConfig.model_validate(diagnose)
         torch.set_num_threads(threads)
         self.student: StudentDiagnoser | None = None
         self.identity = ""

@@ -64,6 +64,10 @@ def model_name(kind: StudentKind) -> str:
     return f"student-{kind}"
 
 
+def student_diagnose_stage(kind: StudentKind) -> Stage:
+    return Stage(f"diagnose-{model_name(kind)}", predictions_dir(model_name(kind)), resumable=True)
+
+
 class StudentDiagnoser:
     """One exported student, loaded: diagnoses descriptions (and T1 volumes for the MRI+text
     student). The batch stage and the Serve deployment share it, so they answer alike."""
@@ -259,12 +263,12 @@ def run_student_diagnose(
             f"no trained {kind} student in {store.uri_of(stage_dir(kind))}: "
             f"run `radiag distill --student {kind}` first"
         )
+    stage = student_diagnose_stage(kind)
     identity = StageIdentity(
-        stage=f"diagnose-{model_name(kind)}",
+        stage=stage.name,
         config=config_identity(cfg),
         upstream=upstream(store, [SPLITS_STAGE, distill_stage(kind)]),
     )
-    stage = Stage(identity.stage, predictions_dir(model_name(kind)), resumable=True)
     return run_stage(store, stage, identity, lambda: _diagnose_all(kind, cfg, store), fresh)
 
 

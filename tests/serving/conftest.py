@@ -57,8 +57,10 @@ def served_run(
     tiny_model: Path,
     write_rationales: Callable[[RunStore], None],
 ) -> Path:
-    """40 synthetic subjects (16 imaged), baselines and two students of a few steps each."""
-    from radiag.students.config import DistillConfig
+    """40 synthetic subjects (16 imaged), baselines, two students of a few steps each, and
+    the text student's batch diagnosis of three test patients."""
+    from radiag.students.config import DistillConfig, StudentDiagnoseConfig
+    from radiag.students.predict import run_student_diagnose
 
     root = tmp_path_factory.mktemp("serving") / "run"
     store = RunStore(str(root))
@@ -70,6 +72,8 @@ def served_run(
     for kind in ("text", "vlm"):
         cfg = DistillConfig.model_validate(TINY_STUDENT | {"model": {"path": str(tiny_model)}})
         run_distill(kind, cfg, store)
+    # The batch answers the endpoint is compared with (before Serve holds any CPU).
+    run_student_diagnose("text", StudentDiagnoseConfig(limit=3, batch_size=1), store)
     return root
 
 
@@ -93,6 +97,7 @@ def served_app(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
     run = tmp_path_factory.mktemp("served") / "run"
     shutil.copytree(served_run, run)
-    url = start_app(run, {"limits": {"allowed_mri_prefixes": [str(run / "mri")]}})
+    limits = {"allowed_mri_prefixes": [str(run / "mri")], "max_upload_mb": 4}
+    url = start_app(run, {"limits": limits})
     yield ServedApp(url, TOKEN, run)
     serve.shutdown()

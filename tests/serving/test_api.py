@@ -1,0 +1,213 @@
+"""The HTTP API of the Serve app, through a real client on 127.0.0.1: auth, validation,
+every model of the run, the same answers as the batch stages, metrics and logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import TOKEN, ServedApp
+
+from radiag.baseline import BASELINE_STAGE
+from radiag.contract import read_record
+from radiag.outputs import PROBABILITY_COLUMNS, read_parts
+from radiag.serving.records import SERVED_COLUMNS
+from radiag.store import RunStore
+from radiag.students.distill import distill_stage
+
+RECORD = {"AGE": 74, "PTGENDER": "Female", "PTEDUCAT": 17, "MMSE": 24, "APOE4": 1}
+PROTECTED = [
+    ("GET", "/"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/diagnose/models"),
+    ("GET", "/v1/examples"), ("GET", "/v1/models"), ("POST", "/v1/diagnose"),
+    ("POST", "/v1/chat/completions"),
+]  # fmt: skip
+
+
+def diagnose(app: ServedApp, model: str, patient: dict, **fields: object) -> dict:
+    with app.client() as client:
+        response = client.post("/v1/diagnose", json={"model": model, "patient": patient, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_healthz_is_the_only_route_without_the_token(served_app: ServedApp) -> None:
+    with served_app.client(token=None) as anonymous, served_app.client(token="x" * 24) as wrong:
+        assert anonymous.get("/healthz").status_code == 200
+        for method, path in PROTECTED:
+            for client in (anonymous, wrong):
+                response = client.request(method, path, json={})
+                assert response.status_code == 401, (method, path)
+                assert response.headers["www-authenticate"] == 'Basic realm="radiag"'
+
+
+def test_a_browser_sends_the_token_as_basic_auth_password(served_app: ServedApp) -> None:
+    basic = base64.b64encode(f"clinician:{TOKEN}".encode()).decode()
+    with served_app.client(token=None) as client:
+        page = client.get("/", headers={"Authorization": f"Basic {basic}"})
+    assert page.status_code == 200
+    assert 'id="diagnose-form"' in page.text
+
+
+def test_every_model_of_the_run_is_listed_with_its_stage_identity(served_app: ServedApp) -> None:
+    store = RunStore(str(served_app.run))
+    with served_app.client() as client:
+        cards = {card["name"]: card for card in client.get("/v1/diagnose/models").json()["models"]}
+    baselines = {f"baseline-logistic-{f}" for f in ("tabular", "description", "tabular_cognition")}
+    assert set(cards) == {"student-text", "student-vlm", *baselines}
+    for kind in ("text", "vlm"):
+        expected = read_record(store, distill_stage(kind)).fingerprint
+        assert cards[f"student-{kind}"]["identity"] == expected
+    assert cards["student-vlm"]["uses_mri"] is True
+    assert {cards[b]["identity"] for b in baselines} == {
+        read_record(store, BASELINE_STAGE).fingerprint
+    }
+
+
+def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> None:
+    """Same description as the splits stage; greedy, the same diagnosis and probabilities
+    as the batch student diagnosis and the baseline predictions for the same patients."""
+    store = RunStore(str(served_app.run))
+    batch = {r["patient_id"]: r for r in read_parts(store, "predictions/student-text").to_pylist()}
+    baseline = {
+        r["patient_id"]: r
+        for r in read_parts(store, "predictions/baseline-logistic-description").to_pylist()
+    }
+    test = store.read_table("splits/test.parquet")
+    test = test.filter(pc.is_in(test["patient_id"], value_set=pa.array(list(batch))))
+    assert test.num_rows == 3
+    for row in test.to_pylist():
+        record = {c.name: row[c.name] for c in SERVED_COLUMNS if row[c.name] is not None}
+        record.pop("EXAMDATE", None)
+        for model, expected in (
+            ("student-text", batch),
+            ("baseline-logistic-description", baseline),
+        ):
+            answer = diagnose(served_app, model, record, patient_id=row["patient_id"])
+            assert answer["description"] == row["description"]
+            want = expected[row["patient_id"]]
+            assert answer["diagnosis"] == want["diagnosis"]
+            for label, column in PROBABILITY_COLUMNS.items():
+                assert answer["probabilities"][label] == pytest.approx(want[column], abs=1e-4)
+
+
+def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
+    for field in ("label", "DX", "DX_bl"):
+        with served_app.client() as client:
+            response = client.post(
+                "/v1/diagnose", json={"model": "student-text", "patient": RECORD | {field: "AD"}}
+            )
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["patient", field]
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({"model": "student-text", "patient": RECORD | {"MMSE": 31}}, ["patient", "MMSE"]),
+        ({"model": "student-text", "patient": RECORD | {"AGE": "old"}}, ["patient", "AGE"]),
+        ({"model": "student-text", "patient": RECORD | {"PTGENDER": "M"}}, ["patient", "PTGENDER"]),
+        ({"model": "student-text", "patient": RECORD | {"shoe_size": 9}}, ["patient", "shoe_size"]),
+        ({"patient": RECORD}, ["model"]),
+        ({"model": "student-text", "patient": RECORD, "extra": 1}, ["extra"]),
+    ],
+)
+def test_bad_fields_are_422_naming_the_field(
+    served_app: ServedApp, body: dict, location: list[str]
+) -> None:
+    with served_app.client() as client:
+        response = client.post("/v1/diagnose", json=body)
+    assert response.status_code == 422
+    assert location in [error["loc"] for error in response.json()["detail"]]
+
+
+def test_malformed_requests_are_never_a_500(served_app: ServedApp) -> None:
+    with served_app.client() as client:
+        statuses = {
+            "not json": client.post("/v1/diagnose", content=b"{oops").status_code,
+            "a list": client.post("/v1/diagnose", json=[1, 2]).status_code,
+            "no body": client.post("/v1/diagnose").status_code,
+            "multipart without request": client.post(
+                "/v1/diagnose", files={"mri": ("a.nii.gz", b"x")}
+            ).status_code,
+            "unknown model": client.post(
+                "/v1/diagnose", json={"model": "gpt-9", "patient": RECORD}
+            ).status_code,
+        }
+    assert statuses == {"not json": 422, "a list": 422, "no body": 422,
+                        "multipart without request": 422, "unknown model": 404}  # fmt: skip
+
+
+def _imaged(app: ServedApp) -> Path:
+    return sorted((app.run / "mri").glob("*-bl.nii.gz"))[0]
+
+
+def _upload(app: ServedApp, data: bytes, model: str = "student-vlm") -> object:
+    request = json.dumps({"model": model, "patient": RECORD})
+    with app.client() as client:
+        return client.post(
+            "/v1/diagnose", data={"request": request}, files={"mri": ("t1.nii.gz", data)}
+        )
+
+
+def test_the_mri_student_reads_an_uploaded_t1_or_one_under_an_allowed_prefix(
+    served_app: ServedApp,
+) -> None:
+    uploaded = _upload(served_app, _imaged(served_app).read_bytes())
+    assert uploaded.status_code == 200 and uploaded.json()["mri_used"] is True
+    by_uri = diagnose(served_app, "student-vlm", RECORD, mri_uri=str(_imaged(served_app)))
+    assert by_uri["mri_used"] is True
+    assert by_uri["probabilities"] == pytest.approx(uploaded.json()["probabilities"], abs=1e-4)
+
+
+def test_mri_problems_are_403_413_or_422(served_app: ServedApp, tmp_path: Path) -> None:
+    outside = tmp_path / "t1.nii.gz"
+    outside.write_bytes(_imaged(served_app).read_bytes())
+    escape = f"{served_app.run}/mri/../splits/test.parquet"
+    with served_app.client() as client:
+        for uri in (str(outside), escape, "s3://elsewhere/t1.nii.gz"):
+            body = {"model": "student-vlm", "patient": RECORD, "mri_uri": uri}
+            assert client.post("/v1/diagnose", json=body).status_code == 403, uri
+    corrupted = _upload(served_app, b"\x1f\x8b not really gzip")
+    assert corrupted.status_code == 422 and corrupted.json()["detail"][0]["loc"] == ["mri"]
+    too_large = _upload(served_app, b"\0" * (5 * 2**20))  # the fixture allows 4 MB
+    assert too_large.status_code == 413
+    with served_app.client() as client:
+        no_t1 = client.post("/v1/diagnose", json={"model": "student-vlm", "patient": RECORD})
+    assert no_t1.status_code == 422
+
+
+def test_readyz_and_metrics_by_route_and_model(served_app: ServedApp) -> None:
+    diagnose(served_app, "student-text", RECORD)
+    with served_app.client() as client:
+        ready = client.get("/readyz")
+        metrics = client.get("/metrics").text
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "waiting": []}
+    sample = 'radiag_requests_total{model="student-text",route="/v1/diagnose",status="200"}'
+    assert sample in metrics
+    assert 'radiag_request_seconds_count{model="student-text",route="/v1/diagnose"}' in metrics
+
+
+def test_examples_are_synthetic_records_without_labels(served_app: ServedApp) -> None:
+    with served_app.client() as client:
+        examples = client.get("/v1/examples").json()["examples"]
+    assert examples
+    for example in examples:
+        assert not {"label", "DX", "DX_bl"} & set(example["patient"])
+        diagnose(served_app, "baseline-logistic-tabular", example["patient"])
+
+
+def test_logs_hold_neither_the_token_nor_patient_data(served_app: ServedApp) -> None:
+    import ray
+
+    marker = "This patient is a 97-year-old"
+    diagnose(served_app, "student-text", RECORD | {"AGE": 97}, patient_id="log-check")
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    text = "\n".join(p.read_text(errors="ignore") for p in logs.rglob("*") if p.is_file()
+                     and p.suffix in {".log", ".out", ".err"})  # fmt: skip
+    assert "log-check" in text  # the request was logged, by id
+    assert TOKEN not in text
+    assert marker not in text
