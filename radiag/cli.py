@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -29,8 +29,9 @@ from radiag.evaluation.predictions import EvaluationInputError
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
-from radiag.pipeline import RayConfig, RunConfig, connect_ray
+from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
 from radiag.pipeline import run as run_pipeline
+from radiag.preflight import PreflightError, preflight
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
 from radiag.students.distill import StudentDataError, run_distill
@@ -50,7 +51,7 @@ log = logging.getLogger("radiag")
 
 USER_ERRORS = (
     ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
-    BaselineInputError, StudentDataError, EvaluationInputError,
+    BaselineInputError, StudentDataError, EvaluationInputError, PreflightError,
 )  # fmt: skip
 """Errors whose message tells the user what to do: one red line, exit code 2."""
 
@@ -95,14 +96,22 @@ def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
 
 
 @contextlib.contextmanager
-def _session(run_dir: str, verbose: bool, ray_cfg: RunConfig | None = None) -> Iterator[RunStore]:
-    """A command's run store, with logs to `<run_dir>/logs/` and errors mapped to exit codes."""
+def _session(
+    run_dir: str, verbose: bool, ray_cfg: RunConfig | None = None, checks: Iterable[str] = ()
+) -> Iterator[RunStore]:
+    """A command's run store, with logs to `<run_dir>/logs/` and errors mapped to exit codes.
+
+    With `ray_cfg`, the preflight of the stages in `checks` runs before Ray starts, so a
+    wrong path or a dead endpoint fails in seconds, before any engine or GPU is reserved.
+    """
     store = RunStore(run_dir)
     with run_logs(store, verbose) as log_file:
         try:
             if ray_cfg is not None:
+                preflight(ray_cfg, checks)
                 connect_ray(ray_cfg.ray, log_to_driver=verbose)
             yield store
+            console.print(f"[green]outputs:[/] {store.uri}", soft_wrap=True, highlight=False)
         except USER_ERRORS as err:
             log.error("%s", err)
             raise _fail(str(err)) from None
@@ -146,7 +155,11 @@ def run(
 ) -> None:  # fmt: skip
     """Run the whole pipeline from one config (resumes a killed run)."""
     cfg = _config(config, set_)
-    with _session(cfg.run_dir, verbose, cfg) as store, console.status("starting") as status:
+    checks = [name for name, _ in pipeline_stages(cfg)]
+    with (
+        _session(cfg.run_dir, verbose, cfg, checks) as store,
+        console.status("starting") as status,
+    ):
         run_pipeline(
             cfg,
             fresh=fresh,
@@ -216,7 +229,7 @@ def rationalize(
     """Module I: the teacher explains each training patient's known diagnosis."""
     cfg = _config(config, set_)
     stage_cfg = cfg.rationalize or RationalizeConfig()
-    with _session(cfg.run_dir, verbose, cfg) as store:
+    with _session(cfg.run_dir, verbose, cfg, ["rationalize"]) as store:
         _show(teacher_stage("rationalize", stage_cfg, store, fresh))
 
 
@@ -232,7 +245,8 @@ def diagnose(
 ) -> None:
     """Diagnose the test split: the teacher (Module II-1) or a distilled student."""
     cfg = _config(config, set_)
-    with _session(cfg.run_dir, verbose, cfg) as store:
+    checks = ["diagnose"] if model is DiagnosingModel.teacher else []
+    with _session(cfg.run_dir, verbose, cfg, checks) as store:
         if model is DiagnosingModel.teacher:
             _show(teacher_stage("diagnose", cfg.diagnose or DiagnoseConfig(), store, fresh))
         else:
@@ -255,7 +269,7 @@ def distill(
     cfg = _config(config, set_)
     kind = student.value
     distill_cfg = getattr(cfg.students, kind) or DistillConfig()
-    with _session(cfg.run_dir, verbose, cfg) as store:
+    with _session(cfg.run_dir, verbose, cfg, [f"distill-{kind}"]) as store:
         _stage(lambda: run_distill(kind, distill_cfg, store, fresh), f"training the {kind} student")
 
 
@@ -289,7 +303,7 @@ def evaluate(
         cfg = _config_of_run(run_dir, set_)
     else:
         cfg = _config(config, set_)
-    with _session(run_dir or cfg.run_dir, verbose, cfg) as store:
+    with _session(run_dir or cfg.run_dir, verbose, cfg, ["evaluate"]) as store:
         evaluate_cfg = cfg.evaluate or EvaluateConfig()
         _stage(lambda: run_evaluate(evaluate_cfg, store, fresh), "evaluating")
 

