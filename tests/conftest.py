@@ -17,6 +17,7 @@ import ray
 from radiag.contract import StageIdentity, StageSummary, run_stage
 from radiag.outputs import write_part
 from radiag.store import RunStore
+from radiag.students.config import DistillConfig
 from radiag.teacher.stages import RATIONALIZE_STAGE
 
 
@@ -123,3 +124,27 @@ def _rationale_rows(store: RunStore) -> StageSummary:
     ]
     write_part(store, "rationales", rows)
     return StageSummary(stage="rationalize", counts={"rows": len(rows)})
+
+
+StudentFactory = Callable[..., DistillConfig]
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_model: Path) -> StudentFactory:
+    """Configs for a few steps of the tiny random Llama with LoRA (seconds per step);
+    keyword arguments replace top-level fields."""
+
+    def make(**overrides: object) -> DistillConfig:
+        return DistillConfig.model_validate(_TINY_STUDENT | {"model": {"path": str(tiny_model)}}
+                                            | overrides)  # fmt: skip
+
+    return make
+
+
+_TINY_STUDENT = {
+    "optim": {"max_steps": 4, "batch_size": 4},
+    "checkpoint_every": 2,
+    "max_length": 512,
+    "mri": {"volumes": {"pixdim_mm": 4.0, "spatial_size": [48, 64, 48]}},
+    "scaling": {"cpus_per_worker": 0.5},
+}

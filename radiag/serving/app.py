@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
@@ -259,8 +260,10 @@ class RadiagIngress(OpenAiIngress):
                 self._ask(body.model, described, description, nifti, body.patient_id),
                 timeout=self.cfg.limits.request_timeout_s,
             )
-        except BackPressureError:
-            return _error(503, f"{body.model} is at capacity; retry shortly")
+        except (BackPressureError, ActorDiedError):  # full queue, or a replica being replaced
+            response = _error(503, f"{body.model} is at capacity; retry shortly")
+            response.headers["Retry-After"] = "1"
+            return response
         except TimeoutError:
             return _error(504, f"{body.model} did not answer within the request timeout")
         except Exception:  # a model's own failure: logged here, not echoed to the client
@@ -417,7 +420,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         )
     ingress = make_fastapi_ingress(RadiagIngress, endpoint_map=ROUTES, app=build_fastapi(token))
     return serve.deployment(
-        ingress, name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}
+        ingress,
+        name="ingress",
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=cfg.limits.request_timeout_s,
     ).bind(
         llm_deployments=llm_deployments,
         model_cards=model_cards,
@@ -426,9 +433,56 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     )
 
 
-def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Start Serve's HTTP proxy on host:port and deploy the app as "radiag" at "/"; returns
-    the URL once every deployment is running (Ray must be connected)."""
+APP_NAME = "radiag"
+
+
+def application(cfg: ServeConfig, deployments: list[dict[str, Any]] | None = None) -> dict:
+    """The app as an entry of Serve's config file (`applications:` of serve/config.yaml)."""
+    return {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": "radiag.serving.app:build_app",
+        "args": cfg.model_dump(mode="json"),
+        "deployments": deployments or [],
+    }
+
+
+def deploy(
+    cfg: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    deployments: list[dict[str, Any]] | None = None,
+    timeout_s: float = 900,
+) -> str:
+    """Deploy the app as `serve deploy` does (a config, built on the cluster) and wait until
+    it runs; returns its URL. Redeploying the same `cfg` with only `deployments` overrides
+    (user_config) updates the replicas in place; other `cfg` restarts them."""
+    from ray.serve.context import _get_global_client  # the client behind `serve deploy`
+    from ray.serve.schema import ServeDeploySchema
+
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg.model_dump(mode="json")), name="radiag", route_prefix="/")
+    config = ServeDeploySchema.model_validate({"applications": [application(cfg, deployments)]})
+    _get_global_client().deploy_apps(config)
+    deadline = time.monotonic() + timeout_s
+    while (
+        status := serve.status().applications.get(APP_NAME)
+    ) is None or status.status != "RUNNING":
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise ConfigurationError(f"the app failed to deploy: {status.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the app was not running after {timeout_s:.0f} s")
+        time.sleep(1)
     return f"http://{host}:{port}"
+
+
+def student_swap(cfg: ServeConfig, source_run: str) -> list[dict[str, Any]]:
+    """`deployments` overrides that hot-swap every served student to `source_run`'s:
+    only their user_config changes, so each replica reloads in place (`reconfigure`)."""
+    batching = cfg.students.batching.model_dump()
+    kinds = [
+        k for k in STUDENT_KINDS if f"student-{k}" in served_models(RunStore(cfg.run_dir), False)
+    ]
+    return [
+        {"name": f"student-{kind}", "user_config": {"run_dir": source_run, **batching}}
+        for kind in kinds
+    ]

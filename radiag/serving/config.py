@@ -27,6 +27,9 @@ class ScalingConfig(StrictModel):
         64, ge=1, description="waiting per caller beyond that; more is answered 503 at once"
     )
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica")
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, ge=0, description="a replica being replaced finishes its requests this long"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ScalingConfig:
@@ -47,6 +50,7 @@ class ScalingConfig(StrictModel):
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "ray_actor_options": {"num_cpus": self.num_cpus},
         }
 
@@ -77,7 +81,8 @@ class StudentServeConfig(DeploymentConfig):
     source_run: str | None = Field(
         None,
         description="serve the students another run trained (a newer training run) instead "
-        "of this run's; changing it hot-swaps the replicas through user_config",
+        "of this run's. To swap a running app without a restart, override the student "
+        "deployments' user_config instead (radiag.serving.app.student_swap)",
     )
 
 

@@ -3,12 +3,12 @@ on 127.0.0.1 of the session's local Ray cluster, reached with real HTTP clients.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,14 +23,6 @@ from radiag.store import RunStore
 from radiag.students.distill import run_distill
 
 TOKEN = "test-token-0123456789abcdef"
-
-TINY_STUDENT = {
-    "optim": {"max_steps": 2, "batch_size": 4},
-    "checkpoint_every": 2,
-    "max_length": 512,
-    "mri": {"volumes": {"pixdim_mm": 4.0, "spatial_size": [48, 64, 48]}},
-    "scaling": {"cpus_per_worker": 0.5},
-}
 
 
 @dataclass(frozen=True)
@@ -54,12 +46,12 @@ def free_port() -> int:
 def served_run(
     tmp_path_factory: pytest.TempPathFactory,
     ray_cluster: None,
-    tiny_model: Path,
+    tiny_student: Callable[..., Any],
     write_rationales: Callable[[RunStore], None],
 ) -> Path:
     """40 synthetic subjects (16 imaged), baselines, two students of a few steps each, and
     the text student's batch diagnosis of three test patients."""
-    from radiag.students.config import DistillConfig, StudentDiagnoseConfig
+    from radiag.students.config import StudentDiagnoseConfig
     from radiag.students.predict import run_student_diagnose
 
     root = tmp_path_factory.mktemp("serving") / "run"
@@ -70,24 +62,23 @@ def served_run(
     write_rationales(store)
     run_baseline(BaselineConfig(classifiers=["logistic"]), store)
     for kind in ("text", "vlm"):
-        cfg = DistillConfig.model_validate(TINY_STUDENT | {"model": {"path": str(tiny_model)}})
-        run_distill(kind, cfg, store)
+        run_distill(kind, tiny_student(optim={"max_steps": 2, "batch_size": 4}), store)
     # The batch answers the endpoint is compared with (before Serve holds any CPU).
     run_student_diagnose("text", StudentDiagnoseConfig(limit=3, batch_size=1), store)
     return root
 
 
-def start_app(run: Path, args: dict | None = None, name: str = "radiag") -> str:
-    """serve.run of the app on a fresh port; returns its base URL."""
-    from ray import serve
+def start_app(run: Path, args: dict | None = None) -> str:
+    """The app deployed as `serve deploy` does, on a fresh port; returns its base URL. The
+    token is a file, as on a cluster: the app is built in a Ray task, not in this process."""
+    from radiag.serving.app import deploy
+    from radiag.serving.config import ServeConfig
 
-    from radiag.serving.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    os.environ["RADIAG_SERVE_TOKEN"] = TOKEN
-    serve.run(build_app({"run_dir": str(run), **(args or {})}), name=name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    token_file = run.parent / "serve-token"
+    token_file.write_text(TOKEN + "\n")
+    cfg = ServeConfig.model_validate({"run_dir": str(run), "token_file": str(token_file)}
+                                     | (args or {}))  # fmt: skip
+    return deploy(cfg, port=free_port())
 
 
 @pytest.fixture(scope="module")

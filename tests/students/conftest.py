@@ -15,7 +15,6 @@ from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synthetic_mri
 from radiag.cohort.synthetic import SynthConfig
 from radiag.store import RunStore
-from radiag.students.config import DistillConfig
 
 
 @pytest.fixture(scope="session")
@@ -41,27 +40,3 @@ def fresh_run(prepared_run: Path, tmp_path: Path) -> RunStore:
     shutil.copytree(prepared_run, target)
     # mri_path values point into the prepared run: the copy shares its (read-only) volumes.
     return RunStore(str(target))
-
-
-StudentFactory = Callable[..., DistillConfig]
-
-
-@pytest.fixture(scope="session")
-def tiny_student(tiny_model: Path) -> StudentFactory:
-    """Configs for a few steps of the tiny random Llama with LoRA (seconds per step);
-    keyword arguments replace top-level fields."""
-
-    def make(**overrides: object) -> DistillConfig:
-        return DistillConfig.model_validate(_TINY_STUDENT | {"model": {"path": str(tiny_model)}}
-                                            | overrides)  # fmt: skip
-
-    return make
-
-
-_TINY_STUDENT = {
-    "optim": {"max_steps": 4, "batch_size": 4},
-    "checkpoint_every": 2,
-    "max_length": 512,
-    "mri": {"volumes": {"pixdim_mm": 4.0, "spatial_size": [48, 64, 48]}},
-    "scaling": {"cpus_per_worker": 0.5},
-}

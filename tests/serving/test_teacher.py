@@ -1,0 +1,90 @@
+"""The teacher in the Serve app: the bundled SmolLM2 through ray.serve.llm (vLLM on CPU),
+reached with the official `openai` client, and few-shot diagnosis at /v1/diagnose that
+matches the batch diagnose stage. Slow: a teacher replica starts in about a minute and
+holds about 7 GiB."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import TOKEN, ServedApp, start_app
+
+from radiag.contract import read_record
+from radiag.outputs import read_parts
+from radiag.serving.records import SERVED_COLUMNS
+from radiag.store import RunStore
+from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
+from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, teacher_stage
+
+pytestmark = pytest.mark.slow
+SAMPLING = SamplingConfig(max_tokens=48, repetition_penalty=1.2)
+
+
+@pytest.fixture(scope="module")
+def teacher_app(
+    served_run: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedApp]:
+    """A run whose teacher diagnosed two test patients (batch stage), then served."""
+    from ray import serve
+
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    shutil.copytree(served_run, run)
+    engine = VllmEngineConfig(batch_size=2)
+    teacher_stage(
+        "diagnose", DiagnoseConfig(engine=engine, sampling=SAMPLING, limit=2), RunStore(str(run))
+    )
+    url = start_app(run, {"teacher": {}})
+    yield ServedApp(url, TOKEN, run)
+    serve.shutdown()
+
+
+def _client(app: ServedApp, token: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def test_the_openai_client_talks_to_the_teacher_unchanged(teacher_app: ServedApp) -> None:
+    client = _client(teacher_app)
+    assert [m.id for m in client.models.list().data] == ["teacher"]
+    messages = [{"role": "user", "content": "Name one symptom of Alzheimer's disease."}]
+    chat = client.chat.completions.create(
+        model="teacher", messages=messages, max_tokens=16, temperature=0
+    )
+    assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="teacher", messages=messages, max_tokens=16, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == chat.choices[0].message.content  # greedy: the same text, in pieces
+    completion = client.completions.create(model="teacher", prompt="The hippocampus", max_tokens=8)
+    assert completion.choices[0].text
+
+
+def test_the_teacher_routes_need_the_token(teacher_app: ServedApp) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        _client(teacher_app, token="wrong-token-0123456789").models.list()
+
+
+def test_served_few_shot_diagnosis_matches_the_batch_stage(teacher_app: ServedApp) -> None:
+    store = RunStore(str(teacher_app.run))
+    batch = {r["patient_id"]: r for r in read_parts(store, "predictions/teacher").to_pylist()}
+    test = {r["patient_id"]: r for r in store.read_table("splits/test.parquet").to_pylist()}
+    identity = read_record(store, DIAGNOSE_STAGE).fingerprint
+    for patient_id, expected in batch.items():
+        row = test[patient_id]
+        record = {c.name: row[c.name] for c in SERVED_COLUMNS if row[c.name] is not None}
+        record.pop("EXAMDATE", None)
+        with teacher_app.client() as client:
+            response = client.post(
+                "/v1/diagnose",
+                json={"model": "teacher", "patient": record, "patient_id": patient_id},
+            )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["identity"] == identity
+        assert answer["description"] == row["description"]
+        assert answer["exemplar_ids"] == list(expected["exemplar_ids"])  # same shots, train only
+        assert answer["diagnosis"] == expected["diagnosis"]  # greedy, constrained final line

@@ -1,0 +1,148 @@
+"""Jobs on a real Ray head with its job server, submitted as a user would: the `ray job
+submit` CLI and `JobSubmissionClient`, with the token authentication that Ray 2.60 turns on
+for `ray start --head`. Loopback only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+SMALL_RUN = {
+    "cohort": {"source": "synthetic", "synthetic": {"subjects": 60, "max_visits": 1}},
+    "mri": {"subjects": 0},
+    "baseline": {"classifiers": ["logistic"], "feature_sets": ["tabular"]},
+    "evaluate": {"bootstrap": 50, "judge": None, "rating_sheet_per_model": 2, "examples": 0},
+    "ray": {"num_cpus": 2},
+}
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`ray start --head` on 127.0.0.1 with the job server; yields the client's environment:
+    RAY_ADDRESS of the job server and RAY_AUTH_MODE=token (what the README tells users)."""
+    temp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's socket paths have a limit
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    # A head turns token authentication on when the machine has a token: make sure it does.
+    assert _ray("get-auth-token", "--generate", env=env).returncode == 0
+    dashboard = _port()
+    # --block keeps `ray start` in the foreground: stopping its process group stops this
+    # cluster only (`ray stop` would stop every Ray on the machine, other tests' too).
+    head_process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+         str(dashboard), "--num-cpus", "2", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    client = env | {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
+    try:
+        deadline = time.monotonic() + 180
+        # The job agent comes up a few seconds after the head ("No available agent").
+        while _ray("job", "submit", "--", "python", "-c", "pass", env=client).returncode != 0:
+            assert head_process.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the job server never accepted a job"
+            time.sleep(3)
+        yield client
+    finally:
+        _stop(head_process, temp)
+
+
+def _stop(head_process: subprocess.Popen, temp: Path) -> None:
+    """SIGTERM to `ray start --block` and its process group, then kill what is left of
+    this cluster (its processes name the temp dir)."""
+    import psutil
+
+    os.killpg(head_process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head_process.wait(timeout=30)
+    for process in psutil.process_iter(["cmdline"]):
+        if str(temp) in " ".join(process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config(tmp_path: Path, run_dir: Path) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(run_dir), **SMALL_RUN}))
+    return path
+
+
+def test_without_the_token_mode_the_client_is_refused(head: dict[str, str]) -> None:
+    env = head | {"RAY_AUTH_MODE": "disabled"}
+    listed = _ray("job", "list", env=env, timeout=60)
+    assert listed.returncode != 0
+    assert "authentication" in (listed.stdout + listed.stderr).lower()
+
+
+def test_the_pipeline_runs_as_a_job_submitted_with_the_cli(
+    head: dict[str, str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    submitted = _ray(
+        "job", "submit", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+        "python", "-m", "jobs.run", "--config", str(_config(tmp_path, run_dir)),
+        env=head, timeout=600,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "job finished: radiag run exit code 0" in submitted.stdout
+    assert f"outputs: {run_dir}" in submitted.stdout  # the log ends with where outputs went
+    assert (run_dir / "manifest.json").is_file() and (run_dir / "reports" / "report.html").is_file()
+
+
+def test_a_stage_job_from_job_submission_client_reports_status_and_logs(
+    head: dict[str, str], tmp_path: Path
+) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    os.environ["RAY_AUTH_MODE"] = "token"  # the SDK reads the same setting as the CLI
+    try:
+        client = JobSubmissionClient(head["RAY_ADDRESS"])
+        runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+        job = client.submit_job(
+            entrypoint=f"python -m jobs.rationalize --set run_dir={tmp_path / 'run'} "
+            "--set rationalize.engine.backend=openai "
+            "--set rationalize.engine.base_url=http://127.0.0.1:9/v1 "
+            "--set rationalize.engine.model=m",
+            runtime_env={**runtime_env, "working_dir": str(ROOT)},
+        )
+        deadline = time.monotonic() + 300
+        while (status := client.get_job_status(job)) not in JobStatus.TERMINAL_STATES:
+            assert time.monotonic() < deadline, "job did not finish"
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    assert status == JobStatus.FAILED  # preflight: exit code 2, before any engine starts
+    assert "preflight found problems" in logs and "does not answer" in logs
+    assert "job finished: radiag rationalize exit code 2" in logs

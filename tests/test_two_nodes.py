@@ -1,0 +1,78 @@
+"""Two Ray nodes on this machine and the run store on a real S3-compatible server: the
+head (where the driver runs) has no CPU, so the teacher engine, Ray Data, Ray Train and the
+student predictors all run on the other node and can only meet through s3://."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from radiag.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from radiag.pipeline import RunConfig, run
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cfg = RunConfig.model_validate(json.loads(sys.argv[1]))
+    run(cfg)
+    placed = [[a.class_name, a.node_id] for a in list_actors(limit=10000, detail=True)]
+    print("PLACED " + json.dumps({"worker": worker.node_id, "actors": placed}))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def test_the_pipeline_runs_on_a_second_node_with_the_run_store_on_s3(
+    s3_endpoint: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    run_dir = f"s3://radiag/two-nodes/{uuid.uuid4().hex[:8]}"
+    tiny = {"path": str(tiny_model)}
+    teacher = {"engine": {"model": tiny, "batch_size": 8},
+               "sampling": {"max_tokens": 32}, "limit": 8}  # fmt: skip
+    student = {"model": tiny, "optim": {"max_steps": 2, "batch_size": 4},
+               "checkpoint_every": 2, "scaling": {"cpus_per_worker": 0.5}}  # fmt: skip
+    cfg = {
+        "run_dir": run_dir,
+        "cohort": {"synthetic": {"subjects": 40, "max_visits": 1}},
+        "mri": {"subjects": 4},
+        "rationalize": teacher,
+        "diagnose": teacher | {"limit": 4},
+        "baseline": {"classifiers": ["logistic"], "feature_sets": ["tabular"]},
+        "students": {"text": student, "diagnose": {"limit": 4, "max_new_tokens": 16}},
+        "evaluate": {"bootstrap": 50, "judge": None, "rating_sheet_per_model": 2, "examples": 0},
+    }
+    env = os.environ | {"RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(cfg)], env=env, capture_output=True,
+        text=True, timeout=1500, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    placed = json.loads(done.stdout.split("PLACED ", 1)[1].splitlines()[0])
+    working = [node for name, node in placed["actors"]
+               if name in {"TeacherWorker", "StudentPredictor", "RayTrainWorker"}]  # fmt: skip
+    assert working and set(working) == {placed["worker"]}
+
+    store = RunStore(run_dir)
+    for written in ("manifest.json", "reports/report.html", "checkpoints/text/final/student.json"):
+        assert store.exists(written), written
+    assert store.fs.get_file_info(pafs.FileSelector(store.path("rationales"))), "rationales"
+    assert not (tmp_path / "runs").exists()  # nothing fell back to the driver's local disk
