@@ -20,7 +20,7 @@ from radiag.store import RunStore
 from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
 from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, teacher_stage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # setup starts two engines
 SAMPLING = SamplingConfig(max_tokens=48, repetition_penalty=1.2)
 
 
