@@ -148,3 +148,17 @@ _TINY_STUDENT = {
     "mri": {"volumes": {"pixdim_mm": 4.0, "spatial_size": [48, 64, 48]}},
     "scaling": {"cpus_per_worker": 0.5},
 }
+
+
+@pytest.fixture(scope="module")
+def restores_current_cluster() -> Iterator[None]:
+    """`ray start` and `ray.cluster_utils.Cluster` record their cluster in Ray's
+    `ray_current_cluster` file, which every later `ray.init()` on the machine joins: put the
+    file back as it was, even when the test's cluster died without cleaning up."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    before = record.read_text() if record.exists() else None
+    yield
+    if before is None:
+        record.unlink(missing_ok=True)
+    else:
+        record.write_text(before)

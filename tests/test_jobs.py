@@ -45,7 +45,7 @@ def _ray(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def head(restores_current_cluster: None) -> Iterator[dict[str, str]]:
     """`ray start --head` on 127.0.0.1 with the job server; yields the client's environment:
     RAY_ADDRESS of the job server and RAY_AUTH_MODE=token (what the README tells users)."""
     temp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's socket paths have a limit
@@ -66,7 +66,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     )  # fmt: skip
     client = env | {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         # The job agent comes up a few seconds after the head ("No available agent").
         while _ray("job", "submit", "--", "python", "-c", "pass", env=client).returncode != 0:
             assert head_process.poll() is None, "ray start --head exited"

@@ -29,26 +29,28 @@ DRIVER = textwrap.dedent(
     from radiag.pipeline import RunConfig, run
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    worker = cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cfg = RunConfig.model_validate(json.loads(sys.argv[1]))
-    run(cfg)
-    placed = [[a.class_name, a.node_id] for a in list_actors(limit=10000, detail=True)]
-    print("PLACED " + json.dumps({"worker": worker.node_id, "actors": placed}))
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, log_to_driver=False)
+        run(RunConfig.model_validate(json.loads(sys.argv[1])))
+        placed = [[a.class_name, a.node_id] for a in list_actors(limit=10000, detail=True)]
+        print("PLACED " + json.dumps({"worker": worker.node_id, "actors": placed}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
     """
 )
 
 
 def test_the_pipeline_runs_on_a_second_node_with_the_run_store_on_s3(
-    s3_endpoint: str, tiny_model: Path, tmp_path: Path
+    s3_endpoint: str, tiny_model: Path, tmp_path: Path, restores_current_cluster: None
 ) -> None:
     run_dir = f"s3://radiag/two-nodes/{uuid.uuid4().hex[:8]}"
     tiny = {"path": str(tiny_model)}
-    teacher = {"engine": {"model": tiny, "batch_size": 8},
-               "sampling": {"max_tokens": 32}, "limit": 8}  # fmt: skip
-    student = {"model": tiny, "optim": {"max_steps": 2, "batch_size": 4},
+    # The tiny model's rationales are random text: sampled (never empty) and QC-flagged.
+    teacher = {"engine": {"model": tiny, "batch_size": 8, "max_model_len": 1024},
+               "sampling": {"temperature": 1.0, "max_tokens": 16}, "limit": 8}  # fmt: skip
+    student = {"model": tiny, "optim": {"max_steps": 2, "batch_size": 2}, "include_flagged": True,
                "checkpoint_every": 2, "scaling": {"cpus_per_worker": 0.5}}  # fmt: skip
     cfg = {
         "run_dir": run_dir,
