@@ -37,7 +37,10 @@ def teacher_app(
     teacher_stage(
         "diagnose", DiagnoseConfig(engine=engine, sampling=SAMPLING, limit=2), RunStore(str(run))
     )
-    url = start_app(run, {"teacher": {}})
+    # The LLM replica reserves 2 CPUs (its actor and the vLLM engine's bundle): the other
+    # deployments take no logical CPU so that the app fits the session's 2-CPU cluster.
+    none = {"scaling": {"num_cpus": 0}}
+    url = start_app(run, {"teacher": {}, "students": none, "baselines": none})
     yield ServedApp(url, TOKEN, run)
     serve.shutdown()
 
