@@ -62,6 +62,9 @@ log = logging.getLogger("ray.serve")  # what Serve writes to each replica's log 
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 OPEN_ROUTES = frozenset({"/healthz"})
+MODEL_FIELDS = frozenset(DiagnoseResponse.model_fields) - {"model", "patient_id", "description",
+                                                         "latency_s"}  # fmt: skip
+"""What a model deployment's answer may set; the ingress sets the rest itself."""
 STUDENT_KINDS = ("text", "vlm")
 
 
@@ -276,7 +279,7 @@ class RadiagIngress(OpenAiIngress):
             patient_id=body.patient_id,
             description=description,
             latency_s=time.perf_counter() - start,
-            **{k: v for k, v in answer.items() if k in DiagnoseResponse.model_fields},
+            **{k: v for k, v in answer.items() if k in MODEL_FIELDS},
         )
         log.info("diagnosed %s with %s", body.patient_id, body.model)  # ids only, no data
         return JSONResponse(response.model_dump(mode="json"))
