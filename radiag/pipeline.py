@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
+import os
 import platform
 import subprocess
 from collections.abc import Callable
@@ -86,14 +87,18 @@ class RunConfig(StrictModel):
 def connect_ray(cfg: RayConfig, log_to_driver: bool = False) -> None:
     """Start or join Ray once per process (a job on a cluster joins the cluster).
 
+    `num_cpus` sizes a new local cluster only: joining one (`address` or `$RAY_ADDRESS`,
+    which a job's driver has) takes the cluster as it is.
+
     Workers' output and Ray Data's progress bars stay out of the console unless
     `log_to_driver` (`radiag -v`); the workers' output is in Ray's session logs.
     """
     ray.data.DataContext.get_current().enable_progress_bars = log_to_driver
     if not ray.is_initialized():
+        joining = cfg.address is not None or "RAY_ADDRESS" in os.environ
         ray.init(
             address=cfg.address,
-            num_cpus=cfg.num_cpus,
+            num_cpus=None if joining else cfg.num_cpus,
             include_dashboard=False,
             log_to_driver=log_to_driver,
             logging_level=logging.INFO if log_to_driver else logging.WARNING,

@@ -5,6 +5,7 @@ for `ray start --head`. Loopback only."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -55,11 +56,19 @@ def head(restores_current_cluster: None) -> Iterator[dict[str, str]]:
     # A head turns token authentication on when the machine has a token: make sure it does.
     assert _ray("get-auth-token", "--generate", env=env).returncode == 0
     dashboard = _port()
+    # Every port a head would take by default gets a free one: another Ray on this machine
+    # (a test's local cluster) already holds the defaults, and a job agent that cannot bind
+    # its port leaves the job server answering "No available agent" forever.
+    ports = {
+        option: str(_port())
+        for option in ("--port", "--dashboard-agent-listen-port", "--ray-client-server-port")
+    }
     # --block keeps `ray start` in the foreground: stopping its process group stops this
     # cluster only (`ray stop` would stop every Ray on the machine, other tests' too).
     head_process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+         *(item for pair in ports.items() for item in pair),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port",
          str(dashboard), "--num-cpus", "2", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -68,9 +77,11 @@ def head(restores_current_cluster: None) -> Iterator[dict[str, str]]:
     try:
         deadline = time.monotonic() + 300
         # The job agent comes up a few seconds after the head ("No available agent").
-        while _ray("job", "submit", "--", "python", "-c", "pass", env=client).returncode != 0:
+        while (tried := _ray("job", "submit", "--", "python", "-c", "pass", env=client)).returncode:
             assert head_process.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the job server never accepted a job"
+            assert time.monotonic() < deadline, (
+                f"the job server never accepted a job: {tried.stderr[-2000:]}"
+            )
             time.sleep(3)
         yield client
     finally:
@@ -120,29 +131,39 @@ def test_the_pipeline_runs_as_a_job_submitted_with_the_cli(
     assert (run_dir / "manifest.json").is_file() and (run_dir / "reports" / "report.html").is_file()
 
 
+SDK_SCRIPT = """
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+
+client = JobSubmissionClient()  # RAY_ADDRESS and RAY_AUTH_MODE from the environment
+job = client.submit_job(entrypoint=sys.argv[1], runtime_env=json.loads(sys.argv[2]))
+deadline = time.monotonic() + 300
+while not (status := client.get_job_status(job)).is_terminal():
+    assert time.monotonic() < deadline, "job did not finish"
+    time.sleep(2)
+print(json.dumps({"status": status.value, "logs": client.get_job_logs(job)}))
+"""
+
+
 def test_a_stage_job_from_job_submission_client_reports_status_and_logs(
     head: dict[str, str], tmp_path: Path
 ) -> None:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    os.environ["RAY_AUTH_MODE"] = "token"  # the SDK reads the same setting as the CLI
-    try:
-        client = JobSubmissionClient(head["RAY_ADDRESS"])
-        runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-        job = client.submit_job(
-            entrypoint=f"python -m jobs.rationalize --set run_dir={tmp_path / 'run'} "
-            "--set rationalize.engine.backend=openai "
-            "--set rationalize.engine.base_url=http://127.0.0.1:9/v1 "
-            "--set rationalize.engine.model=m",
-            runtime_env={**runtime_env, "working_dir": str(ROOT)},
-        )
-        deadline = time.monotonic() + 300
-        while (status := client.get_job_status(job)) not in JobStatus.TERMINAL_STATES:
-            assert time.monotonic() < deadline, "job did not finish"
-            time.sleep(2)
-        logs = client.get_job_logs(job)
-    finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    assert status == JobStatus.FAILED  # preflight: exit code 2, before any engine starts
+    # A script of its own, as a user's would be: Ray reads RAY_AUTH_MODE once per process.
+    runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    entrypoint = (
+        f"python -m jobs.rationalize --set run_dir={tmp_path / 'run'} "
+        "--set rationalize.engine.backend=openai "
+        "--set rationalize.engine.base_url=http://127.0.0.1:9/v1 "
+        "--set rationalize.engine.model=m"
+    )
+    script = subprocess.run(
+        [sys.executable, "-c", SDK_SCRIPT, entrypoint,
+         json.dumps({**runtime_env, "working_dir": str(ROOT)})],
+        env=head, capture_output=True, text=True, timeout=420, cwd=tmp_path,
+    )  # fmt: skip
+    assert script.returncode == 0, script.stderr[-3000:]
+    job = json.loads(script.stdout.splitlines()[-1])
+    status, logs = job["status"], job["logs"]
+    assert status == "FAILED"  # preflight: exit code 2, before any engine starts
     assert "preflight found problems" in logs and "does not answer" in logs
     assert "job finished: radiag rationalize exit code 2" in logs
