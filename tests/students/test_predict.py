@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from radiag.cohort.schema import Label
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, StudentDiagnoseConfig
 from radiag.students.distill import run_distill
-from radiag.students.predict import run_student_diagnose
+from radiag.students.predict import StudentDiagnoser, download_student, run_student_diagnose
+from radiag.teacher.prompts import FINAL
 
 pytestmark = pytest.mark.slow
 ROWS = 6
@@ -101,3 +103,27 @@ print("generated", done.completion_tokens)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generated" in result.stdout
+
+
+def test_a_constrained_student_stops_generating_at_its_final_line(trained: RunStore) -> None:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    diagnoser = StudentDiagnoser(
+        download_student(trained, "text"), StudentDiagnoseConfig(max_new_tokens=12)
+    )
+
+    def ids(text: str) -> torch.Tensor:
+        return torch.tensor([diagnoser.tokenizer.encode(text, add_special_tokens=False)])
+
+    assert diagnoser.stop_at_final(ids(f"Memory is poor.\n{FINAL}"), None).all()
+    assert not diagnoser.stop_at_final(ids("Memory is poor."), None).any()
+
+    # Generation honours the criterion (the random student never writes the final line).
+    class StopAtOnce(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: object, **_: object) -> torch.Tensor:
+            return torch.ones(len(input_ids), dtype=torch.bool)
+
+    description = "A 74-year-old woman with an MMSE of 24."
+    assert diagnoser.diagnose([description], None)[0]["completion_tokens"] == 12
+    diagnoser.stop_at_final = StoppingCriteriaList([StopAtOnce()])
+    assert diagnoser.diagnose([description], None)[0]["completion_tokens"] == 1
