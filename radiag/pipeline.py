@@ -87,15 +87,15 @@ class RunConfig(StrictModel):
 def connect_ray(cfg: RayConfig, log_to_driver: bool = False) -> None:
     """Start or join Ray once per process (a job on a cluster joins the cluster).
 
-    `num_cpus` sizes a new local cluster only: joining one (`address` or `$RAY_ADDRESS`,
-    which a job's driver has) takes the cluster as it is.
+    `num_cpus` sizes a new local cluster only: joining one (an `address` other than
+    "local", or `$RAY_ADDRESS`, which a job's driver has) takes the cluster as it is.
 
     Workers' output and Ray Data's progress bars stay out of the console unless
     `log_to_driver` (`radiag -v`); the workers' output is in Ray's session logs.
     """
     ray.data.DataContext.get_current().enable_progress_bars = log_to_driver
     if not ray.is_initialized():
-        joining = cfg.address is not None or "RAY_ADDRESS" in os.environ
+        joining = (cfg.address or os.environ.get("RAY_ADDRESS")) not in (None, "", "local")
         ray.init(
             address=cfg.address,
             num_cpus=None if joining else cfg.num_cpus,
