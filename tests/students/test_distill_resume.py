@@ -1,7 +1,8 @@
 """A killed training run restarts from its last checkpoint, and finishes each step once.
 
 `radiag distill` is SIGKILLed after its first checkpoint; the re-run continues from
-`ray.train.get_checkpoint()` instead of step 0.
+`ray.train.get_checkpoint()` instead of step 0, with the run on local disk or on an
+S3-compatible server (Ray Train's checkpoints and the metrics go there too).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,19 @@ def distill(config: Path) -> subprocess.Popen:
     )
 
 
+@pytest.fixture(params=["local", "s3"])
+def run_store(request: pytest.FixtureRequest, prepared_run: Path) -> RunStore:
+    """A private copy of the prepared run, on local disk or in a bucket."""
+    if request.param == "local":
+        return request.getfixturevalue("fresh_run")
+    request.getfixturevalue("s3_endpoint")
+    store = RunStore(f"s3://radiag/distill-resume/{uuid.uuid4().hex[:8]}")
+    store.upload_dir(prepared_run, "")
+    return store
+
+
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(
-    fresh_run: RunStore, tiny_model: Path, tmp_path: Path
+    run_store: RunStore, tiny_model: Path, tmp_path: Path
 ) -> None:
     config = tmp_path / "distill.yaml"
     student = {
@@ -44,15 +57,15 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(
     }
     config.write_text(
         yaml.safe_dump(
-            {"run_dir": fresh_run.uri, "students": {"text": student}, "ray": {"num_cpus": 2}}
+            {"run_dir": run_store.uri, "students": {"text": student}, "ray": {"num_cpus": 2}}
         )
     )
     # Ray Train lists a checkpoint here once it is complete: the restart point.
-    registered = Path(fresh_run.path("checkpoints/text/train/checkpoint_manager_snapshot.json"))
+    registered = "checkpoints/text/train/checkpoint_manager_snapshot.json"
 
     first = distill(config)
     deadline = time.monotonic() + 300
-    while not (registered.is_file() and "checkpoint_" in registered.read_text()):
+    while not (run_store.exists(registered) and b"checkpoint_" in run_store.read_bytes(registered)):
         assert first.poll() is None, first.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint written in time"
         time.sleep(0.2)
@@ -60,14 +73,14 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(
     first.wait()
     time.sleep(2)
     os.killpg(first.pid, signal.SIGKILL)  # then its Ray cluster and train workers
-    assert not fresh_run.exists("checkpoints/text/final")
+    assert not run_store.exists("checkpoints/text/final")
 
     second = distill(config)
     output = second.communicate(timeout=600)[0].decode()
     assert second.returncode == 0, output[-3000:]
 
-    summary = fresh_run.read_json("checkpoints/text/stage.json")["summary"]
+    summary = run_store.read_json("checkpoints/text/stage.json")["summary"]
     (resumed_at,) = summary["details"]["resumed_at_steps"]
     assert 2 <= resumed_at < STEPS
-    lines = Path(fresh_run.path("checkpoints/text/metrics.jsonl")).read_text().splitlines()
+    lines = run_store.read_bytes("checkpoints/text/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
