@@ -61,6 +61,8 @@ class CohortReference(BaseModel):
 
     sources: dict[str, str]
     groups: dict[Label, GroupStats]
+    effect_sizes_vs_cn: dict[Label, dict[str, float]]
+    wholebrain_icv_fraction: dict[Label, MeanSd]
     inclusion_mmse: dict[Label, tuple[float, float]]
     dynamics: Dynamics
     ageing: Ageing

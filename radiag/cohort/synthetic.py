@@ -10,6 +10,8 @@ Generative story, per subject:
   -> a within-group severity factor shared by cognition, volumes and biomarkers
   -> volumes scaled with ICV^b and age -> yearly change and conversion at follow-up
   -> the recorded diagnosis, which disagrees with the latent stage at `label_noise`.
+Published volume statistics are by recorded diagnosis, so the latent stages' volumes
+are set to give those per recorded group (group means, sds and Cohen's d as published).
 Everything is vectorised over subjects and visits (1M subjects in seconds).
 """
 
@@ -24,6 +26,7 @@ from radiag.cohort.schema import COLUMN_BY_NAME, NUMERIC_COLUMNS, Label
 from radiag.config import StrictModel
 
 GROUPS = (Label.CN, Label.MCI, Label.AD)  # index = latent stage
+REGIONS = ("Hippocampus", "Ventricles", "WholeBrain", "Entorhinal", "Fusiform", "MidTemp")
 VISITS = (("bl", 0.0), ("m06", 0.5), ("m12", 1.0), ("m24", 2.0), ("m36", 3.0), ("m48", 4.0))
 DX_TEXT = np.array(["CN", "MCI", "Dementia"])
 # CSF assays report values beyond their range as censored strings (ADNIMERGE).
@@ -43,7 +46,10 @@ class SynthConfig(StrictModel):
         0.85, ge=0, le=1, description="chance each follow-up visit happens (dropout is permanent)"
     )
     label_noise: float | None = Field(
-        None, ge=0, le=0.5, description="override reference.yaml label_noise"
+        None,
+        ge=0,
+        le=0.3,
+        description="override reference.yaml label_noise (beyond 0.3 a group is mostly neighbours)",
     )
     seed: int = Field(0, description="seed of the generator; same seed, same cohort")
 
@@ -58,6 +64,35 @@ def _group_stat(ref: CohortReference, getter, stage: np.ndarray) -> tuple[np.nda
     """(mean, sd) per row of a group statistic selected by `getter(GroupStats)`."""
     pairs = np.array([getter(ref.groups[g]) for g in GROUPS], dtype=float)  # (3, 2)
     return pairs[stage, 0], pairs[stage, 1]
+
+
+def _recorded_mixture(fractions: np.ndarray, label_noise: float) -> np.ndarray:
+    """P(latent stage | recorded label) at baseline, (recorded 3, latent 3).
+
+    A recorded label moves to an adjacent class at `label_noise` (both ways from MCI).
+    """
+    e = label_noise
+    flip = np.array([[1 - e, e, 0], [e / 2, 1 - e, e / 2], [0, e, 1 - e]])  # latent -> recorded
+    joint = fractions[:, None] * flip  # (latent, recorded)
+    return (joint / joint.sum(axis=0)).T
+
+
+def _latent_log_moments(
+    ref: CohortReference, region: str, mixture: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-mean and log-sd per latent stage that give the published moments per recorded group.
+
+    Published statistics are by recorded diagnosis, which mixes in neighbouring stages
+    at the label-noise rate: drawing latent stages at the published values would shrink
+    every group difference (Cohen's d) by that mixing, so the mixing is inverted.
+    """
+    mean, sd = np.array([ref.groups[g].volumes[region] for g in GROUPS], dtype=float).T
+    log_var = np.log1p((sd / mean) ** 2)
+    log_mean = np.log(mean) - log_var / 2
+    latent_mean = np.linalg.solve(mixture, log_mean)
+    between = (mixture * (latent_mean[None, :] - log_mean[:, None]) ** 2).sum(axis=1)
+    latent_var = np.linalg.solve(mixture, log_var - between)
+    return latent_mean, np.sqrt(latent_var)
 
 
 def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
@@ -75,7 +110,8 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
 
     # --- subjects -------------------------------------------------------------
     fractions = np.array([ref.groups[g].baseline_fraction for g in GROUPS])
-    stage0 = rng.choice(3, size=n, p=fractions / fractions.sum())
+    fractions = fractions / fractions.sum()
+    stage0 = rng.choice(3, size=n, p=fractions)
     age_mean, age_sd = _group_stat(ref, lambda s: s.age, stage0)
     age = np.clip(rng.normal(age_mean, age_sd), 55, 92)
     female = rng.random(n) < _pick([ref.groups[g].female for g in GROUPS], stage0)
@@ -91,7 +127,10 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
     # ICV by sex; the group sd includes the sex difference, so remove it within sex.
     icv_mean, icv_sd = _group_stat(ref, lambda s: s.volumes["ICV"], stage0)
     hs = ref.head_size
-    sex_factor = np.where(female, hs.female_icv_factor, hs.male_icv_factor)
+    female_share = _pick([ref.groups[g].female for g in GROUPS], stage0)
+    mean_factor = female_share * hs.female_icv_factor + (1 - female_share) * hs.male_icv_factor
+    # Normalised by the group's sex mix, so the group mean stays the published one.
+    sex_factor = np.where(female, hs.female_icv_factor, hs.male_icv_factor) / mean_factor
     within_sex_sd = np.sqrt(np.maximum(icv_sd**2 - ((1 - hs.female_icv_factor) * icv_mean) ** 2, 1))
     icv = rng.normal(icv_mean * sex_factor, within_sex_sd)
 
@@ -147,23 +186,26 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
     )
 
     # --- volumes: log-normal, ICV^b, age, severity, atrophy over follow-up -------
-    icv_rel_log = np.log(icv / icv_mean)[subj]
+    icv_log_sd = np.sqrt(np.log1p((icv_sd / icv_mean) ** 2))
+    icv_rel_log = (np.log(icv) - np.log(icv_mean) + icv_log_sd**2 / 2)[subj]  # mean 0
     age_dev = (age - age_mean)[subj]
     hippo_rate = _pick(ref.dynamics.hippocampus_atrophy_per_year, s0)
-    for region in ("Hippocampus", "Ventricles", "WholeBrain", "Entorhinal", "Fusiform", "MidTemp"):
-        mean, sd = _group_stat(ref, lambda s, r=region: s.volumes[r], s0)
-        total_sd = np.sqrt(np.log1p((sd / mean) ** 2))  # within-group log sd
+    mixture = _recorded_mixture(fractions, label_noise)
+    for region in REGIONS:
+        latent_mean, latent_sd = _latent_log_moments(ref, region, mixture)
+        log_mean, log_sd = latent_mean[s0], latent_sd[s0]
         b, slope = ref.volume_exponent(region), ref.age_slope(region)
-        explained = (b * 0.09) ** 2 + (slope * 6) ** 2 + (load["volumes"] * total_sd) ** 2
-        resid_sd = np.sqrt(np.maximum(total_sd**2 - explained, (0.3 * total_sd) ** 2))
+        # Head size and age take their share of the group's variance; the shared severity
+        # factor takes `load^2` of what is left, independent noise the rest.
+        head, ageing = b * icv_log_sd[subj], np.log1p(slope) * age_sd[subj]
+        left = np.maximum(log_sd**2 - head**2 - ageing**2, 0.0)
         sign = 1.0 if region == "Ventricles" else -1.0
         log_vol = (
-            np.log(mean)
-            - total_sd**2 / 2
+            log_mean
             + b * icv_rel_log
             + np.log1p(slope) * age_dev
-            + sign * load["volumes"] * total_sd * sev
-            + resid_sd * rng.standard_normal(n)[subj]
+            + sign * load["volumes"] * np.sqrt(left) * sev
+            + np.sqrt(left * (1 - load["volumes"] ** 2)) * rng.standard_normal(n)[subj]
         )
         if region == "Ventricles":
             yearly = np.log1p(_pick(ref.dynamics.ventricle_growth_per_year, s0))

@@ -46,6 +46,71 @@ def test_group_means_match_the_reference(baseline: pd.DataFrame, group: str) -> 
         assert rows[region].std() == pytest.approx(sd, rel=0.3), region
 
 
+@pytest.fixture(scope="module")
+def large_baseline() -> pd.DataFrame:
+    """20,000 subjects' baseline visits: effect sizes to within about +-0.03 (one se)."""
+    cohort = generate_cohort(SynthConfig(subjects=20_000, max_visits=1, seed=12))
+    cohort["group"] = cohort["DX"].map(DX_TO_GROUP)
+    return cohort.dropna(subset=["group"])
+
+
+def cohens_d(cn: pd.Series, other: pd.Series) -> float:
+    """(mean CN - mean other) / pooled sd, as the published contrasts are computed."""
+    cn, other = cn.dropna(), other.dropna()
+    pooled = ((len(cn) - 1) * cn.var() + (len(other) - 1) * other.var()) / (
+        len(cn) + len(other) - 2
+    )
+    return float((cn.mean() - other.mean()) / np.sqrt(pooled))
+
+
+D_TOLERANCE = 0.1  # d is approx in reference.yaml; the uncalibrated generator was off by up to 0.3
+FRACTION_TOLERANCE = 0.01  # WholeBrain/ICV, absolute; the CN-AD gap is about 0.04
+
+
+@pytest.mark.parametrize("group", ["MCI", "AD"])
+@pytest.mark.parametrize("region", sorted(REF.effect_sizes_vs_cn["AD"]))
+def test_each_volume_separates_the_groups_as_published(
+    large_baseline: pd.DataFrame, region: str, group: str
+) -> None:
+    """Cohen's d by recorded diagnosis, label noise included, as in the published contrasts."""
+    by_group = large_baseline.groupby("group")[region]
+    d = cohens_d(by_group.get_group("CN"), by_group.get_group(group))
+    assert d == pytest.approx(REF.effect_sizes_vs_cn[group][region], abs=D_TOLERANCE)
+
+
+def test_the_reference_table_implies_the_published_effect_sizes() -> None:
+    """The group means and sds the generator draws from agree with the stated d."""
+    for group, published in REF.effect_sizes_vs_cn.items():
+        for region, d in published.items():
+            (cn_mean, cn_sd), (mean, sd) = (REF.groups[g].volumes[region] for g in ("CN", group))
+            implied = (cn_mean - mean) / np.sqrt((cn_sd**2 + sd**2) / 2)
+            assert implied == pytest.approx(d, abs=0.05), (group, region)
+
+
+@pytest.mark.parametrize("group", ["CN", "MCI", "AD"])
+def test_whole_brain_fraction_of_icv_matches_the_reference(
+    large_baseline: pd.DataFrame, group: str
+) -> None:
+    fraction = (large_baseline["WholeBrain"] / large_baseline["ICV"])[
+        large_baseline["group"] == group
+    ]
+    mean, sd = REF.wholebrain_icv_fraction[group]
+    assert fraction.mean() == pytest.approx(mean, abs=FRACTION_TOLERANCE)
+    assert fraction.std() == pytest.approx(sd, rel=0.25)
+
+
+def test_whole_brain_fraction_gap_between_cn_and_ad_is_the_published_one(
+    large_baseline: pd.DataFrame,
+) -> None:
+    """Mild AD brains are ~6% smaller than controls' once divided by head size, not ~12%."""
+    fraction = (large_baseline["WholeBrain"] / large_baseline["ICV"]).groupby(
+        large_baseline["group"]
+    )
+    gap = fraction.mean()["CN"] - fraction.mean()["AD"]
+    published = REF.wholebrain_icv_fraction["CN"][0] - REF.wholebrain_icv_fraction["AD"][0]
+    assert gap == pytest.approx(published, abs=FRACTION_TOLERANCE)
+
+
 def test_group_sizes_follow_adni1(baseline: pd.DataFrame) -> None:
     shares = baseline["group"].value_counts(normalize=True)
     for group in ("CN", "MCI", "AD"):
