@@ -56,6 +56,13 @@ class HeadSize(BaseModel):
     female_icv_factor: float
 
 
+class SiteStats(BaseModel):
+    """How another cohort's subjects differ from ADNI's: group shares and ages."""
+
+    baseline_fraction: dict[Label, float]
+    age: dict[Label, MeanSd]
+
+
 class CohortReference(BaseModel):
     """Everything in reference.yaml; see that file for the source of each number."""
 
@@ -63,6 +70,7 @@ class CohortReference(BaseModel):
     groups: dict[Label, GroupStats]
     effect_sizes_vs_cn: dict[Label, dict[str, float]]
     wholebrain_icv_fraction: dict[Label, MeanSd]
+    aibl: SiteStats
     inclusion_mmse: dict[Label, tuple[float, float]]
     dynamics: Dynamics
     ageing: Ageing

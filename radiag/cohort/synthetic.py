@@ -13,16 +13,23 @@ Generative story, per subject:
 Published volume statistics are by recorded diagnosis, so the latent stages' volumes
 are set to give those per recorded group (group means, sds and Cohen's d as published).
 Everything is vectorised over subjects and visits (1M subjects in seconds).
+
+`SynthConfig.site` draws another site's cohort instead (another group mix and ages,
+volumes on another scanner's scale, some regions not measured), ADNIMERGE-shaped too
+and read with `export_mapping`, for evaluating models across cohorts.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from radiag.cohort.mapping import ColumnMapping, bundled_mapping
 from radiag.cohort.reference import CohortReference, load_reference
-from radiag.cohort.schema import COLUMN_BY_NAME, NUMERIC_COLUMNS, Label
+from radiag.cohort.schema import COLUMN_BY_NAME, NUMERIC_COLUMNS, VOLUME_COLUMNS, Label
 from radiag.config import StrictModel
 
 GROUPS = (Label.CN, Label.MCI, Label.AD)  # index = latent stage
@@ -33,6 +40,71 @@ DX_TEXT = np.array(["CN", "MCI", "Dementia"])
 CENSOR_BOUNDS = {"ABETA": (200.0, 1700.0), "TAU": (80.0, 1300.0), "PTAU": (8.0, 120.0)}
 # Measurement noise per visit, in the measure's units (approx test-retest).
 VISIT_NOISE = {"MMSE": 1.0, "CDRSB": 0.4, "ADAS13": 2.5, "FAQ": 1.0, "MOCA": 1.2}
+
+
+class SiteConfig(StrictModel):
+    """Another site's cohort, for cross-cohort (transfer) evaluation: how it differs from ADNI.
+
+    Its subjects are drawn with another group mix and other ages (by default AIBL's
+    inception cohort, reference.yaml `aibl`); its scanner and pipeline measure each
+    volume on another scale (`volume_scale`); some regions it does not measure at all,
+    so their columns are absent from its export (`missing_regions`). Its RIDs start at
+    `first_rid`, above any main cohort's 1..subjects (up to 10M subjects).
+    """
+
+    source: str = Field(
+        "site2", pattern=r"^[a-z0-9_]+$", description="cohort name, part of every patient_id"
+    )
+    site_codes: tuple[int, int] = Field(
+        (901, 901), description="first and last PTID site code; subjects spread over them"
+    )
+    first_rid: int = Field(10_000_001, ge=1, le=10**8, description="RID of the first subject")
+    baseline_fraction: dict[Label, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(load_reference().aibl.baseline_fraction),
+        description="share of each group at baseline",
+    )
+    age: dict[Label, tuple[float, float]] = Field(
+        default_factory=lambda: dict(load_reference().aibl.age),
+        description="[mean, sd] of age at baseline per group",
+    )
+    volume_scale: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: {
+            "Hippocampus": 1.1,
+            "Ventricles": 0.9,
+            "WholeBrain": 1.04,
+            "ICV": 0.92,
+        },
+        description="factor on each volume as this site measures it (unlisted: 1); the default"
+        " is illustrative: another scanner and pipeline segment the hippocampus larger and"
+        " estimate ICV smaller",
+    )
+    missing_regions: tuple[str, ...] = Field(
+        ("Entorhinal", "Fusiform", "MidTemp"), description="volumes this site does not export"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteConfig:
+        unknown = {*self.volume_scale, *self.missing_regions} - set(VOLUME_COLUMNS)
+        if unknown:
+            raise ValueError(f"not volume columns: {sorted(unknown)}")
+        if not 1 <= self.site_codes[0] <= self.site_codes[1] <= 999:
+            raise ValueError("site_codes must be [first, last] within 1..999")
+        if set(self.baseline_fraction) != set(GROUPS) or set(self.age) != set(GROUPS):
+            raise ValueError("baseline_fraction and age need CN, MCI and AD")
+        return self
+
+
+def _adni_site(ref: CohortReference) -> SiteConfig:
+    """ADNI itself as a site: the reference's groups, 150 sites, volumes as published."""
+    return SiteConfig(
+        source="adni",
+        site_codes=(2, 151),
+        first_rid=1,
+        baseline_fraction={g: ref.groups[g].baseline_fraction for g in GROUPS},
+        age={g: ref.groups[g].age for g in GROUPS},
+        volume_scale={},
+        missing_regions=(),
+    )
 
 
 class SynthConfig(StrictModel):
@@ -52,6 +124,17 @@ class SynthConfig(StrictModel):
         description="override reference.yaml label_noise (beyond 0.3 a group is mostly neighbours)",
     )
     seed: int = Field(0, description="seed of the generator; same seed, same cohort")
+    site: SiteConfig | None = Field(
+        None, description="draw another site's cohort (transfer evaluation); none: ADNI's"
+    )
+
+
+def export_mapping(cfg: SynthConfig) -> ColumnMapping:
+    """How the CSV of `generate_cohort(cfg)` is read: ADNIMERGE's mapping, under the site's name."""
+    adnimerge = bundled_mapping("adnimerge")
+    return (
+        adnimerge if cfg.site is None else adnimerge.model_copy(update={"source": cfg.site.source})
+    )
 
 
 def _pick(values: dict[Label, float] | list[float], stage: np.ndarray) -> np.ndarray:
@@ -102,18 +185,20 @@ def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
 
 
 def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) -> pd.DataFrame:
-    """Draw an ADNIMERGE-shaped visit table (one row per subject visit)."""
+    """Draw an ADNIMERGE-shaped visit table (one row per subject visit) of ADNI or `cfg.site`."""
     ref = reference or load_reference()
     rng = np.random.default_rng(cfg.seed)
     n = cfg.subjects
     label_noise = ref.label_noise if cfg.label_noise is None else cfg.label_noise
+    site = cfg.site or _adni_site(ref)
 
     # --- subjects -------------------------------------------------------------
-    fractions = np.array([ref.groups[g].baseline_fraction for g in GROUPS])
+    fractions = np.array([site.baseline_fraction[g] for g in GROUPS])
     fractions = fractions / fractions.sum()
     stage0 = rng.choice(3, size=n, p=fractions)
-    age_mean, age_sd = _group_stat(ref, lambda s: s.age, stage0)
-    age = np.clip(rng.normal(age_mean, age_sd), 55, 92)
+    site_age = np.array([site.age[g] for g in GROUPS])[stage0]  # (n, 2)
+    age = np.clip(rng.normal(site_age[:, 0], site_age[:, 1]), 55, 92)
+    age_mean, age_sd = _group_stat(ref, lambda s: s.age, stage0)  # volumes age from ADNI's
     female = rng.random(n) < _pick([ref.groups[g].female for g in GROUPS], stage0)
     edu_mean, edu_sd = _group_stat(ref, lambda s: s.education, stage0)
     education = np.clip(np.round(rng.normal(edu_mean, edu_sd)), 6, 20)
@@ -188,9 +273,12 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
     # --- volumes: log-normal, ICV^b, age, severity, atrophy over follow-up -------
     icv_log_sd = np.sqrt(np.log1p((icv_sd / icv_mean) ** 2))
     icv_rel_log = (np.log(icv) - np.log(icv_mean) + icv_log_sd**2 / 2)[subj]  # mean 0
-    age_dev = (age - age_mean)[subj]
+    age_dev = (age - age_mean)[subj]  # from the reference's mean age: a younger site differs
     hippo_rate = _pick(ref.dynamics.hippocampus_atrophy_per_year, s0)
-    mixture = _recorded_mixture(fractions, label_noise)
+    # Latent volumes are calibrated on ADNI's group mix: another site's mix changes who
+    # is recorded where, not what a disease stage does to the brain.
+    adni = np.array([ref.groups[g].baseline_fraction for g in GROUPS])
+    mixture = _recorded_mixture(adni / adni.sum(), label_noise)
     for region in REGIONS:
         latent_mean, latent_sd = _latent_log_moments(ref, region, mixture)
         log_mean, log_sd = latent_mean[s0], latent_sd[s0]
@@ -212,8 +300,9 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
         else:  # hippocampus at its group rate, cortex at half of it (approx)
             yearly = np.log1p(-hippo_rate * (1.0 if region == "Hippocampus" else 0.5))
         log_vol = log_vol + yearly * years + 0.015 * rng.standard_normal(rows) * (years > 0)
-        frame[region] = np.round(np.exp(log_vol))
-    frame["ICV"] = np.round(icv[subj] * np.exp(0.005 * rng.standard_normal(rows)))
+        frame[region] = np.round(np.exp(log_vol) * site.volume_scale.get(region, 1.0))
+    icv_measured = icv[subj] * np.exp(0.005 * rng.standard_normal(rows))
+    frame["ICV"] = np.round(icv_measured * site.volume_scale.get("ICV", 1.0))
 
     # --- fluid and PET biomarkers --------------------------------------------------
     for marker in ("ABETA", "TAU", "PTAU", "FDG", "AV45"):
@@ -238,8 +327,9 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
     first_row = np.r_[0, np.flatnonzero(np.diff(subj)) + 1]  # baseline row of each subject
     dx_bl = bl_code[first_row][np.repeat(np.arange(n), np.diff(np.r_[first_row, rows]))]
 
-    rid = np.arange(1, n + 1)
-    site = 2 + (rid % 150)
+    rid = np.arange(site.first_rid, site.first_rid + n)
+    first_code, last_code = site.site_codes
+    site_code = first_code + rid % (last_code - first_code + 1)
     base_day = np.datetime64("2005-09-01") + rng.integers(0, 2700, n).astype("timedelta64[D]")
     examdate = base_day[subj] + np.round(years * 365.25).astype("timedelta64[D]")
 
@@ -247,7 +337,7 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
         {
             "RID": rid[subj],
             "PTID": pd.Series(
-                [f"{s:03d}_S_{r:04d}" for s, r in zip(site, rid, strict=True)]
+                [f"{s:03d}_S_{r:04d}" for s, r in zip(site_code, rid, strict=True)]
             ).to_numpy(dtype=object)[subj],
             "VISCODE": np.array([code for code, _ in VISITS], dtype=object)[visit],
             "EXAMDATE": examdate.astype("datetime64[D]").astype(str),
@@ -265,7 +355,7 @@ def generate_cohort(cfg: SynthConfig, reference: CohortReference | None = None) 
     _clip_to_plausible_ranges(table)
     _apply_missingness(table, ref, rng)
     _censor_csf(table)
-    return table
+    return table.drop(columns=list(site.missing_regions))
 
 
 def _clip_to_plausible_ranges(table: pd.DataFrame) -> None:
