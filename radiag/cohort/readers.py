@@ -2,12 +2,13 @@
 
 Each reader returns raw rows (strings, plus `_file`/`_row` for error messages) and
 hands them to `canonicalize` with the right mapping, so validation and quarantine
-are the same for every source. A file that cannot be read at all raises
-`CohortReadError` with one clear message.
+are the same for every source. A file that cannot be read at all, or from which
+no row survives, raises `CohortReadError` with one clear message.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import IO
 import pandas as pd
 
 from radiag.cohort.mapping import ColumnMapping, bundled_mapping
-from radiag.cohort.validate import IngestResult, canonicalize
+from radiag.cohort.validate import CohortReadError, IngestResult, canonicalize
 from radiag.store import filesystem_for
 
 # AIBL exports are one CSV per instrument, named like aibl_mmse_01-Jun-2018.csv.
@@ -28,14 +29,15 @@ AIBL_TABLES = {
     "apoeres": ("RID", "APGEN1", "APGEN2"),
 }
 CDR_BOXES = AIBL_TABLES["cdr"][2:]
-
-
-class CohortReadError(RuntimeError):
-    """A cohort file that cannot be read at all; the message is for the user."""
+DELIMITERS = ",;\t|"
+_SNIFF_CHARS = 16_384
 
 
 def read_csv_rows(
-    path: str | Path, required: tuple[str, ...] = (), content: IO[bytes] | None = None
+    path: str | Path,
+    required: tuple[str, ...] = (),
+    content: IO[bytes] | None = None,
+    delimiter: str | None = None,
 ) -> pd.DataFrame:
     """Read a CSV as strings, with `_file` and `_row` (1-based line number, header = line 1).
 
@@ -43,12 +45,21 @@ def read_csv_rows(
         path: the file; also the name errors and quarantine records give.
         required: columns without which the file is refused.
         content: the file's bytes when they come from elsewhere (an s3:// run store).
+        delimiter: the field separator. Default: detected from the first lines (one of
+            `DELIMITERS`; a European export is often `;`-separated).
+
+    Raises:
+        CohortReadError: the file is missing, not a CSV, lacks a required column or
+            has no data rows.
     """
     if content is None and str(path).startswith("s3://"):
         content = _s3_object(str(path))
     try:
+        data = content.read() if content is not None else Path(path).read_bytes()
+        text = data.decode("utf-8-sig")
+        sep = delimiter or _detect_delimiter(text)
         rows = pd.read_csv(
-            content or Path(path), dtype=str, keep_default_na=False, skipinitialspace=True
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True
         )
     except FileNotFoundError:
         raise CohortReadError(f"{path}: file not found") from None
@@ -56,10 +67,46 @@ def read_csv_rows(
         raise CohortReadError(f"{path}: not a readable CSV ({err})") from None
     absent = [c for c in required if c not in rows.columns]
     if absent:
-        raise CohortReadError(f"{path}: missing required column(s) {', '.join(absent)}")
+        found = ", ".join(rows.columns[:8]) + (", ..." if len(rows.columns) > 8 else "")
+        raise CohortReadError(
+            f"{path}: missing required column(s) {', '.join(absent)} "
+            f"(read with delimiter {sep!r}, columns: {found})"
+        )
+    if rows.empty:
+        raise CohortReadError(f"{path}: no data rows, only a header")
     rows["_file"] = str(path)
-    rows["_row"] = range(2, len(rows) + 2)
+    rows["_row"] = _line_numbers(text, sep, len(rows))
     return rows
+
+
+def _detect_delimiter(text: str) -> str:
+    """The delimiter of the first lines; a comma when they do not tell (one column)."""
+    head = text[:_SNIFF_CHARS]
+    if len(text) > _SNIFF_CHARS and "\n" in head:
+        head = head[: head.rindex("\n")]  # whole lines only
+    try:
+        return csv.Sniffer().sniff(head, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _line_numbers(text: str, sep: str, count: int) -> range | list[int]:
+    """The source line each of the `count` data rows starts on (header = line 1).
+
+    pandas numbers records, not lines: a quoted field holding a newline, or a blank
+    line it skips, shifts every later row. Only such a file is read again, with
+    `csv`, which counts the lines each record spans.
+    """
+    lines = text.count("\n") + (not text.endswith("\n"))
+    if lines == count + 1:
+        return range(2, count + 2)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, skipinitialspace=True)
+    starts, end = [], 0
+    for record in reader:
+        if len(record) > 1 or any(field.strip() for field in record):  # pandas skips blank lines
+            starts.append(end + 1)
+        end = reader.line_num
+    return starts[1:]  # the first record is the header
 
 
 def _s3_object(uri: str) -> IO[bytes]:
@@ -81,9 +128,10 @@ def read_adnimerge(path: str | Path) -> IngestResult:
 
 def read_mapped_csv(path: str | Path, mapping: ColumnMapping) -> IngestResult:
     """Any cohort CSV whose columns a mapping YAML translates."""
-    raw_ids = [raw for raw, canonical in mapping.columns.items() if canonical in ("RID", "VISCODE")]
-    passthrough = [c for c in ("RID", "VISCODE") if c not in mapping.columns.values()]
-    return canonicalize(read_csv_rows(path, required=(*raw_ids, *passthrough)), mapping)
+    rows = read_csv_rows(
+        path, required=tuple(mapping.required_columns()), delimiter=mapping.delimiter
+    )
+    return canonicalize(rows, mapping)
 
 
 def _aibl_file(directory: Path, table: str) -> Path:
