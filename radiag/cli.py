@@ -131,9 +131,10 @@ def _show(summary: StageSummary, seconds: float | None = None) -> None:
         console.print(f"  [yellow]skipped:[/] {error}", soft_wrap=True, highlight=False)
     if reasons := summary.details.get("quarantine_reasons"):
         console.print(
-            f"  [yellow]quarantined rows by reason[/] (cohort/quarantine.parquet): {reasons}",
-            highlight=False,
+            "  [yellow]quarantined rows by reason[/] (cohort/quarantine.parquet):", highlight=False
         )
+        for reason, rows in reasons.items():  # "column: reason"; no markup: "[0, 30]" is text
+            console.print(f"    {rows:>6}  {reason}", markup=False, highlight=False, soft_wrap=True)
     for problem in summary.details.get("problems") or []:
         console.print(f"  [bold red]not evaluated:[/] {problem}", soft_wrap=True, highlight=False)
     if report := summary.details.get("report"):

@@ -148,7 +148,7 @@ def _ingest(cfg: IngestConfig, store: RunStore) -> StageSummary:
             "quarantined_rows": int(result.quarantine[["file", "row"]].drop_duplicates().shape[0]),
             **{f"label_{k}": int(v) for k, v in labels.value_counts().items()},
         },
-        details={"quarantine_reasons": result.quarantine["reason"].value_counts().to_dict()},
+        details={"quarantine_reasons": result.reasons()},
     )
 
 
