@@ -93,15 +93,12 @@ def model_name(classifier: Classifier, feature_set: FeatureSet) -> str:
     return f"baseline-{classifier}-{feature_set}"
 
 
-BASELINE_STAGE = Stage(
-    "baseline",
-    "baselines",
-    also=tuple(
-        predictions_dir(model_name(c, f))
-        for c in get_args(Classifier)
-        for f in get_args(FeatureSet)
-    ),
-)
+BASELINE_MODELS: dict[str, tuple[Classifier, FeatureSet]] = {
+    model_name(c, f): (c, f) for c in get_args(Classifier) for f in get_args(FeatureSet)
+}
+"""Every baseline's name -> its (classifier, feature set): a name says how to refit it."""
+
+BASELINE_STAGE = Stage("baseline", "baselines", also=tuple(map(predictions_dir, BASELINE_MODELS)))
 
 
 def feature_matrix(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -153,8 +150,35 @@ def predict_rows(
     name: str, pipeline: Pipeline, feature_set: FeatureSet, frame: pd.DataFrame, seed: int = 0
 ) -> list[dict[str, object]]:
     """Output rows (diagnosis + probabilities) of a fitted baseline for cohort rows."""
-    x = feature_matrix(frame, FEATURE_SETS[feature_set])
-    return _predict_rows(name, pipeline, x, frame["patient_id"], seed)
+    return predict_columns(name, pipeline, FEATURE_SETS[feature_set], frame, seed)
+
+
+def predict_columns(
+    name: str, pipeline: Pipeline, columns: Sequence[str], frame: pd.DataFrame, seed: int = 0
+) -> list[dict[str, object]]:
+    """`predict_rows` for a pipeline fitted on any `columns` (a refit on another cohort's
+    shared features has no feature set of its own)."""
+    return _predict_rows(name, pipeline, feature_matrix(frame, columns), frame["patient_id"], seed)
+
+
+def unmeasured_columns(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The `columns` a cohort never measured (absent, or null in every row), in order.
+
+    The imputer would fill such a column with the training cohort's median for every
+    patient, so a model would look as if it used a feature it never saw. A region is
+    unmeasured too when ICV is: it enters only divided by ICV.
+    """
+    never = {c for c in columns if c not in frame or frame[c].isna().all()}
+    if "ICV" in never:
+        never |= set(REGIONS) & set(columns)
+    return [c for c in columns if c in never]
+
+
+def fit_baseline(
+    classifier: Classifier, columns: Sequence[str], train: pd.DataFrame, seed: int
+) -> Pipeline:
+    """A classifier fitted on the labelled `train` rows' `columns`."""
+    return build_classifier(classifier, seed).fit(feature_matrix(train, columns), train["label"])
 
 
 def _save(store: RunStore, name: str, pipeline: Pipeline, feature_set: FeatureSet) -> None:
@@ -163,7 +187,12 @@ def _save(store: RunStore, name: str, pipeline: Pipeline, feature_set: FeatureSe
     store.write_bytes(model_path(name), buffer.getvalue())
 
 
-def _read_split(store: RunStore, path: str, needed: set[str]) -> pd.DataFrame:
+def read_split(store: RunStore, path: str, needed: set[str]) -> pd.DataFrame:
+    """The `needed` columns of a split table (read no others: test labels stay unread).
+
+    Raises:
+        BaselineInputError: the table lacks one of them.
+    """
     table = store.read_table(path)
     if missing := sorted(needed - set(table.column_names)):
         raise BaselineInputError(
@@ -215,22 +244,31 @@ def run_baseline(cfg: BaselineConfig, store: RunStore, fresh: bool = False) -> S
     return run_stage(store, BASELINE_STAGE, identity, lambda: _fit_all(cfg, store), fresh=fresh)
 
 
-def _fit_all(cfg: BaselineConfig, store: RunStore) -> StageSummary:
-    needed = {"patient_id", "label"}.union(*(FEATURE_SETS[f] for f in cfg.feature_sets))
-    train = _read_split(store, TRAIN_TABLE, needed)
-    test = _read_split(store, TEST_TABLE, needed - {"label"})
+def training_rows(store: RunStore, columns: set[str]) -> pd.DataFrame:
+    """The labelled training rows (patient_id, label and `columns`), with every class present.
+
+    Raises:
+        BaselineInputError: a column is missing, or train lacks a class.
+    """
+    train = read_split(store, TRAIN_TABLE, {"patient_id", "label", *columns})
     train = train[train["label"].notna()]
     if absent := [label.value for label in Label if label not in set(train["label"])]:
         raise BaselineInputError(
             f"{store.uri_of(TRAIN_TABLE)} has no labelled rows of class(es) {', '.join(absent)}"
         )
+    return train
+
+
+def _fit_all(cfg: BaselineConfig, store: RunStore) -> StageSummary:
+    needed = {"patient_id"}.union(*(FEATURE_SETS[f] for f in cfg.feature_sets))
+    train = training_rows(store, needed)
+    test = read_split(store, TEST_TABLE, needed)
     models = {}
     for classifier in cfg.classifiers:
         for feature_set in cfg.feature_sets:
             name = model_name(classifier, feature_set)
             start = time.perf_counter()
-            x_train = feature_matrix(train, FEATURE_SETS[feature_set])
-            pipeline = build_classifier(classifier, cfg.seed).fit(x_train, train["label"])
+            pipeline = fit_baseline(classifier, FEATURE_SETS[feature_set], train, cfg.seed)
             _save(store, name, pipeline, feature_set)
             rows = predict_rows(name, pipeline, feature_set, test, cfg.seed)
             directory = predictions_dir(name)
@@ -239,7 +277,7 @@ def _fit_all(cfg: BaselineConfig, store: RunStore) -> StageSummary:
             models[name] = ModelSummary(
                 n_train=len(train),
                 n_test=len(test),
-                features=list(x_train.columns),
+                features=list(pipeline.feature_names_in_),
                 seconds=round(time.perf_counter() - start, 3),
             )
     return StageSummary(
