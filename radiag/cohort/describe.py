@@ -5,11 +5,17 @@ is married. The patient has a Mini-mental State Examination score of 27/30 and h
 one copy of APOE4 gene. Also, based on their MRI scans:
 - Atrophy of hippocampus: Mild ..."
 
-MRI findings are graded No / Mild / Severe from z-scores of log volume against the
-cognitively normal norm of reference.yaml, adjusted for ICV (head size), age and
-therefore sex (sex differences vanish after ICV adjustment). The norm is a fixed
-published reference: no row's label, nor any statistic fitted on labels, enters a
-description. Only the columns in `FEATURE_COLUMNS` are ever read.
+MRI findings are graded No / Mild / Severe from z-scores of log volume against a
+cognitively normal (CN) norm adjusted for ICV (head size), age and sex, chosen by
+`DescribeConfig.norm`:
+- `reference`: the published ADNI CN values of reference.yaml (sex enters through
+  ICV only: sex differences vanish after ICV adjustment);
+- `fitted`: fitted by the splits stage on the CN baseline visits of the cohort's own
+  training split (`fit_norm`), so a cohort measured by another segmentation pipeline
+  or scanner is graded against its own healthy controls, not against ADNI's numbers;
+- the path of a saved norm (a run's splits/norm.json), to grade as that run did.
+No row's label enters its own description, and no test subject enters a norm. Only
+the columns in `FEATURE_COLUMNS` are ever read to describe.
 
 Regions are those the cohort measures (ADNIMERGE: hippocampus, entorhinal,
 fusiform, middle temporal, whole brain, ventricles); the paper's other regions
@@ -20,21 +26,25 @@ pyarrow compute (1M rows in seconds).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from radiag.cohort.readers import CohortReadError
 from radiag.cohort.reference import CohortReference, load_reference
 from radiag.cohort.schema import Label
 from radiag.config import StrictModel
+from radiag.store import filesystem_for
 
 FeatureBlock = Literal["demographics", "mmse", "apoe4", "cognitive_battery", "biomarkers", "mri"]
 PAPER_FEATURES: tuple[FeatureBlock, ...] = ("demographics", "mmse", "apoe4", "mri")
 GRADES = ("No", "Mild", "Severe")
 DESCRIPTION_VERSION = "v1"  # a change to the description text is a new version (stage identity)
+FIT_VERSION = "ols-v1"  # a change to how `fit_norm` fits is a new version (stage identity)
+FIT_MIN_SUBJECTS = 10  # four coefficients and a residual sd need more CN subjects than this
 
 # (column, bullet text); the order is the order of the bullets.
 MRI_FINDINGS = (
@@ -74,6 +84,12 @@ class DescribeConfig(StrictModel):
     )
     mild_z: float = Field(1.0, gt=0, description="|z| from the CN norm at which a finding is Mild")
     severe_z: float = Field(2.0, gt=0, description="|z| at which it is Severe")
+    norm: str = Field(
+        "reference",
+        min_length=1,
+        description="the CN norm that grades MRI: reference (published ADNI values), fitted "
+        "(on the training split's CN subjects), or the path of a saved norm (<run>/splits/norm.json)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DescribeConfig:
@@ -86,19 +102,47 @@ class DescribeConfig(StrictModel):
 
 @dataclass(frozen=True)
 class Norm:
-    """CN norm of one region: expected log volume at (ICV, age) and residual sd."""
+    """CN norm of one region: expected log volume at (ICV, age, sex) and residual sd.
+
+    `female_shift` is the log-volume difference of women at the same ICV and age: 0 in
+    the reference, fitted from the cohort otherwise.
+    """
 
     log_mean: float
     icv_mean: float
     icv_exponent: float
     age_mean: float
-    age_slope: float
+    age_slope: float  # relative volume change per year of age
     resid_sd: float
+    female_shift: float = 0.0
 
-    def z(self, volume: np.ndarray, icv: np.ndarray, age: np.ndarray) -> np.ndarray:
+    def z(
+        self, volume: np.ndarray, icv: np.ndarray, age: np.ndarray, female: np.ndarray
+    ) -> np.ndarray:
         expected = self.log_mean + self.icv_exponent * np.log(icv / self.icv_mean)
         expected = expected + np.log1p(self.age_slope) * (age - self.age_mean)
+        expected = expected + self.female_shift * female
         return (np.log(volume) - expected) / self.resid_sd
+
+
+class NormativeModel(BaseModel):
+    """The CN norm of every graded region and where it came from: splits/norm.json.
+
+    A region without a norm is not graded (its grade is null, as for an unmeasured one).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a file that is no norm is refused
+
+    kind: Literal["reference", "fitted"]
+    method: str
+    regions: dict[str, Norm]
+    subjects: dict[str, int] = Field(
+        default_factory=dict, description="fitted: CN subjects behind each region's norm"
+    )
+    fitted_by: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fitted: the split fitted on, and the splits stage's identity and upstream",
+    )
 
 
 def cn_norms(ref: CohortReference) -> dict[str, Norm]:
@@ -118,17 +162,127 @@ def cn_norms(ref: CohortReference) -> dict[str, Norm]:
     return norms
 
 
-def grade_mri(table: pa.Table, cfg: DescribeConfig, ref: CohortReference | None = None) -> pa.Table:
+def reference_norm(ref: CohortReference | None = None) -> NormativeModel:
+    """The published reference (reference.yaml) as a normative model."""
+    return NormativeModel(
+        kind="reference",
+        method="published ADNI CN statistics (reference.yaml)",
+        regions=cn_norms(ref or load_reference()),
+    )
+
+
+def fit_norm(train: pa.Table) -> NormativeModel:
+    """Per region, OLS of log volume on log ICV, age and sex over the CN baseline visits of
+    a training split; the residual sd scales the z-score.
+
+    Pass the training split only: the norm must never see a test subject. One visit per
+    subject (the baseline), so a subject seen four times does not count four times.
+
+    Raises:
+        CohortReadError: too few CN baseline visits to fit (names the region and count).
+    """
+    cn = train.filter(
+        pc.and_(pc.equal(train["label"], Label.CN.value), pc.equal(train["VISCODE"], "bl"))
+    )
+    icv = _numbers(cn["ICV"])
+    age = _numbers(cn["age_at_visit"])
+    female = _female(cn["PTGENDER"])
+    known = (icv > 0) & np.isfinite(age)  # NaN compares False
+    if not known.any():
+        raise CohortReadError(
+            "describe.norm fitted: no CN baseline visit of the training split has ICV and age; "
+            "use describe.norm: reference or a saved norm"
+        )
+    icv_mean, age_mean = float(icv[known].mean()), float(age[known].mean())
+    regions, subjects = {}, {}
+    for region, _ in MRI_FINDINGS:
+        volume = _numbers(cn[region])
+        rows = known & (volume > 0)
+        n = int(rows.sum())
+        if n == 0:
+            continue  # the cohort does not measure it in CN subjects: not graded
+        if n < FIT_MIN_SUBJECTS:
+            raise CohortReadError(
+                f"describe.norm fitted: only {n} CN baseline visits of the training split have "
+                f"{region} (need {FIT_MIN_SUBJECTS}); use describe.norm: reference or a saved norm"
+            )
+        design = np.column_stack(
+            [np.ones(n), np.log(icv[rows] / icv_mean), age[rows] - age_mean, female[rows]]
+        )  # (n, 4); a constant column (one sex only) leaves lstsq rank-deficient, not wrong
+        target = np.log(volume[rows])
+        coef, _, rank, _ = np.linalg.lstsq(design, target, rcond=None)
+        residual = target - design @ coef
+        resid_sd = float(np.sqrt(residual @ residual / max(n - rank, 1)))
+        regions[region] = Norm(
+            float(coef[0]), icv_mean, float(coef[1]), age_mean, float(np.expm1(coef[2])),
+            resid_sd, float(coef[3]),
+        )  # fmt: skip
+        subjects[region] = n
+    return NormativeModel(
+        kind="fitted",
+        method=f"OLS of log volume on log ICV, age and sex, CN baseline visits ({FIT_VERSION})",
+        regions=regions,
+        subjects=subjects,
+    )
+
+
+def load_norm(path: str) -> NormativeModel:
+    """A saved normative model (a run's splits/norm.json), local or s3://.
+
+    Raises:
+        CohortReadError: the file is missing or is not a saved norm.
+    """
+    fs, inner = filesystem_for(path)
+    try:
+        with fs.open_input_stream(inner) as stream:
+            return NormativeModel.model_validate_json(stream.read())
+    except FileNotFoundError:
+        raise CohortReadError(
+            f"describe.norm {path}: not found (give reference, fitted, or the path of a saved "
+            "norm such as <run>/splits/norm.json)"
+        ) from None
+    except ValidationError as err:
+        raise CohortReadError(f"describe.norm {path}: not a saved norm: {err}") from None
+
+
+def configured_norm(cfg: DescribeConfig) -> NormativeModel:
+    """The norm `cfg.norm` names, for any norm known without a training split."""
+    if cfg.norm == "reference":
+        return reference_norm()
+    if cfg.norm == "fitted":
+        raise ValueError(
+            "describe.norm fitted is fitted by the splits stage on its training split: "
+            "describe with that norm (splits/norm.json)"
+        )
+    return load_norm(cfg.norm)
+
+
+def _numbers(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float64, NaN where null."""
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _female(sex: pa.ChunkedArray) -> np.ndarray:
+    """1 for women, 0 for men, 0.5 where sex is unknown (halfway between the two norms)."""
+    female = pc.fill_null(pc.if_else(pc.equal(sex, "Female"), 1.0, 0.0), 0.5)
+    return female.to_numpy(zero_copy_only=False)
+
+
+def grade_mri(table: pa.Table, cfg: DescribeConfig, norm: NormativeModel) -> pa.Table:
     """z-score and grade (No / Mild / Severe, null if unmeasured) for every region.
 
     Atrophy is a volume below the norm; ventricle enlargement is a volume above it.
     """
-    norms = cn_norms(ref or load_reference())
-    icv = table["ICV"].to_numpy(zero_copy_only=False)
-    age = table["age_at_visit"].to_numpy(zero_copy_only=False)
+    icv = _numbers(table["ICV"])
+    age = _numbers(table["age_at_visit"])
+    female = _female(table["PTGENDER"])
     columns = {}
     for region, _ in MRI_FINDINGS:
-        z = norms[region].z(table[region].to_numpy(zero_copy_only=False), icv, age)  # (rows,)
+        region_norm = norm.regions.get(region)
+        if region_norm is None:  # the norm has none: not graded, as an unmeasured region
+            z = np.full(table.num_rows, np.nan)
+        else:
+            z = region_norm.z(_numbers(table[region]), icv, age, female)  # (rows,)
         abnormal = z if region == "Ventricles" else -z
         grade = np.where(abnormal >= cfg.severe_z, 2, np.where(abnormal >= cfg.mild_z, 1, 0))
         columns[f"z_{region}"] = pa.array(z, mask=np.isnan(z))
@@ -200,13 +354,19 @@ def _block_mri(grades: pa.Table) -> pa.Array:
     return pc.fill_null(found, "No MRI measurements are available.")
 
 
-def describe(table: pa.Table, cfg: DescribeConfig, ref: CohortReference | None = None) -> pa.Table:
+def describe(table: pa.Table, cfg: DescribeConfig, norm: NormativeModel | None = None) -> pa.Table:
     """Add `description` and the MRI `z_*` / `grade_*` columns to a cohort table.
 
     Only FEATURE_COLUMNS are read: the label, DX and DX_bl cannot reach the text.
+
+    Args:
+        table: cohort rows.
+        cfg: what to state and how to grade.
+        norm: the norm to grade with (the splits stage's fitted one, a run's saved one).
+            Default: the one `cfg.norm` names, which must then not be `fitted`.
     """
     features = table.select(list(FEATURE_COLUMNS))
-    grades = grade_mri(features, cfg, ref)
+    grades = grade_mri(features, cfg, norm or configured_norm(cfg))
     sentences = []
     if "demographics" in cfg.features:
         sentences.append(_sentence_demographics(features))
