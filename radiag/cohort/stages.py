@@ -17,7 +17,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
-from radiag.cohort.describe import DESCRIPTION_VERSION, DescribeConfig, describe
+from radiag.cohort.describe import (
+    DESCRIPTION_VERSION,
+    FIT_VERSION,
+    DescribeConfig,
+    NormativeModel,
+    configured_norm,
+    describe,
+    fit_norm,
+)
 from radiag.cohort.mapping import bundled_mapping, load_mapping
 from radiag.cohort.mri import MriConfig, synthesize_mri
 from radiag.cohort.readers import (
@@ -48,6 +56,7 @@ COHORT_TABLE = "cohort/cohort.parquet"
 QUARANTINE_TABLE = "cohort/quarantine.parquet"
 SYNTHETIC_EXPORT = "raw/ADNIMERGE_synthetic.csv"
 MRI_TABLE = "mri/volumes.parquet"
+NORM_FILE = "splits/norm.json"
 
 
 class IngestConfig(StrictModel):
@@ -155,24 +164,64 @@ def _ingest(cfg: IngestConfig, store: RunStore) -> StageSummary:
 def describe_and_split(
     describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore, fresh: bool = False
 ) -> StageSummary:
-    """cohort -> descriptions -> splits/{train,val,test}.parquet + splits/assignment.parquet."""
+    """cohort -> splits/{train,val,test}.parquet (described), splits/assignment.parquet and
+    splits/norm.json (the norm that graded the MRI findings, whichever `describe.norm` names)."""
     reads = [COHORT_STAGE, MRI_STAGE] if store.exists(MRI_STAGE.record) else [COHORT_STAGE]
     identity = StageIdentity(
         stage="splits",
         config={"describe": config_identity(describe_cfg), "split": config_identity(split_cfg)},
         upstream=upstream(store, reads),
-        versions={"description": DESCRIPTION_VERSION},
+        versions={"description": DESCRIPTION_VERSION, "norm": _norm_version(describe_cfg)},
     )
     return run_stage(
-        store, SPLITS_STAGE, identity, lambda: _split(describe_cfg, split_cfg, store), fresh=fresh
+        store,
+        SPLITS_STAGE,
+        identity,
+        lambda: _split(describe_cfg, split_cfg, store, identity),
+        fresh=fresh,
     )
 
 
-def _split(describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore) -> StageSummary:
+def _norm_version(cfg: DescribeConfig) -> str:
+    """What the grades depend on besides the config and the upstream cohort: the numbers of
+    a norm known beforehand (reference.yaml's, a saved file's), or how one fitted here is fit.
+
+    Raises:
+        CohortReadError: a saved norm's path is missing or holds no norm.
+    """
+    if cfg.norm == "fitted":
+        return FIT_VERSION
+    return digest(configured_norm(cfg).model_dump(mode="json"))
+
+
+def _stage_norm(cfg: DescribeConfig, train: pa.Table, identity: StageIdentity) -> NormativeModel:
+    """The norm this stage grades with; a fitted one records which stage fitted it on what."""
+    if cfg.norm != "fitted":
+        return configured_norm(cfg)
+    fitted_by = {"split": "train", "stage": identity.fingerprint, "upstream": identity.upstream}
+    return fit_norm(train).model_copy(update={"fitted_by": fitted_by})
+
+
+def run_norm(store: RunStore, cfg: DescribeConfig) -> NormativeModel:
+    """The norm a run's splits stage graded with, so a new patient (a served request) is
+    graded the same way. A run made before the stage saved it used the one `cfg` names."""
+    if store.exists(NORM_FILE):
+        return NormativeModel.model_validate(store.read_json(NORM_FILE))
+    return configured_norm(cfg)
+
+
+def _split(
+    describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore, identity: StageIdentity
+) -> StageSummary:
     cohort = store.read_table(COHORT_TABLE)
     if store.exists(MRI_TABLE):
         cohort = _attach_mri(cohort, store.read_table(MRI_TABLE))
-    tables, assignment = split_cohort(describe(cohort, describe_cfg), split_cfg)
+    # Split first: a fitted norm needs the training split, and every split is graded with it.
+    # Describing is row by row, so this equals describing the cohort and then splitting.
+    tables, assignment = split_cohort(cohort, split_cfg)
+    norm = _stage_norm(describe_cfg, tables["train"], identity)
+    store.write_json(NORM_FILE, norm.model_dump(mode="json"))
+    tables = {name: describe(table, describe_cfg, norm) for name, table in tables.items()}
     for name, table in tables.items():
         store.write_table(f"splits/{name}.parquet", table)
     store.write_table(
@@ -187,7 +236,8 @@ def _split(describe_cfg: DescribeConfig, split_cfg: SplitConfig, store: RunStore
         details={
             "subjects_by_split_and_label": {
                 f"{split}/{label}": int(n) for (split, label), n in strata.items()
-            }
+            },
+            "norm": {"kind": norm.kind, "subjects": norm.subjects},
         },
     )
 
