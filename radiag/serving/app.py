@@ -40,7 +40,7 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from radiag.baseline import MODELS_DIR
 from radiag.cohort.describe import DescribeConfig
-from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE
+from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE, run_norm
 from radiag.contract import read_record
 from radiag.serving.config import ServeConfig
 from radiag.serving.records import (
@@ -192,6 +192,7 @@ class RadiagIngress(OpenAiIngress):
         self.cfg = ServeConfig.model_validate(serve_config)
         self.store = RunStore(self.cfg.run_dir)
         self.describe_cfg = describe_config(self.store)
+        self.norm = run_norm(self.store, self.describe_cfg)  # read once, not per request
         self.models = served_models(self.store, teacher="teacher" in diagnosers)
         self.diagnosers = diagnosers
         self.identities: dict[str, str] = {}
@@ -256,7 +257,7 @@ class RadiagIngress(OpenAiIngress):
             if isinstance(nifti, Response):
                 return nifti
         start = time.perf_counter()
-        described = describe_record(body.patient, self.describe_cfg, body.patient_id)
+        described = describe_record(body.patient, self.describe_cfg, self.norm, body.patient_id)
         description = described["description"][0].as_py()
         try:
             answer = await asyncio.wait_for(

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from radiag.cohort.describe import DescribeConfig, describe
+from radiag.cohort.describe import DescribeConfig, NormativeModel, describe
 from radiag.cohort.schema import COHORT_SCHEMA, COLUMNS, Column, Label
 
 LABEL_COLUMNS = frozenset({"label", "DX", "DX_bl"})
@@ -80,7 +80,8 @@ def record_table(record: BaseModel, patient_id: str = "request") -> pa.Table:
 
 
 def describe_record(
-    record: BaseModel, cfg: DescribeConfig, patient_id: str = "request"
+    record: BaseModel, cfg: DescribeConfig, norm: NormativeModel, patient_id: str = "request"
 ) -> pa.Table:
-    """The record with `description` and the graded MRI columns, as the splits stage makes them."""
-    return describe(record_table(record, patient_id), cfg)
+    """The record with `description` and the graded MRI columns, as the splits stage makes them
+    (`norm`: the run's, `radiag.cohort.stages.run_norm`)."""
+    return describe(record_table(record, patient_id), cfg, norm)
