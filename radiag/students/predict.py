@@ -188,14 +188,20 @@ def download_student(store: RunStore, kind: StudentKind) -> Path:
 
 
 class StudentPredictor:
-    """A Ray Data actor: one `StudentDiagnoser`; diagnoses a batch and writes it."""
+    """A Ray Data actor: one `StudentDiagnoser`; diagnoses a batch and writes it.
 
-    def __init__(self, kind: StudentKind, cfg: dict[str, Any], store_uri: str) -> None:
+    The student comes from the run at `models_uri`: this run, or the trained run whose
+    student diagnoses another cohort (`radiag transfer`).
+    """
+
+    def __init__(
+        self, kind: StudentKind, cfg: dict[str, Any], store_uri: str, models_uri: str
+    ) -> None:
         self.kind = kind
         self.cfg = StudentDiagnoseConfig.model_validate(cfg)
         self.store = RunStore(store_uri)
         torch.set_num_threads(self.cfg.threads_per_replica)
-        self.student = StudentDiagnoser(download_student(self.store, kind), self.cfg)
+        self.student = StudentDiagnoser(download_student(RunStore(models_uri), kind), self.cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -232,8 +238,11 @@ class StudentPredictor:
         )  # (B, 1, D, H, W)
 
 
-def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> pa.Table:
-    """Test rows (no label column), with the preprocessed volume or the reason there is none."""
+def _inputs(
+    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, models: RunStore
+) -> pa.Table:
+    """Test rows (no label column), with the preprocessed volume or the reason there is none;
+    volumes are preprocessed as the student in `models` was trained."""
     table = first_patients(store.read_table(f"splits/{cfg.split}.parquet"), cfg.limit)
     table = table.select(["patient_id", "description", "mri_path"])
     if kind != "vlm":
@@ -241,7 +250,7 @@ def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> p
             "volume_path", pa.nulls(table.num_rows, pa.string())
         ).append_column("error", pa.nulls(table.num_rows, pa.string()))
     trained = DistillConfig.model_validate(
-        store.read_json(f"{stage_dir(kind)}/final/student.json")["config"]
+        models.read_json(f"{stage_dir(kind)}/final/student.json")["config"]
     )
     imaged = table.filter(pc.is_valid(table["mri_path"]))
     prepared = prepare_volumes(
@@ -259,28 +268,44 @@ def _inputs(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> p
 
 
 def run_student_diagnose(
-    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, fresh: bool = False
+    kind: StudentKind,
+    cfg: StudentDiagnoseConfig,
+    store: RunStore,
+    fresh: bool = False,
+    models: RunStore | None = None,
 ) -> StageSummary:
     """Diagnose every input row not yet in `predictions/student-<kind>/`, under the stage
-    contract: a retrained student is another identity, never mixed with the old one's rows."""
-    if not store.exists(f"{stage_dir(kind)}/final/student.json"):
+    contract: a retrained student is another identity, never mixed with the old one's rows.
+
+    Args:
+        kind: which student.
+        cfg: the diagnosis config.
+        store: the run whose split is diagnosed and where the predictions go.
+        fresh: move another identity's predictions aside instead of refusing.
+        models: the run the trained student comes from (its distill stage is upstream).
+            Default: `store`.
+    """
+    models = models or store
+    if not models.exists(f"{stage_dir(kind)}/final/student.json"):
         raise StageNotReady(
-            f"no trained {kind} student in {store.uri_of(stage_dir(kind))}: "
+            f"no trained {kind} student in {models.uri_of(stage_dir(kind))}: "
             f"run `radiag distill --student {kind}` first"
         )
     stage = student_diagnose_stage(kind)
     identity = StageIdentity(
         stage=stage.name,
         config=config_identity(cfg),
-        upstream=upstream(store, [SPLITS_STAGE, distill_stage(kind)]),
+        upstream=upstream(store, [SPLITS_STAGE]) | upstream(models, [distill_stage(kind)]),
     )
-    return run_stage(store, stage, identity, lambda: _diagnose_all(kind, cfg, store), fresh)
+    return run_stage(store, stage, identity, lambda: _diagnose_all(kind, cfg, store, models), fresh)
 
 
-def _diagnose_all(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore) -> StageSummary:
+def _diagnose_all(
+    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, models: RunStore
+) -> StageSummary:
     import ray
 
-    inputs = _inputs(kind, cfg, store)
+    inputs = _inputs(kind, cfg, store, models)
     done = read_parts(store, predictions_dir(model_name(kind)))
     todo = still_to_do(inputs, done)
     start = time.perf_counter()
@@ -289,7 +314,7 @@ def _diagnose_all(kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore
         counts = ray.data.from_arrow(blocks).map_batches(
             StudentPredictor,
             fn_constructor_kwargs={"kind": kind, "cfg": cfg.model_dump(mode="json"),
-                                   "store_uri": store.uri},
+                                   "store_uri": store.uri, "models_uri": models.uri},
             batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
             num_cpus=1,
         )  # fmt: skip

@@ -315,6 +315,7 @@ def run_teacher(
     cfg: RationalizeConfig | DiagnoseConfig,
     store: RunStore,
     on_batch: Callable[[dict[str, int]], None] = lambda _: None,
+    exemplars: RunStore | None = None,
 ) -> TeacherSummary:
     """Generate for every input row not yet in the output; returns counts for the whole output.
 
@@ -323,6 +324,8 @@ def run_teacher(
         cfg: the stage config.
         store: the run store.
         on_batch: called with each finished batch's counts as it arrives (benchmarks).
+        exemplars: the run whose training split and rationales give the few-shot
+            exemplars (another cohort is diagnosed with the trained run's). Default: `store`.
     """
     import ray
 
@@ -330,7 +333,7 @@ def run_teacher(
     done = read_output(store, task)
     todo = still_to_do(inputs, done)
     retried = pc.sum(pc.is_in(todo["patient_id"], done["patient_id"])).as_py() or 0
-    pool = exemplar_pool(store, cfg) if isinstance(cfg, DiagnoseConfig) else None
+    pool = exemplar_pool(exemplars or store, cfg) if isinstance(cfg, DiagnoseConfig) else None
     start = time.perf_counter()
     tokens = 0
     if todo.num_rows:
@@ -387,10 +390,16 @@ DIAGNOSE_STAGE = Stage("diagnose", predictions_dir("teacher"), resumable=True)
 
 
 def teacher_identity(
-    task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore
+    task: str,
+    cfg: RationalizeConfig | DiagnoseConfig,
+    store: RunStore,
+    exemplars: RunStore | None = None,
 ) -> StageIdentity:
-    """What a teacher stage's rows depend on: config, splits (+ rationales), model, prompts."""
-    reads = [SPLITS_STAGE, RATIONALIZE_STAGE] if task == "diagnose" else [SPLITS_STAGE]
+    """What a teacher stage's rows depend on: config, splits (+ the exemplars' rationales,
+    from `exemplars`, default `store`), model, prompts."""
+    reads = upstream(store, [SPLITS_STAGE])
+    if task == "diagnose":
+        reads |= upstream(exemplars or store, [RATIONALIZE_STAGE])
     engine = cfg.engine
     model = (
         model_fingerprint(engine.model) if isinstance(engine, VllmEngineConfig) else engine.model
@@ -398,21 +407,28 @@ def teacher_identity(
     return StageIdentity(
         stage=task,
         config=config_identity(cfg),
-        upstream=upstream(store, reads),
+        upstream=reads,
         files={"model": model},
         versions={"prompt": digest(dataclasses.asdict(TEMPLATES[cfg.prompt_version]))},
     )
 
 
 def teacher_stage(
-    task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore, fresh: bool = False
+    task: str,
+    cfg: RationalizeConfig | DiagnoseConfig,
+    store: RunStore,
+    fresh: bool = False,
+    exemplars: RunStore | None = None,
 ) -> StageSummary:
-    """A teacher stage under the stage contract: resumes, or refuses another identity."""
+    """A teacher stage under the stage contract: resumes, or refuses another identity.
+
+    `exemplars` is the run the few-shot exemplars come from (default `store`).
+    """
     stage = RATIONALIZE_STAGE if task == "rationalize" else DIAGNOSE_STAGE
     return run_stage(
         store,
         stage,
-        teacher_identity(task, cfg, store),
-        lambda: run_teacher(task, cfg, store).as_stage_summary(),
+        teacher_identity(task, cfg, store, exemplars),
+        lambda: run_teacher(task, cfg, store, exemplars=exemplars).as_stage_summary(),
         fresh=fresh,
     )
