@@ -320,7 +320,8 @@ def batching(
     each concurrency level's requests sent in `rounds` chunks that alternate between them
     (order reversed every other round), so a shared machine's changing load falls on every
     configuration alike."""
-    scaling = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 16,
+    # 32 in flight: two of the largest batches (one running, one filling), for every config.
+    scaling = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 32,
                "max_queued_requests": 64}  # fmt: skip
     delete_apps()
     configs: dict[int, dict[str, Any]] = {}

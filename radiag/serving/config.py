@@ -22,7 +22,12 @@ class ScalingConfig(StrictModel):
     target_ongoing_requests: float = Field(2.0, gt=0, description="per replica, drives scaling")
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(10.0, ge=0)
-    max_ongoing_requests: int = Field(16, ge=1, description="in flight per replica")
+    max_ongoing_requests: int = Field(
+        32,
+        ge=1,
+        description="in flight per replica; at least 2 x max_batch_size, so that the next "
+        "batch fills while one runs",
+    )
     max_queued_requests: int = Field(
         64, ge=1, description="waiting per caller beyond that; more is answered 503 at once"
     )

@@ -65,6 +65,9 @@ class DiagnoseResponse(BaseModel):
     parse_error: str | None = None
     mri_used: bool = False
     exemplar_ids: list[str] | None = None
+    batch_size: int | None = Field(
+        None, description="requests the model answered together (students, baselines)"
+    )
     latency_s: float = 0.0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,6 +93,16 @@ def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> N
             assert answer["diagnosis"] == want["diagnosis"]
             for label, column in PROBABILITY_COLUMNS.items():
                 assert answer["probabilities"][label] == pytest.approx(want[column], abs=1e-4)
+
+
+def test_concurrent_requests_are_answered_in_batches(served_app: ServedApp) -> None:
+    """`@serve.batch`: requests that arrive together share one generate call, and a
+    batched answer is the answer the patient gets alone (greedy)."""
+    alone = diagnose(served_app, "student-text", RECORD)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: diagnose(served_app, "student-text", RECORD), range(8)))
+    assert alone["batch_size"] == 1 and max(a["batch_size"] for a in answers) > 1
+    assert {a["diagnosis"] for a in answers} == {alone["diagnosis"]}
 
 
 def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
