@@ -26,7 +26,7 @@ from radiag.cohort.describe import (
     describe,
     fit_norm,
 )
-from radiag.cohort.mapping import bundled_mapping, load_mapping
+from radiag.cohort.mapping import load_mapping
 from radiag.cohort.mri import MriConfig, synthesize_mri
 from radiag.cohort.readers import (
     CohortReadError,
@@ -37,7 +37,7 @@ from radiag.cohort.readers import (
 )
 from radiag.cohort.schema import COHORT_SCHEMA
 from radiag.cohort.split import SPLITS, SplitConfig, split_cohort
-from radiag.cohort.synthetic import SynthConfig, generate_cohort
+from radiag.cohort.synthetic import SynthConfig, export_mapping, generate_cohort
 from radiag.cohort.validate import IngestResult, canonicalize
 from radiag.config import StrictModel
 from radiag.contract import (
@@ -93,7 +93,7 @@ def _read_source(cfg: IngestConfig, store: RunStore) -> IngestResult:
         export = generate_cohort(cfg.synthetic).to_csv(index=False).encode()
         store.write_bytes(SYNTHETIC_EXPORT, export)
         raw = read_csv_rows(store.uri_of(SYNTHETIC_EXPORT), content=io.BytesIO(export))
-        return canonicalize(raw, bundled_mapping("adnimerge"))
+        return canonicalize(raw, export_mapping(cfg.synthetic))  # a synthetic site: its name
     assert cfg.path is not None
     if cfg.source == "adnimerge":
         return read_adnimerge(cfg.path)

@@ -4,6 +4,7 @@ way another study does, and reads through the ADNIMERGE path under its own name.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,8 +12,10 @@ from pydantic import ValidationError
 
 from radiag.cohort.readers import read_csv_rows
 from radiag.cohort.reference import load_reference
+from radiag.cohort.stages import COHORT_TABLE, IngestConfig, ingest
 from radiag.cohort.synthetic import SiteConfig, SynthConfig, export_mapping, generate_cohort
 from radiag.cohort.validate import canonicalize
+from radiag.store import RunStore
 
 REF = load_reference()
 SITE = SynthConfig(subjects=3000, max_visits=2, seed=4, site=SiteConfig())
@@ -95,3 +98,10 @@ def test_regions_the_site_does_not_measure_are_absent_and_read_as_missing(
 def test_a_site_config_that_cannot_be_drawn_is_refused(bad: dict) -> None:
     with pytest.raises(ValidationError):
         SiteConfig(**bad)
+
+
+def test_the_cohort_stage_ingests_a_synthetic_site_under_its_own_name(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=30, max_visits=1, site=SiteConfig())), store)
+    cohort = store.read_table(COHORT_TABLE)
+    assert set(cohort.column("source").to_pylist()) == {"site2"}
