@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from radiag.baseline import BaselineConfig, BaselineInputError, run_baseline
 from radiag.cohort.readers import CohortReadError
@@ -38,6 +39,8 @@ from radiag.students.distill import StudentDataError, run_distill
 from radiag.students.predict import run_student_diagnose
 from radiag.teacher.engines import VllmEngineConfig
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, teacher_stage
+from radiag.transfer import METRIC_HEADER, metric_cells, transfer_config
+from radiag.transfer import run as run_transfer
 
 app = typer.Typer(help="Reasoning-aware Alzheimer's diagnosis on Ray.", no_args_is_help=True)
 cohort_app = typer.Typer(
@@ -307,6 +310,45 @@ def evaluate(
     with _session(run_dir or cfg.run_dir, verbose, cfg, ["evaluate"]) as store:
         evaluate_cfg = cfg.evaluate or EvaluateConfig()
         _stage(lambda: run_evaluate(evaluate_cfg, store, fresh), "evaluating")
+
+
+@app.command()
+def transfer(
+    source: Annotated[str, typer.Option("--from", help="the trained run whose models are carried over")],
+    cohort: Annotated[Path, typer.Option(help="YAML of the other cohort: an ingest config (source, path, mapping)")],
+    run_dir: Annotated[str, typer.Option("--run", help="the external run: a directory of its own")],
+    set_: SetOption = None, fresh: FreshOption = False, verbose: VerboseOption = False,
+) -> None:  # fmt: skip
+    """Cross-cohort evaluation: every model of a trained run diagnoses another cohort; the
+    report sets in-distribution and external metrics side by side (reports/transfer/)."""
+    try:
+        cfg = transfer_config(source, cohort, run_dir, set_)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    run_cfg = cfg.run_config()
+    checks = ["cohort", *(["diagnose"] if run_cfg.diagnose else [])]
+    with (
+        _session(cfg.run_dir, verbose, run_cfg, checks),
+        console.status("starting") as status,
+    ):
+        done = run_transfer(
+            cfg, fresh, on_stage=lambda name: status.update(f"stage: {name}"), on_done=_show
+        )
+        _show_transfer(done["transfer-report"].details)
+
+
+def _show_transfer(report: dict) -> None:
+    """The transfer report's table, which norm graded the MRI, and what was refitted."""
+    table = Table(*METRIC_HEADER, title="in-distribution vs external (95% CI)")
+    for row in report["metrics"]:
+        table.add_row(*metric_cells(row))
+    console.print(table)
+    norm = report["norm"]
+    for line in [
+        f"MRI graded by the {norm['kind']} norm {norm['describe.norm']}",
+        *report["notes"],
+    ]:
+        console.print(f"  [yellow]note:[/] {line}", soft_wrap=True, highlight=False)
 
 
 def _config_of_run(run_dir: str, overrides: list[str] | None) -> RunConfig:
