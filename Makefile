@@ -27,6 +27,7 @@ browser:
 
 demo: setup
 	$(VENV)/bin/radiag run --config configs/demo.yaml
+	$(VENV)/bin/radiag transfer --from runs/demo --cohort configs/cohorts/site2.yaml --run runs/demo-site2
 
 test: setup browser
 	$(VENV)/bin/ruff check .

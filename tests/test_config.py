@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from radiag.cohort.mapping import MAPPINGS_DIR, ColumnMapping
+from radiag.cohort.stages import IngestConfig
 from radiag.config import ConfigError, load_config
 from radiag.pipeline import RunConfig
 
@@ -43,6 +45,23 @@ def test_the_demo_config_runs_every_stage_on_the_bundled_teacher() -> None:
     assert cfg.rationalize.engine.model.bundled == "smollm2-135m-instruct"
     assert cfg.students.text is not None and cfg.students.vlm is not None
     assert cfg.evaluate.judge is not None and cfg.ray.num_cpus == 2
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "cohorts").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_cohort_config_loads_exactly_what_it_says(path: Path) -> None:
+    cfg = load_config(IngestConfig, path)
+    assert_loaded_as_written(yaml.safe_load(path.read_text()), cfg.model_dump(mode="json"))
+
+
+def test_make_demo_ends_with_a_transfer_to_the_synthetic_second_site() -> None:
+    demo = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    transfer = shlex.split(demo.strip().splitlines()[-1])
+    assert transfer[1:3] == ["transfer", "--from"]
+    assert transfer[3] == load_config(RunConfig, ROOT / "configs" / "demo.yaml").run_dir
+    cohort = load_config(IngestConfig, ROOT / transfer[transfer.index("--cohort") + 1])
+    assert cohort.source == "synthetic" and cohort.synthetic.site is not None
 
 
 @pytest.mark.parametrize(
