@@ -267,9 +267,13 @@ def test_every_rayjob_entrypoint_is_a_real_radiag_command(name: str) -> None:
     assert cfg.run_dir.startswith("s3://"), "every pod of a one-shot cluster reads one run"
 
 
-@pytest.mark.parametrize("entry", ["rationalize", "distill", "diagnose", "evaluate"])
-def test_every_stage_job_entry_runs_its_command(entry: str) -> None:
-    # What the stage RayJobs run (like jobs.run, the uploaded working dir's copy).
+@pytest.mark.parametrize(
+    ("entry", "option"),
+    [("rationalize", "--config"), ("distill", "--config"), ("diagnose", "--config"),
+     ("baseline", "--config"), ("evaluate", "--config"), ("transfer", "--from")],
+)  # fmt: skip
+def test_every_stage_job_entry_runs_its_command(entry: str, option: str) -> None:
+    # What `ray job submit` and the stage RayJobs run (like jobs.run, the uploaded copy).
     result = subprocess.run(
         [sys.executable, "-m", f"jobs.{entry}", "--help"],
         cwd=ROOT,
@@ -278,7 +282,7 @@ def test_every_stage_job_entry_runs_its_command(entry: str) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "--config" in result.stdout
+    assert option in result.stdout
 
 
 def _quantity(value: str | int | float) -> float:
