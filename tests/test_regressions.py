@@ -61,7 +61,11 @@ class FakeTeacher:
         self.failing: set[str] = set()
 
     def __call__(
-        self, task: str, cfg: RationalizeConfig | DiagnoseConfig, store: RunStore
+        self,
+        task: str,
+        cfg: RationalizeConfig | DiagnoseConfig,
+        store: RunStore,
+        exemplars: RunStore | None = None,
     ) -> TeacherSummary:
         self.calls += 1
         inputs = first_patients(store.read_table(f"splits/{cfg.split}.parquet"), cfg.limit)
@@ -122,9 +126,11 @@ class FakePredictor:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, kind: str, cfg: StudentDiagnoseConfig, store: RunStore) -> StageSummary:
+    def __call__(
+        self, kind: str, cfg: StudentDiagnoseConfig, store: RunStore, models: RunStore
+    ) -> StageSummary:
         self.calls += 1
-        student = store.read_json(f"checkpoints/{kind}/final/student.json")["identity"]
+        student = models.read_json(f"checkpoints/{kind}/final/student.json")["identity"]
         test = first_patients(store.read_table(f"splits/{cfg.split}.parquet"), cfg.limit)
         rows = [
             {"patient_id": pid, "model": f"student-{kind}", "rationale": f"by {student}",
