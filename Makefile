@@ -27,7 +27,8 @@ browser:
 
 demo: setup
 	$(VENV)/bin/radiag run --config configs/demo.yaml
-	$(VENV)/bin/radiag transfer --from runs/demo --cohort configs/cohorts/site2.yaml --run runs/demo-site2
+	$(VENV)/bin/radiag transfer --from runs/demo --cohort configs/cohorts/site2.yaml --run runs/demo-site2 \
+		--set shared_features_only=true
 
 test: setup browser
 	$(VENV)/bin/ruff check .

@@ -57,11 +57,13 @@ def test_every_shipped_cohort_config_loads_exactly_what_it_says(path: Path) -> N
 
 def test_make_demo_ends_with_a_transfer_to_the_synthetic_second_site() -> None:
     demo = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    transfer = shlex.split(demo.strip().splitlines()[-1])
+    transfer = shlex.split(demo.replace("\\\n", " ").strip().splitlines()[-1])
     assert transfer[1:3] == ["transfer", "--from"]
     assert transfer[3] == load_config(RunConfig, ROOT / "configs" / "demo.yaml").run_dir
     cohort = load_config(IngestConfig, ROOT / transfer[transfer.index("--cohort") + 1])
     assert cohort.source == "synthetic" and cohort.synthetic.site is not None
+    # The site measures fewer regions: the baselines are refitted on what both measure.
+    assert "shared_features_only=true" in transfer
 
 
 @pytest.mark.parametrize(
