@@ -36,7 +36,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from provenance import git_commit, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "serving.json"
@@ -672,41 +672,11 @@ def teacher(
 
 
 # -- provenance -----------------------------------------------------------------------------
-def git_commit() -> str | None:
-    """`git rev-parse HEAD`, read from .git (no git process)."""
-    git = ROOT / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head.removeprefix("ref: ")
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
 def code_digest() -> dict[str, str]:
     """sha256 (first 12) of the serving code measured: the tree may differ from the commit."""
     files = sorted((ROOT / "radiag" / "serving").glob("*.py"))
     return {
         str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in files
-    }
-
-
-def machine() -> dict[str, Any]:
-    import ray
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "ray": ray.__version__,
     }
 
 

@@ -1,0 +1,75 @@
+"""What a benchmark's results file records about how it was made, so a figure can be traced.
+
+A benchmark takes `load_1min()` when it starts and, when it ends, stores `provenance(that)`:
+
+    started = load_1min()
+    ...  # measure
+    report |= provenance(started)
+
+`git_commit()` and `machine()` are also there on their own (serving.py stamps each section).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str | None:
+    """`git rev-parse HEAD`, read from .git (no git process)."""
+    git = ROOT / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def load_1min() -> float:
+    """The 1-minute load average now: on a shared 2-core machine it says how noisy a run was."""
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> dict[str, Any]:
+    """Cores, platform, Python, memory and the Ray version (None where Ray is not installed)."""
+    try:
+        ray = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        ray = None
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "ray": ray,
+    }
+
+
+def provenance(load_at_start: float) -> dict[str, Any]:
+    """The exact command line, the commit and the machine, with the 1-minute load average at
+    the start (`load_at_start`, from `load_1min()`) and now, at the end.
+
+    Returns:
+        {"command": str, "git_commit": str | None, "machine": {..., "load_1min": {"start",
+        "end"}}}
+    """
+    return {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "git_commit": git_commit(),
+        "machine": machine() | {"load_1min": {"start": load_at_start, "end": load_1min()}},
+    }
