@@ -30,6 +30,7 @@ AIBL_TABLES = {
 }
 CDR_BOXES = AIBL_TABLES["cdr"][2:]
 DELIMITERS = ",;\t|"
+ADNIMERGE_REQUIRED = ("RID", "VISCODE")  # read_adnimerge refuses a file without them
 _SNIFF_CHARS = 16_384
 
 
@@ -122,7 +123,7 @@ def _s3_object(uri: str) -> IO[bytes]:
 def read_adnimerge(path: str | Path) -> IngestResult:
     """ADNIMERGE.csv (ADNI's merged table, one row per visit)."""
     return canonicalize(
-        read_csv_rows(path, required=("RID", "VISCODE")), bundled_mapping("adnimerge")
+        read_csv_rows(path, required=ADNIMERGE_REQUIRED), bundled_mapping("adnimerge")
     )
 
 
