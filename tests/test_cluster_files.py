@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -25,10 +26,18 @@ import typer
 import yaml
 
 from radiag.cli import app
+from radiag.cohort.stages import SPLITS_STAGE
 from radiag.config import load_config
+from radiag.contract import Stage, StageIdentity, StageRecord, StageSummary, config_identity
+from radiag.evaluation.judge import JudgeConfig
 from radiag.pipeline import RunConfig
 from radiag.serving.config import ServeConfig
+from radiag.store import RunStore
+from radiag.students.config import StudentDiagnoseConfig
+from radiag.students.predict import student_diagnose_stage
 from radiag.teacher.engines import actor_cpus, actor_gpus
+from radiag.teacher.stages import DIAGNOSE_STAGE, TeacherStageConfig
+from radiag.transfer import STUDENTS, TransferConfig, transfer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML_FILES = sorted(
@@ -55,7 +64,14 @@ RAYJOBS = {
     "rayjob-distill.yaml": "distill",
     "rayjob-diagnose.yaml": "diagnose",
     "rayjob-evaluate.yaml": "evaluate",
+    "rayjob-transfer.yaml": "transfer",
 }
+TRANSFER_RAYJOB = "rayjob-transfer.yaml"
+# The trained run the transfer RayJob carries over to another cohort: the one this RayJob
+# trains, so what that run's stages record is what this RayJob's config makes them record.
+TRAINING_RAYJOB = "rayjob.yaml"
+JobConfig = RunConfig | TransferConfig  # what a command runs with: `--config`, or a transfer's
+Demand = tuple[str, int, float, float]  # what a stage asks Ray for: (what, actors, CPUs, GPUs)
 # The Serve application's args that may differ on the cluster: where the run is, and how
 # the token arrives (a mounted Secret instead of an environment variable).
 CLUSTER_ONLY_SERVE_ARGS = {"run_dir", "token_file"}
@@ -243,16 +259,76 @@ def _command(entrypoint: str) -> tuple[str, click.Command, list[str]]:
     return name, commands[name], args
 
 
-def _job_config(name: str) -> tuple[str, dict[str, Any], RunConfig]:
-    """A RayJob's command name, its parsed options, and the RunConfig it runs with."""
+def _parse(name: str) -> tuple[str, dict[str, Any]]:
+    """A RayJob's command name and its options, parsed exactly as `radiag` would parse them
+    (an unknown option, a bad choice or a missing required option raises here); runs nothing."""
     entrypoint = _one(KUBERAY / name, "RayJob")["spec"]["entrypoint"]
     command_name, command, args = _command(entrypoint)
-    # Parse exactly as `radiag` would (unknown options, bad choices fail here), run nothing.
-    params = command.make_context(command_name, list(args)).params
-    config = params["config"]
-    assert config is not None, "every job names its config"
-    assert str(config).startswith("configs/") and (ROOT / config).is_file(), config
-    return command_name, params, load_config(RunConfig, ROOT / config, list(params["set_"] or []))
+    return command_name, command.make_context(command_name, list(args)).params
+
+
+def _repo_file(path: Path | None, what: str) -> Path:
+    """A file an entrypoint names: relative to the uploaded working dir, in configs/."""
+    assert path is not None, f"every job names its {what}"
+    assert str(path).startswith("configs/") and (ROOT / path).is_file(), f"{what}: {path}"
+    return ROOT / path
+
+
+def _job_config(name: str) -> tuple[str, dict[str, Any], JobConfig]:
+    """A RayJob's command name, its parsed options, and the config it runs with."""
+    command_name, params = _parse(name)
+    overrides = list(params["set_"] or [])
+    cfg: JobConfig
+    if command_name == "transfer":
+        cfg = _transfer_config(params, overrides)
+    else:
+        cfg = load_config(RunConfig, _repo_file(params["config"], "config"), overrides)
+    return command_name, params, cfg
+
+
+def _transfer_config(params: dict[str, Any], overrides: list[str]) -> TransferConfig:
+    """The config `radiag transfer` builds from a RayJob's `--from`, `--cohort`, `--run`, `--set`.
+
+    The trained run (`--from`) is on S3, out of reach here. It is the run TRAINING_RAYJOB
+    trains, so a local stand-in of it holds the stage records its config makes, and
+    `transfer_config` reads them as it would read the real run's.
+    """
+    cohort = _repo_file(params["cohort"], "cohort file")
+    _, _, trained = _job_config(TRAINING_RAYJOB)
+    assert isinstance(trained, RunConfig)
+    assert params["source"] == trained.run_dir, f"--from is the run {TRAINING_RAYJOB} trains"
+    with tempfile.TemporaryDirectory() as stand_in:
+        _record_what_a_run_records(trained, RunStore(stand_in))
+        cfg = transfer_config(stand_in, cohort, params["run_dir"], overrides)
+    return cfg.model_copy(update={"source_run": params["source"]})
+
+
+def _record_what_a_run_records(cfg: RunConfig, store: RunStore) -> None:
+    """The finished stages of a run of `cfg` that a transfer reads, each with the identity
+    config its stage records: the splits, the teacher's diagnosis, each student's diagnosis."""
+    configs: dict[Stage, dict[str, Any]] = {
+        SPLITS_STAGE: {
+            "describe": config_identity(cfg.describe),
+            "split": config_identity(cfg.split),
+        }
+    }
+    if cfg.diagnose is not None:
+        configs[DIAGNOSE_STAGE] = config_identity(cfg.diagnose)
+    for kind in STUDENTS.values():
+        if getattr(cfg.students, kind) is not None:
+            configs[student_diagnose_stage(kind)] = config_identity(cfg.students.diagnose)
+    for stage, config in configs.items():
+        identity = StageIdentity(stage=stage.name, config=config)
+        summary = StageSummary(stage=stage.name, identity=identity.fingerprint)
+        record = StageRecord(
+            identity=identity, fingerprint=identity.fingerprint, status="complete", summary=summary
+        )
+        store.write_json(stage.record, record.model_dump(mode="json"))
+
+
+def _run_dirs(cfg: JobConfig) -> list[str]:
+    """The runs a job reads and writes: its own, and for a transfer the trained one."""
+    return [cfg.run_dir, cfg.source_run] if isinstance(cfg, TransferConfig) else [cfg.run_dir]
 
 
 @pytest.mark.parametrize("name", RAYJOBS)
@@ -263,8 +339,22 @@ def test_every_rayjob_entrypoint_is_a_real_radiag_command(name: str) -> None:
     assert command_name == RAYJOBS[name], f"{name} runs `radiag {RAYJOBS[name]}`"
     if command_name == "distill":
         assert params["student"].value == "text", "the text student (vlm needs real T1s)"
-        assert cfg.students.text is not None, "the config says how to train that student"
-    assert cfg.run_dir.startswith("s3://"), "every pod of a one-shot cluster reads one run"
+        assert isinstance(cfg, RunConfig) and cfg.students.text is not None, (
+            "the config says how to train that student"
+        )
+    for run_dir in _run_dirs(cfg):
+        assert run_dir.startswith("s3://"), f"every pod of a one-shot cluster reads {run_dir}"
+
+
+def test_the_transfer_rayjob_diagnoses_the_other_cohort_as_the_trained_run_did() -> None:
+    # A run records no field that only schedules work (replicas, batch sizes): without the
+    # entrypoint's --set, the transfer would start one teacher engine and one student actor.
+    _, _, trained = _job_config(TRAINING_RAYJOB)
+    _, _, transfer = _job_config(TRANSFER_RAYJOB)
+    assert isinstance(trained, RunConfig) and isinstance(transfer, TransferConfig)
+    assert trained.diagnose is not None and transfer.teacher is not None
+    assert transfer.teacher == trained.diagnose, "the trained run's teacher diagnosis, as it ran"
+    assert transfer.students == trained.students.diagnose, "its students' diagnosis, as it ran"
 
 
 @pytest.mark.parametrize(
@@ -291,37 +381,66 @@ def _quantity(value: str | int | float) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def _demands(command_name: str, params: dict[str, Any], cfg: RunConfig) -> list[tuple]:
-    """What a stage asks Ray for: (what, actors, CPUs each, GPUs each), from its config."""
+def _engines(label: str, stage: TeacherStageConfig | JudgeConfig | None) -> Demand | None:
+    """The engine actors of a teacher stage or of the judge; none where it is off."""
+    if stage is None:
+        return None
+    return (label, stage.engine.replicas, actor_cpus(stage.engine), actor_gpus(stage.engine))
 
-    def engine(label: str, e: Any) -> tuple:
-        return (label, e.replicas, actor_cpus(e), actor_gpus(e))
 
-    teacher_rationalize = (
-        engine("rationalize engines", cfg.rationalize.engine) if cfg.rationalize else None
-    )
-    teacher_diagnose = engine("diagnose engines", cfg.diagnose.engine) if cfg.diagnose else None
-    student_diagnose = ("student diagnosis", cfg.students.diagnose.replicas, 1.0, 0)
+def _student_diagnosis(cfg: StudentDiagnoseConfig) -> Demand:
+    """A student's diagnosis: `replicas` predictor actors of 1 CPU, never a GPU."""
+    return ("student diagnosis", cfg.replicas, 1.0, 0)
 
-    def trainer(kind: str) -> tuple | None:
-        distill = getattr(cfg.students, kind)
-        if distill is None:
-            return None
-        scaling = distill.scaling
-        return (f"{kind} student workers", scaling.workers, scaling.cpus_per_worker,
-                1 if scaling.use_gpu else 0)  # fmt: skip
 
-    judge = cfg.evaluate.judge if cfg.evaluate else None
-    judge_engines = engine("judge engines", judge.engine) if judge else None
+def _trainers(cfg: RunConfig, kind: str) -> Demand | None:
+    """A student's Ray Train workers; none where that student is off."""
+    distill = getattr(cfg.students, kind)
+    if distill is None:
+        return None
+    scaling = distill.scaling
+    return (f"{kind} student workers", scaling.workers, scaling.cpus_per_worker,
+            1 if scaling.use_gpu else 0)  # fmt: skip
+
+
+def _run_demands(command_name: str, params: dict[str, Any], cfg: RunConfig) -> list[Demand | None]:
+    """What the stages of a command with a run config ask for."""
+    rationalize = _engines("rationalize engines", cfg.rationalize)
+    diagnose = _engines("diagnose engines", cfg.diagnose)
+    students = _student_diagnosis(cfg.students.diagnose)
+    judge = _engines("judge engines", cfg.evaluate.judge if cfg.evaluate else None)
     by_command = {
-        "rationalize": [teacher_rationalize],
-        "diagnose": [teacher_diagnose if params.get("model") in (None, "teacher") else student_diagnose],
-        "distill": [trainer(params["student"].value)] if "student" in params else [],
-        "evaluate": [judge_engines],
-        "run": [teacher_rationalize, teacher_diagnose, trainer("text"), trainer("vlm"),
-                student_diagnose, judge_engines],
+        "rationalize": [rationalize],
+        "diagnose": [diagnose if params.get("model") in (None, "teacher") else students],
+        "distill": [_trainers(cfg, params["student"].value)] if "student" in params else [],
+        "evaluate": [judge],
+        "run": [rationalize, diagnose, _trainers(cfg, "text"), _trainers(cfg, "vlm"), students,
+                judge],
     }  # fmt: skip
-    return [d for d in by_command[command_name] if d is not None]
+    return by_command[command_name]
+
+
+def _transfer_demands(cfg: TransferConfig) -> list[Demand | None]:
+    """What a transfer asks for: the trained run's students and teacher diagnose the other
+    cohort (radiag/transfer.py, stages 4 and 5); the other stages run in the driver.
+    `models` null transfers every model of the trained run."""
+
+    def transfers(*models: str) -> bool:
+        return cfg.models is None or bool(set(models) & set(cfg.models))
+
+    return [
+        _student_diagnosis(cfg.students) if transfers(*STUDENTS) else None,
+        _engines("diagnose engines", cfg.teacher) if transfers("teacher") else None,
+    ]
+
+
+def _demands(command_name: str, params: dict[str, Any], cfg: JobConfig) -> list[Demand]:
+    """What a job's stages ask Ray for: (what, actors, CPUs each, GPUs each), from its config."""
+    if isinstance(cfg, TransferConfig):
+        demands = _transfer_demands(cfg)
+    else:
+        demands = _run_demands(command_name, params, cfg)
+    return [d for d in demands if d is not None]
 
 
 @pytest.mark.parametrize("name", RAYJOBS)
