@@ -37,7 +37,7 @@ from radiag.cohort.readers import (
 )
 from radiag.cohort.schema import COHORT_SCHEMA
 from radiag.cohort.split import SPLITS, SplitConfig, split_cohort
-from radiag.cohort.synthetic import SynthConfig, export_mapping, generate_cohort
+from radiag.cohort.synthetic import SynthConfig, export_csv, export_mapping, generate_cohort
 from radiag.cohort.validate import IngestResult, canonicalize
 from radiag.config import StrictModel
 from radiag.contract import (
@@ -90,7 +90,7 @@ def _read_source(cfg: IngestConfig, store: RunStore) -> IngestResult:
     if cfg.source == "synthetic":
         # Written as an ADNIMERGE-shaped CSV and read back, so the synthetic cohort goes
         # through exactly the reader a real ADNIMERGE export does.
-        export = generate_cohort(cfg.synthetic).to_csv(index=False).encode()
+        export = export_csv(generate_cohort(cfg.synthetic))
         store.write_bytes(SYNTHETIC_EXPORT, export)
         raw = read_csv_rows(store.uri_of(SYNTHETIC_EXPORT), content=io.BytesIO(export))
         return canonicalize(raw, export_mapping(cfg.synthetic))  # a synthetic site: its name
