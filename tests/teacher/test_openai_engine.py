@@ -167,7 +167,7 @@ def test_too_long_prompt_fails_alone(server: str) -> None:
 def test_extra_body_structured_output_is_honoured(server: str) -> None:
     regex = r"Final Diagnosis: \((A|B|C)\)"
     extra = {"structured_outputs": {"regex": regex}}
-    out = engine(server).generate([chat("diagnose"), chat("again")], SAMPLING, extra_body=extra)
+    out = engine(server, extra_body=extra).generate([chat("diagnose"), chat("again")], SAMPLING)
     assert all(c.error is None and re.fullmatch(regex, c.text) for c in out), out
 
 
@@ -251,6 +251,41 @@ def test_the_rationalize_stage_runs_through_an_openai_endpoint(
     assert summary.counts["rows"] == 6 and summary.counts["errors"] == 0
     assert set(out["engine"]) == {"openai"} and set(out["model"]) == {"tiny"}
     assert (out["completion_tokens"] > 0).all()
+
+
+@pytest.mark.parametrize("batches_in_flight", [1, 3])
+def test_a_replica_works_on_batches_in_flight_at_once(
+    batches_in_flight: int, proxy: CountingProxy, tmp_path: Path, ray_cluster: None
+) -> None:
+    """The engine is fed from several batches at once, so it never waits for the slowest
+    row of one block; with one batch in flight it sees at most that batch's rows."""
+    from radiag.cohort.describe import DescribeConfig
+    from radiag.cohort.split import SplitConfig
+    from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+    from radiag.cohort.synthetic import SynthConfig
+    from radiag.store import RunStore
+    from radiag.teacher.stages import RationalizeConfig, read_output, teacher_stage
+
+    store = RunStore(str(tmp_path))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=30, max_visits=1)), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    endpoint = OpenAIEngineConfig(
+        base_url=f"{proxy.url}/v1", model="tiny", api_key_env=KEY_ENV, max_concurrency=8,
+        batch_size=2, batches_in_flight=batches_in_flight,
+    )  # fmt: skip
+    cfg = RationalizeConfig(
+        engine=endpoint, sampling=SamplingConfig(max_tokens=64), limit=6, regeneration_attempts=0
+    )
+    summary = teacher_stage("rationalize", cfg, store)
+    assert summary.counts["rows"] == 6 and summary.counts["errors"] == 0
+    assert (
+        len(store.list_files("rationales", ".parquet")) == 3
+    )  # one part file per batch, as before
+    assert len(set(read_output(store, "rationalize")["patient_id"].to_pylist())) == 6
+    if batches_in_flight == 1:
+        assert proxy.peak <= 2
+    else:
+        assert proxy.peak > 2
 
 
 def test_rows_that_failed_transiently_are_retried_by_the_next_run(

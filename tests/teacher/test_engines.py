@@ -1,0 +1,99 @@
+"""What every engine shares: its own event loop, busy-time accounting, vLLM's arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from radiag.teacher.engines import (
+    AsyncEngine,
+    Completion,
+    Messages,
+    SamplingConfig,
+    VllmEngineConfig,
+)
+from radiag.teacher.vllm_engine import engine_args
+
+
+class SleepingEngine(AsyncEngine):
+    """An engine whose every request takes `seconds`; it counts requests as a real one does."""
+
+    backend, model = "test", "sleeper"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.loops: set[asyncio.AbstractEventLoop] = set()
+
+    async def _complete(
+        self,
+        conversation: Messages,
+        sampling: SamplingConfig,
+        answer_prefix: str | None,
+        answer_choices: Sequence[str] | None,
+    ) -> Completion:
+        self.loops.add(asyncio.get_running_loop())
+        with self.stats.request():
+            await asyncio.sleep(self.seconds)
+        return Completion(conversation[0]["content"], "stop", 1, 1, self.seconds)
+
+
+def test_concurrent_requests_count_once_in_busy_time() -> None:
+    engine = SleepingEngine(0.3)
+    start = time.perf_counter()
+    out = engine.generate(
+        [[{"role": "user", "content": str(i)}] for i in range(5)], SamplingConfig()
+    )
+    wall = time.perf_counter() - start
+    assert [c.text for c in out] == ["0", "1", "2", "3", "4"]  # in order
+    totals = engine.stats.totals()
+    assert totals["engine_requests"] == 5
+    assert 0.3 <= totals["engine_busy_s"] <= wall < 1.0  # overlapping, not 5 x 0.3 s
+
+
+def test_idle_time_between_requests_is_not_busy_time() -> None:
+    engine = SleepingEngine(0.1)
+    engine.generate([[{"role": "user", "content": "a"}]], SamplingConfig())
+    time.sleep(0.5)
+    engine.generate([[{"role": "user", "content": "b"}]], SamplingConfig())
+    assert 0.2 <= engine.stats.totals()["engine_busy_s"] < 0.4
+
+
+def test_complete_from_any_event_loop_runs_on_the_engines_own() -> None:
+    engine = SleepingEngine(0.01)
+
+    async def caller(text: str) -> str:
+        done = await engine.complete([{"role": "user", "content": text}], SamplingConfig())
+        return done.text
+
+    assert asyncio.run(caller("first")) == "first"
+    assert asyncio.run(caller("second")) == "second"  # another caller loop, same engine loop
+    assert engine.loops == {engine.loop}
+
+
+@pytest.mark.parametrize(
+    ("gpus", "eager", "expected_eager"), [(0, None, True), (1, None, False), (1, True, True)]
+)
+def test_cuda_graphs_are_used_on_gpu_unless_told_otherwise(
+    gpus: int, eager: bool | None, expected_eager: bool, tiny_model: Path
+) -> None:
+    cfg = VllmEngineConfig(
+        model={"path": str(tiny_model)}, gpus_per_replica=gpus, enforce_eager=eager
+    )
+    assert engine_args(cfg)["enforce_eager"] is expected_eager
+
+
+def test_gpu_settings_reach_the_engine_only_on_gpu(tiny_model: Path) -> None:
+    gpu = VllmEngineConfig(
+        model={"path": str(tiny_model)}, gpus_per_replica=2, gpu_memory_utilization=0.8,
+        max_num_seqs=512,
+    )  # fmt: skip
+    args = engine_args(gpu)
+    assert args["gpu_memory_utilization"] == 0.8 and args["tensor_parallel_size"] == 2
+    assert args["max_num_seqs"] == 512 and args["enable_prefix_caching"] is True
+    cpu = engine_args(gpu.model_copy(update={"gpus_per_replica": 0, "max_num_seqs": None}))
+    assert "gpu_memory_utilization" not in cpu and "max_num_seqs" not in cpu
