@@ -1,24 +1,32 @@
-"""Benchmark: student training scaling on Ray Train, and student vs teacher inference.
+"""Benchmark: student training on Ray Train (scaling, equal cores, strategy) and inference.
 
 All in one run, on one machine, so the ratios compare like with like:
-  scaling    the text student (SmolLM2-135M + LoRA) and the MRI+text student trained
-             with 1 Ray Train worker, then 2, each worker held to ONE torch thread, so
-             the ratio measures data-parallel scaling, not thread contention;
-  strategy   2 workers with DeepSpeed ZeRO-2 vs plain DDP (the same loop);
-  inference  patients/s of the teacher's few-shot diagnosis (vLLM) vs the distilled
-             text student (transformers) on the same test patients, end to end.
-Throughput is the median of the steps after `--warmup` (the first steps include
-start-up). Training rationales are fixed-length template text: content does not
-change the cost of a step. Writes benchmarks/results/students.json.
+  scaling      the text student (SmolLM2-135M + LoRA) and the MRI+text student trained
+               with 1 Ray Train worker, then 2, each worker held to ONE torch thread
+               (`scaling_one_thread_per_worker`): data-parallel scaling with the cores
+               used going from 1 to 2, not a comparison at equal cores;
+  equal cores  the text student on both cores two ways: 2 workers x 1 thread vs 1 worker
+               x 2 threads, with the same samples per optimizer step (2 per worker vs 4),
+               so only where the parallelism is differs (`distributed_efficiency_equal_cores`
+               = samples/s of 2x1 / samples/s of 1x2: what Ray Train's data parallelism
+               costs or gains over torch's own threads on the same cores);
+  strategy     2 workers with DeepSpeed ZeRO-2 vs plain DDP (the same loop);
+  inference    the teacher's few-shot diagnosis (vLLM) vs the distilled text student (the
+               exported student served by vLLM zero-shot, and our transformers predictor)
+               on the same test patients: end to end, and apart from it start-up vs steady
+               throughput, in patients/s and output tokens/s on every side.
+Training throughput is the median of the steps after `--warmup` (the first steps include
+start-up). Training rationales are fixed-length template text: content does not change
+the cost of a step. Ray is a local cluster of its own (2 logical CPUs), never one
+another process started. Writes benchmarks/results/students.json.
 
-    python benchmarks/students.py --steps 10
+    python benchmarks/students.py      # defaults: 8 steps (3 warm-up), 32 patients, ~13 min
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from provenance import load_1min, provenance
 
 RESULTS = Path(__file__).parent / "results" / "students.json"
 RATIONALE = (
@@ -34,6 +43,9 @@ RATIONALE = (
     "age- and head-size-adjusted norms; together with the cognitive score they point to "
     "the diagnosis given below, because memory loss and medial temporal atrophy go together."
 )
+BATCH = {"text": 2, "vlm": 1}  # sequences per worker per step
+INFERENCE_BATCH = 16  # patients a batch on every side (vLLM has batches_in_flight at once)
+MAX_NEW_TOKENS = 96
 
 
 def prepare_run(run_dir: str, subjects: int, imaged: int) -> None:
@@ -71,8 +83,21 @@ def prepare_run(run_dir: str, subjects: int, imaged: int) -> None:
     run_stage(store, RATIONALIZE_STAGE, identity, write)
 
 
-def train(run_dir: str, kind: str, workers: int, strategy: str, steps: int, warmup: int) -> dict:
-    """One training run in a fresh copy of the checkpoints folder; steady-state throughput."""
+def train(
+    run_dir: str,
+    kind: str,
+    workers: int,
+    steps: int,
+    warmup: int,
+    threads: int = 1,
+    batch_size: int | None = None,
+    strategy: str = "ddp",
+) -> dict[str, Any]:
+    """One training run in a fresh copy of the checkpoints folder; steady-state throughput.
+
+    Each worker gets `threads` torch threads and 0.9 logical CPU per thread (the rest of
+    the 2 CPUs is for Ray Train's own actors); `batch_size` is per worker (default BATCH).
+    """
     import shutil
 
     from radiag.store import RunStore
@@ -81,13 +106,15 @@ def train(run_dir: str, kind: str, workers: int, strategy: str, steps: int, warm
 
     store = RunStore(run_dir)
     shutil.rmtree(store.path(stage_dir(kind)), ignore_errors=True)  # each measurement trains anew
+    batch_size = batch_size or BATCH[kind]
     cfg = DistillConfig.model_validate(
         {
             "loss": "rationale_label", "max_length": 512,
-            "optim": {"max_steps": steps, "batch_size": 2 if kind == "text" else 1},
+            "optim": {"max_steps": steps, "batch_size": batch_size},
             "checkpoint_every": steps,
             "mri": {"volumes": {"pixdim_mm": 4.0, "spatial_size": [48, 64, 48]}},
-            "scaling": {"workers": workers, "threads_per_worker": 1, "cpus_per_worker": 0.9,
+            "scaling": {"workers": workers, "threads_per_worker": threads,
+                        "cpus_per_worker": round(0.9 * threads, 2),
                         "strategy": strategy, "zero_stage": 2},
         }
     )  # fmt: skip
@@ -97,8 +124,9 @@ def train(run_dir: str, kind: str, workers: int, strategy: str, steps: int, warm
     steady = [json.loads(line) for line in lines][warmup:]
     return {
         "workers": workers,
+        "threads_per_worker": threads,
+        "batch_per_worker": batch_size,
         "strategy": strategy,
-        "threads_per_worker": 1,
         "steps_measured": len(steady),
         "samples_per_s": round(statistics.median(m["samples_per_s"] for m in steady), 3),
         "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in steady), 1),
@@ -107,107 +135,195 @@ def train(run_dir: str, kind: str, workers: int, strategy: str, steps: int, warm
     }
 
 
-def inference(run_dir: str, patients: int) -> dict[str, Any]:
-    """Teacher few-shot diagnosis vs the distilled text student, same test patients, end to end.
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return round(a["samples_per_s"] / b["samples_per_s"], 3)
 
-    Same engine on both sides: the student's zero-shot prompt is the teacher's diagnosis
+
+def side(
+    engine: str, patients: int, tokens: int, total_s: float, busy_s: float, steady: dict
+) -> dict[str, Any]:
+    """One inference side: end to end, start-up (all but the batches' own work), steady.
+
+    `steady` holds the patients, output tokens and seconds the steady figures are taken over.
+    """
+    return {
+        "engine": engine,
+        "patients": patients,
+        "output_tokens": tokens,
+        "end_to_end": {
+            "seconds": round(total_s, 1),
+            "patients_per_s": round(patients / total_s, 3),
+            "output_tokens_per_s": round(tokens / total_s, 1),
+        },
+        "startup_s": round(total_s - busy_s, 1),
+        "steady": {
+            "patients_per_s": round(steady["patients"] / steady["seconds"], 3),
+            "output_tokens_per_s": round(steady["tokens"] / steady["seconds"], 1),
+            **steady,
+        },
+    }
+
+
+def inference(run_dir: str, patients: int) -> dict[str, Any]:
+    """Teacher few-shot diagnosis vs the distilled text student, same test patients.
+
+    Same engine on two sides: the student's zero-shot prompt is the teacher's diagnosis
     prompt with no exemplars, so the teacher stage with k=0 and the student's exported HF
-    model is the student served by vLLM. Our transformers predictor is reported beside it.
+    model is the student served by vLLM. Our transformers predictor is the third side.
     """
     import shutil
 
+    from radiag.outputs import predictions_dir, read_parts
     from radiag.store import RunStore
     from radiag.students.config import StudentDiagnoseConfig
     from radiag.students.distill import stage_dir
-    from radiag.students.predict import run_student_diagnose
+    from radiag.students.predict import model_name, run_student_diagnose
     from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
     from radiag.teacher.exemplars import ExemplarConfig
     from radiag.teacher.stages import DiagnoseConfig, run_teacher
 
-    def vllm_diagnosis(store: RunStore, model: dict, exemplars: int) -> tuple[float, int]:
+    def vllm_diagnosis(store: RunStore, model: dict, exemplars: int, engine: str) -> dict:
+        """Start-up: until the actor's engine is ready (`ready_at`); steady: from then until
+        the last batch is back (exemplar choice, prompts, generation, writing the parts)."""
         cfg = DiagnoseConfig(
-            engine=VllmEngineConfig(model=model, batch_size=16, max_model_len=2048),
-            sampling=SamplingConfig(max_tokens=96, repetition_penalty=1.2),
+            engine=VllmEngineConfig(model=model, batch_size=INFERENCE_BATCH, max_model_len=2048),
+            sampling=SamplingConfig(max_tokens=MAX_NEW_TOKENS, repetition_penalty=1.2),
             exemplars=ExemplarConfig(k=exemplars), limit=patients,
         )  # fmt: skip
-        start = time.perf_counter()
-        summary = run_teacher("diagnose", cfg, store)
-        return time.perf_counter() - start, summary.output_tokens_now
+        batches: list[dict[str, Any]] = []
+        start = time.time()  # wall clock: `ready_at` comes from the actor's process
+        run_teacher(
+            "diagnose", cfg, store, on_batch=lambda b: batches.append(b | {"back": time.time()})
+        )
+        total = time.time() - start
+        steady_s = max(b["back"] for b in batches) - min(b["ready_at"] for b in batches)
+        done = sum(b["rows"] for b in batches)
+        tokens = sum(b["output_tokens"] for b in batches)
+        steady = {"patients": done, "tokens": tokens, "seconds": round(steady_s, 2),
+                  "engine_busy_s": round(sum(b["engine_busy_s"] for b in batches), 2),
+                  "forced_answer_tokens": sum(b["forced_answer_tokens"] for b in batches)}  # fmt: skip
+        return side(engine, done, tokens, total, steady_s, steady)
 
     store = RunStore(run_dir)
     student_run = RunStore(tempfile.mkdtemp(prefix="radiag-bench-student-vllm-"))
     for name in ("splits", "rationales"):
         shutil.copytree(store.path(name), student_run.path(name))
-    teacher_s, teacher_tokens = vllm_diagnosis(store, {"bundled": "smollm2-135m-instruct"}, 3)
+    teacher = vllm_diagnosis(
+        store, {"bundled": "smollm2-135m-instruct"}, 3, "vllm, few-shot k=3 (SmolLM2-135M)"
+    )
     student_lm = {"path": store.path(f"{stage_dir('text')}/final/lm")}
-    student_s, student_tokens = vllm_diagnosis(student_run, student_lm, 0)
+    student_vllm = vllm_diagnosis(student_run, student_lm, 0, "vllm, zero-shot (exported student)")
+
     start = time.perf_counter()
     run_student_diagnose(
-        "text", StudentDiagnoseConfig(limit=patients, batch_size=16, max_new_tokens=96), store
-    )
-    predictor_s = time.perf_counter() - start
+        "text",
+        StudentDiagnoseConfig(limit=patients, batch_size=INFERENCE_BATCH, max_new_tokens=MAX_NEW_TOKENS),
+        store,
+    )  # fmt: skip
+    total = time.perf_counter() - start
+    # Each row's latency_s is its share of its batch's time in the predictor (input to answers).
+    rows = read_parts(store, predictions_dir(model_name("text"))).to_pylist()
+    busy = sum(r["latency_s"] for r in rows)
+    tokens = sum(r["completion_tokens"] for r in rows)
+    predictor = side(
+        "transformers (radiag diagnose --model text)", len(rows), tokens, total, busy,
+        {"patients": len(rows), "tokens": tokens, "seconds": round(busy, 2),
+         "batches": -(-len(rows) // INFERENCE_BATCH)},
+    )  # fmt: skip
 
-    def side(engine: str, seconds: float, tokens: int | None = None) -> dict[str, Any]:
-        return {"engine": engine, "seconds": round(seconds, 1),
-                "patients_per_s": round(patients / seconds, 3), "output_tokens": tokens}  # fmt: skip
+    def speedup(student: dict[str, Any], key: str) -> dict[str, float]:
+        """How many times the teacher's rate the student's is, end to end and steady."""
+        return {
+            "end_to_end": round(student["end_to_end"][key] / teacher["end_to_end"][key], 3),
+            "steady": round(student["steady"][key] / teacher["steady"][key], 3),
+        }
 
     return {
         "patients": patients,
-        "teacher": side("vllm, few-shot k=3 (SmolLM2-135M)", teacher_s, teacher_tokens),
-        "student_vllm": side("vllm, zero-shot (exported student)", student_s, student_tokens),
-        "student_predictor": side("transformers (radiag diagnose --model text)", predictor_s),
-        "ratio_student_vs_teacher": round(teacher_s / student_s, 3),
-        "ratio_student_predictor_vs_teacher": round(teacher_s / predictor_s, 3),
-        "note": "end to end, engine start-up included on every side; the same 135M base "
-                "model on both sides here, so the gain is the prompt (no exemplars); with a "
-                "70B teacher the ratio also carries the model size",
+        "batch_size": INFERENCE_BATCH,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "teacher": teacher,
+        "student_vllm": student_vllm,
+        "student_predictor": predictor,
+        "student_vllm_vs_teacher_patients_per_s": speedup(student_vllm, "patients_per_s"),
+        "student_predictor_vs_teacher_patients_per_s": speedup(predictor, "patients_per_s"),
+        "student_vllm_vs_teacher_tokens_per_s": speedup(student_vllm, "output_tokens_per_s"),
+        "student_predictor_vs_teacher_tokens_per_s": speedup(predictor, "output_tokens_per_s"),
+        "note": "startup_s = end to end less the steady part: Ray Data and actor start, "
+                "engine or model load, exemplar pool, reading the inputs and the outputs. "
+                "Steady, vLLM sides: from the engine ready (the actor's ready_at) to the "
+                "last batch back at the driver (batches run concurrently there, "
+                "batches_in_flight); predictor: the sum of its batches' time in the "
+                "predictor (latency_s; they run one after the other), which leaves out "
+                "writing each part. Output tokens: tokens each side generated freely "
+                "(vLLM's completion tokens, the forced final-answer tokens counted apart; "
+                "the predictor's rationale tokens, its answer is scored, not generated). "
+                "The same 135M base model on every side here, so the student's gain is "
+                "the prompt (no exemplars: far fewer prompt tokens); with a 70B teacher "
+                "the ratio also carries the model size",
     }  # fmt: skip
 
 
 def main(
-    steps: Annotated[int, typer.Option(help="optimizer steps per training run")] = 10,
+    steps: Annotated[int, typer.Option(help="optimizer steps per training run")] = 8,
     warmup: Annotated[int, typer.Option(help="first steps left out of the medians")] = 3,
-    patients: Annotated[int, typer.Option(help="test patients for the inference comparison")] = 32,
+    patients: Annotated[
+        int,
+        typer.Option(help="test patients for the inference comparison"),
+    ] = 32,
     inference_only: Annotated[
-        bool, typer.Option(help="re-measure only the inference comparison")
+        bool, typer.Option(help="re-measure only the inference comparison into the file")
     ] = False,
+    out: Annotated[Path, typer.Option(help="results file")] = RESULTS,
 ) -> None:
     from radiag.pipeline import RayConfig, connect_ray
 
+    load_at_start = load_1min()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     run_dir = tempfile.mkdtemp(prefix="radiag-bench-students-")
-    connect_ray(RayConfig(num_cpus=2))
+    # "local": always a new cluster of our own, never one another process `ray start`ed here.
+    connect_ray(RayConfig(address="local", num_cpus=2))
     prepare_run(run_dir, subjects=300, imaged=48)
     if inference_only:
-        train(run_dir, "text", 1, "ddp", steps, warmup)
-        results = json.loads(RESULTS.read_text())
+        train(run_dir, "text", 2, steps, warmup)  # the student the comparison uses
+        results = json.loads(out.read_text())
         results["inference"] = inference(run_dir, patients)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        results["inference"]["measured"] = provenance(load_at_start)
+        out.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["inference"], indent=2))
         return
 
-    text = {n: train(run_dir, "text", n, "ddp", steps, warmup) for n in (1, 2)}
-    deepspeed = train(run_dir, "text", 2, "deepspeed", steps, warmup)
-    vlm = {n: train(run_dir, "vlm", n, "ddp", steps, warmup) for n in (1, 2)}
-    train(run_dir, "text", 2, "ddp", steps, warmup)  # the student the inference test uses
+    text = {"1x1": train(run_dir, "text", 1, steps, warmup)}
+    deepspeed = train(run_dir, "text", 2, steps, warmup, strategy="deepspeed")
+    text["1x2"] = train(run_dir, "text", 1, steps, warmup, threads=2, batch_size=2 * BATCH["text"])
+    text["2x1"] = train(run_dir, "text", 2, steps, warmup)  # last: its student is the one inferred
+    vlm = {n: train(run_dir, "vlm", n, steps, warmup) for n in (1, 2)}
     results = {
-        "scaling_2_vs_1_workers": round(text[2]["samples_per_s"] / text[1]["samples_per_s"], 3),
-        "goal_scaling": 1.6,
-        "text_student": {"model": "SmolLM2-135M-Instruct + LoRA r16", "runs": list(text.values())},
+        "distributed_efficiency_equal_cores": ratio(text["2x1"], text["1x2"]),
+        "goal_distributed_efficiency_equal_cores": 0.9,
+        "scaling_one_thread_per_worker": ratio(text["2x1"], text["1x1"]),
+        "goal_scaling_one_thread_per_worker": 1.6,
+        "text_student": {
+            "model": "SmolLM2-135M-Instruct + LoRA r16",
+            "runs": text,
+            "note": "runs named workers x threads; 1x2 takes 4 sequences a step, as 2x1 "
+            "does (2 per worker), so the equal-cores pair does the same work a step",
+        },
         "vlm_student": {
             "model": "DenseNet (small, 3D, 4 mm) -> 8 prefix tokens -> SmolLM2-135M + LoRA",
             "runs": list(vlm.values()),
-            "scaling_2_vs_1_workers": round(vlm[2]["samples_per_s"] / vlm[1]["samples_per_s"], 3),
+            "scaling_one_thread_per_worker": ratio(vlm[2], vlm[1]),
         },
         "deepspeed_vs_ddp_2_workers": {
-            "deepspeed_zero2": deepspeed, "ddp": text[2],
-            "ratio": round(deepspeed["samples_per_s"] / text[2]["samples_per_s"], 3),
+            "deepspeed_zero2": deepspeed,
+            "ddp": text["2x1"],
+            "ratio": ratio(deepspeed, text["2x1"]),
         },
         "inference": inference(run_dir, patients),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-    }  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        **provenance(load_at_start),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
