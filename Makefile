@@ -37,6 +37,9 @@ test: setup browser
 
 bench: setup
 	$(PY) benchmarks/cohort_scale.py
+	$(PY) benchmarks/students.py
+	$(PY) benchmarks/teacher_throughput.py --rows 1000 --max-tokens 64
+	$(PY) benchmarks/serving.py --requests 64 --teacher
 
 clean:
 	rm -rf $(VENV) runs
