@@ -89,7 +89,7 @@ class Engine(Protocol):
 class EngineStats:
     """Running totals of one engine, for benchmarks: how long it had work, and on what.
 
-    `busy_s` counts the seconds during which at least one request was in flight, so
+    `engine_busy_s` counts the seconds during which at least one request was in flight, so
     busy time / wall time is the share of its life the engine was not left idle.
     """
 
