@@ -17,7 +17,7 @@ column read from the records) and the model's own diagnosis. Reference-free: the
 rubric is the reference, since a reference rationale would itself be a model's.
 
 Prompt texts are versioned data (`judge_prompts`, `rubrics/<version>.yaml`); every
-judged row records the `prompt_version` that produced it. The engine is any `Engine`:
+judged row records the `prompt_version` that produced it. The engine is any `BatchEngine`:
 the stage passes an `ActorEngine` (`judge_engine`), whose engines live in Ray actors.
 """
 
@@ -43,8 +43,8 @@ from radiag.evaluation.judge_prompts import (
     parse_score,
 )
 from radiag.teacher.engines import (
+    BatchEngine,
     Completion,
-    Engine,
     EngineConfig,
     Messages,
     SamplingConfig,
@@ -96,7 +96,7 @@ class Judge:
             `cfg.engine` (it batches them over its actors), or a stand-in in tests.
     """
 
-    def __init__(self, cfg: JudgeConfig, engine: Engine) -> None:
+    def __init__(self, cfg: JudgeConfig, engine: BatchEngine) -> None:
         self.cfg = cfg
         self.engine = engine
 
@@ -249,7 +249,7 @@ def rating_items(
 
 
 def judge_rationales(
-    cfg: JudgeConfig, rows: pd.DataFrame, records: pd.DataFrame, engine: Engine
+    cfg: JudgeConfig, rows: pd.DataFrame, records: pd.DataFrame, engine: BatchEngine
 ) -> pd.DataFrame:
     """Grade every rationale on every configured criterion (absolute grading).
 
@@ -272,7 +272,7 @@ _GRADE_COLUMNS = [
 
 
 def compare_rationales(
-    cfg: JudgeConfig, rows: pd.DataFrame, records: pd.DataFrame, engine: Engine
+    cfg: JudgeConfig, rows: pd.DataFrame, records: pd.DataFrame, engine: BatchEngine
 ) -> pd.DataFrame:
     """Pairwise judgements between every two models on the patients both explained.
 

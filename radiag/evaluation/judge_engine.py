@@ -1,7 +1,7 @@
 """The judge's engine runs in Ray actors, as the teacher's does, never in the driver.
 
 A cluster's head node (where the driver runs) has no GPU, so the driver only sends
-conversations and receives completions. `ActorEngine` is the `Engine` protocol on the
+conversations and receives completions. `ActorEngine` is the `BatchEngine` protocol on the
 driver's side: it starts `replicas` `JudgeWorker` actors, each of which builds its own
 engine in its own process with the teacher's resources (one CPU for a CPU engine, so
 two cores cannot deadlock; `gpus_per_replica` GPUs for a GPU engine), and spreads
@@ -65,7 +65,7 @@ class JudgeWorker:
 
 
 class ActorEngine:
-    """The Engine protocol in the driver, over engines that live in `JudgeWorker` actors.
+    """The BatchEngine protocol in the driver, over engines that live in `JudgeWorker` actors.
 
     A context manager: leaving it stops the actors and frees their CPUs or GPUs.
 

@@ -53,7 +53,7 @@ RATIONALE = "The MMSE of 22/30 and severe hippocampal atrophy point to dementia.
 
 
 class FakeEngine:
-    """Engine protocol; answers with `answer(conversation)` and records every call."""
+    """BatchEngine protocol; answers with `answer(conversation)` and records every call."""
 
     backend = "fake"
     model = "fake-judge"
