@@ -38,7 +38,8 @@ test: setup browser
 bench: setup
 	$(PY) benchmarks/cohort_scale.py
 	$(PY) benchmarks/students.py
-	$(PY) benchmarks/teacher_throughput.py --rows 1000 --max-tokens 64
+	$(PY) benchmarks/teacher_throughput.py --rows 1000 --max-tokens 160
+	$(PY) benchmarks/teacher_alternatives.py --rows 500 --max-tokens 64
 	$(PY) benchmarks/serving.py --requests 64 --teacher
 
 clean:
