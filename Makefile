@@ -40,7 +40,7 @@ bench: setup
 	$(PY) benchmarks/students.py
 	$(PY) benchmarks/teacher_throughput.py --rows 1000 --max-tokens 160
 	$(PY) benchmarks/teacher_alternatives.py --rows 500 --max-tokens 64
-	$(PY) benchmarks/serving.py --requests 64 --teacher
+	$(PY) benchmarks/serving.py --requests 64 --teacher --prompts 96 --teacher-repeats 5
 
 clean:
 	rm -rf $(VENV) runs
