@@ -123,9 +123,8 @@ def main(
         layouts["stage_one_replica_two_cores"], conversations, max_tokens
     )
 
-    def vs_one_replica(side: str) -> float:
-        rate = sides[side]["end_to_end_tokens_per_s"]
-        return round(rate / sides["stage_one_replica_two_cores"]["end_to_end_tokens_per_s"], 3)
+    def vs_one_replica(side: str, rate: str = "end_to_end_tokens_per_s") -> float:
+        return round(sides[side][rate] / sides["stage_one_replica_two_cores"][rate], 3)
 
     report = {
         "benchmark": "rationalize stage: 1 CPU engine x 2 cores vs 2 x 1 core vs ray.data.llm "
@@ -134,10 +133,8 @@ def main(
         "max_tokens": max_tokens,
         "ray_logical_cpus": 4,
         "two_replicas_vs_one": vs_one_replica("stage_two_replicas_one_core"),
-        "two_replicas_vs_one_steady": round(
-            sides["stage_two_replicas_one_core"]["steady_tokens_per_s"]
-            / sides["stage_one_replica_two_cores"]["steady_tokens_per_s"],
-            3,
+        "two_replicas_vs_one_steady": vs_one_replica(
+            "stage_two_replicas_one_core", "steady_tokens_per_s"
         ),
         "ray_data_llm_vs_stage": vs_one_replica("ray_data_llm"),
         **sides,
