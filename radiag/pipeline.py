@@ -29,6 +29,7 @@ from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synth
 from radiag.config import StrictModel
 from radiag.contract import StageSummary
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
+from radiag.precision import explain, this_machine
 from radiag.store import RunStore
 from radiag.students.config import StudentsConfig
 from radiag.students.distill import run_distill
@@ -129,6 +130,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+def _precision() -> dict[str, str]:
+    """This machine and what `dtype: auto` resolves to on it; each stage's identity and rows
+    record the precision it ran in."""
+    device, resolved = this_machine()
+    return {"device": explain(device, resolved), "auto": resolved}
+
+
 def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSummary]) -> None:
     """manifest.json: config, versions, seeds and what each stage did: enough to redo the run."""
     store.write_json(
@@ -143,6 +151,7 @@ def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSumma
             "versions": _versions(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "precision": _precision(),
             "git_commit": _git_commit(),
             "updated_at": datetime.datetime.now(datetime.UTC).isoformat(),
             "stages": {name: s.model_dump() for name, s in stages.items()},

@@ -89,11 +89,10 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (HF directory) with the bundled teacher's tokenizer and chat template."""
-    from radiag.models import build_tiny_model
+    from radiag.models import ModelSpec, build_tiny_model, prepare_model
 
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny") / "tiny-llama", model_cache / "smollm2-135m-instruct"
-    )
+    bundled = prepare_model(ModelSpec(), cache_dir=model_cache)  # converted: returned at once
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", bundled)
 
 
 @pytest.fixture(scope="session")

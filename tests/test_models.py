@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from radiag.models import MARKER, ModelError, ModelSpec, model_cache_dir, prepare_model
+from radiag.precision import this_machine
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,16 @@ def test_a_missing_gguf_file_is_named(tmp_path: Path) -> None:
         prepare_model(ModelSpec(gguf=str(missing)), cache_dir=tmp_path)
 
 
-def test_the_bundled_model_becomes_a_complete_hf_directory(smollm2: Path, cache: Path) -> None:
-    assert smollm2 == cache / "smollm2-135m-instruct"
+def test_the_bundled_model_becomes_a_complete_hf_directory_in_this_machines_precision(
+    smollm2: Path, cache: Path
+) -> None:
+    _, auto = this_machine()
+    assert smollm2 == cache / f"smollm2-135m-instruct-{auto}"
     assert (smollm2 / "config.json").is_file()
     assert list(smollm2.glob("*.safetensors"))
-    assert json.loads((smollm2 / MARKER).read_text())["dtype"] == "bfloat16"
-    assert [p.name for p in cache.iterdir()] == ["smollm2-135m-instruct"]  # no .partial left
+    assert json.loads((smollm2 / MARKER).read_text())["dtype"] == auto
+    assert json.loads((smollm2 / "config.json").read_text())["dtype"] == auto
+    assert [p.name for p in cache.iterdir()] == [smollm2.name]  # no .partial left
 
 
 def test_a_prepared_directory_is_reused_not_rewritten(smollm2: Path, cache: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from pydantic import TypeAdapter
 
+from radiag.teacher.backends import build_engine
 from radiag.teacher.engines import (  # the teacher's resource rules: both stages reserve alike
     Completion,
     EngineConfig,
@@ -26,7 +27,6 @@ from radiag.teacher.engines import (  # the teacher's resource rules: both stage
     actor_cpus,
     actor_env,
     actor_gpus,
-    build_engine,
 )
 
 _STOP_TIMEOUT_S = 60.0  # a graceful exit lets vLLM stop its engine process

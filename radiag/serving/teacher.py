@@ -18,7 +18,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from radiag.cohort.schema import Label
-from radiag.models import prepare_model
 from radiag.serving.config import TeacherServeConfig
 from radiag.serving.servers import stage_fingerprint
 from radiag.store import RunStore
@@ -26,6 +25,7 @@ from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
 from radiag.teacher.parsing import parse_answer
 from radiag.teacher.prompts import ANSWERS, FINAL, Shot, diagnose_messages
 from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, exemplar_pool
+from radiag.teacher.vllm_engine import cpu_environment, engine_args
 
 ANSWER_TOKENS = 32  # room for "(B) Mild Cognitive Impairment"
 
@@ -45,24 +45,25 @@ def run_diagnose_config(store: RunStore) -> DiagnoseConfig:
 
 
 def teacher_llm_config(cfg: TeacherServeConfig, run: DiagnoseConfig) -> Any:
-    """The `LLMConfig` of the teacher deployment."""
+    """The `LLMConfig` of the teacher deployment: the engine arguments of the batch stages
+    (`engine_args`) of the run's diagnose engine, with what `cfg` replaces."""
     from ray.serve.llm import LLMConfig
 
-    engine = run.engine
-    spec = cfg.model or (engine.model if isinstance(engine, VllmEngineConfig) else None)
-    if spec is None:
-        raise ValueError("the run's teacher is an HTTP endpoint: set teacher.model to serve one")
-    gpus = cfg.gpus_per_replica
+    if not isinstance(run.engine, VllmEngineConfig):
+        if cfg.model is None:
+            raise ValueError(
+                "the run's teacher is an HTTP endpoint: set teacher.model to serve one"
+            )
+        engine = cfg.engine(VllmEngineConfig(model=cfg.model))
+    else:
+        engine = cfg.engine(run.engine)
+    engine_kwargs = engine_args(engine)
+    model_source = engine_kwargs.pop("model")
     return LLMConfig(
-        model_loading_config={"model_id": cfg.model_id, "model_source": str(prepare_model(spec))},
-        accelerator_config={"kind": "gpu" if gpus else "cpu"},
-        engine_kwargs={
-            "max_model_len": cfg.max_model_len,
-            "enforce_eager": True,
-            "dtype": "bfloat16",
-            "tensor_parallel_size": max(gpus, 1),
-        },
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kv_cache_gib)}},
+        model_loading_config={"model_id": cfg.model_id, "model_source": model_source},
+        accelerator_config={"kind": "gpu" if engine.gpus_per_replica else "cpu"},
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": cpu_environment(engine)},
         deployment_config={
             "autoscaling_config": {
                 "min_replicas": cfg.min_replicas,

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from radiag.config import StrictModel
 from radiag.models import ModelSpec
+from radiag.precision import Dtype, ResolvedDtype, resolve_for
 from radiag.students.formatting import LossName
 from radiag.students.modeling import EncoderName
 from radiag.students.volumes import VolumeConfig
@@ -79,13 +80,31 @@ class DistillConfig(StrictModel):
     )
     limit: int | None = Field(None, ge=1, description="only the first N rationale rows")
     max_length: int = Field(768, ge=64, description="tokens per sequence (prompt + target)")
-    precision: Literal["bf16-mixed", "fp32"] = "bf16-mixed"
+    precision: Literal["auto", "bf16-mixed", "fp32"] = Field(
+        "auto",
+        description="auto: bf16-mixed where the hardware computes bf16 natively, else fp32 "
+        "(radiag.precision); the export is saved in the same precision",
+    )
     mri: MriSettings = Field(default_factory=MriSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+
+    def resolved(self) -> DistillConfig:
+        """`precision: auto` resolved where the workers train (radiag.precision): bf16 mixed
+        precision where bf16 is native, else fp32 (fp16 would need loss scaling, which the
+        training loop does not do)."""
+        if self.precision != "auto":
+            return self
+        native = resolve_for("auto", on_gpu=self.scaling.use_gpu) == "bfloat16"
+        return self.model_copy(update={"precision": "bf16-mixed" if native else "fp32"})
+
+    @property
+    def export_dtype(self) -> ResolvedDtype:
+        """The precision the trained student is saved in: the one it trained in."""
+        return "float32" if self.precision == "fp32" else "bfloat16"
 
 
 class StudentDiagnoseConfig(StrictModel):
@@ -109,6 +128,13 @@ class StudentDiagnoseConfig(StrictModel):
         True, description="answer = the most probable option; false: parse the written line"
     )
     threads_per_replica: int = Field(2, ge=1)
+    dtype: Dtype = Field(
+        "auto", description="precision the student runs in; auto: as radiag.precision decides"
+    )
+
+    def resolved(self) -> StudentDiagnoseConfig:
+        """`dtype: auto` resolved for this machine's CPU (students diagnose on CPU workers)."""
+        return self.model_copy(update={"dtype": resolve_for(self.dtype, on_gpu=False)})
 
 
 class StudentsConfig(StrictModel):

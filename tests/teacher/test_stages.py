@@ -24,9 +24,13 @@ from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, read_output
 pytestmark = pytest.mark.slow
 
 
-def engine(tiny_model: Path) -> VllmEngineConfig:
+def engine(tiny_model: Path, dtype: str = "float32") -> VllmEngineConfig:
     return VllmEngineConfig(
-        model={"path": str(tiny_model)}, max_model_len=1024, cpu_kv_cache_gib=1, batch_size=4
+        model={"path": str(tiny_model)},
+        max_model_len=1024,
+        cpu_kv_cache_gib=1,
+        batch_size=4,
+        dtype=dtype,
     )
 
 
@@ -61,6 +65,7 @@ def test_rationalize_writes_one_row_per_patient_with_provenance(
     assert summary.counts["rows"] == 10 == len(out) and out.index.is_unique
     first = out[out["error"].isna()].sort_index().iloc[0]  # part files come in any order
     assert first["engine"] == "vllm" and first["model"] == str(tiny_model)
+    assert first["dtype"] == "float32"
     assert first["prompt_version"] == "v1" and first["task"] == "rationalize"
     assert '"max_tokens":24' in first["sampling"] and first["seed"] >= 0
     assert first["completion_tokens"] > 0 and first["prompt_tokens"] > 0 and first["finish_reason"]
@@ -105,6 +110,23 @@ def test_another_sampling_is_refused_and_appends_nothing(run: RunStore, tiny_mod
     with pytest.raises(StageConflict, match=r"changed: config\.sampling\.temperature\..*--fresh"):
         teacher_stage("rationalize", cfg, run)
     assert read_output(run, "rationalize").equals(before)
+
+
+def test_a_machine_resolving_another_precision_is_refused_with_the_remedy(
+    run: RunStore, tiny_model: Path
+) -> None:
+    """The rows above ran in float32; the same stage resolved to bfloat16 (another machine)
+    must not add bf16 rows to them."""
+    cfg = RationalizeConfig(
+        engine=engine(tiny_model, dtype="bfloat16"),
+        sampling=SamplingConfig(temperature=1.0, max_tokens=24),
+        limit=10,
+    )
+    remedy = (
+        r"engine\.dtype: float32 in the run, bfloat16 on this machine.*set engine\.dtype: float32"
+    )
+    with pytest.raises(StageConflict, match=remedy):
+        teacher_stage("rationalize", cfg, run)
 
 
 def test_diagnose_uses_train_exemplars_and_always_yields_an_answer(
