@@ -106,17 +106,30 @@ def local_gpu() -> Device | None:
     )
 
 
+GPU_PROBE_TIMEOUT_S = 600.0  # an autoscaler may take minutes to start a GPU node
+
+
 def gpu_device() -> Device:
     """The GPU a stage's workers get: this process's own, or (a driver on a cluster's head
-    node, which has none) the one a one-GPU Ray task sees on a worker node."""
+    node, which has none) the one a one-GPU Ray task sees on a worker node.
+
+    Raises:
+        RuntimeError: no GPU answered in time; the message says to set the dtype.
+    """
     local = local_gpu()
     if local is not None:
         return local
     import ray
 
-    found = ray.get(ray.remote(num_gpus=1)(local_gpu).remote())
+    probe = ray.remote(num_gpus=1)(local_gpu).remote()
+    ready, _ = ray.wait([probe], timeout=GPU_PROBE_TIMEOUT_S)
+    found = ray.get(ready[0]) if ready else None
     if found is None:
-        raise RuntimeError("a Ray task with one GPU saw no CUDA device")
+        ray.cancel(probe, force=True)
+        raise RuntimeError(
+            f"dtype auto of a GPU engine: no Ray worker with a GPU answered within "
+            f"{GPU_PROBE_TIMEOUT_S:.0f} s; set the dtype (bfloat16, float16) explicitly"
+        )
     return found
 
 

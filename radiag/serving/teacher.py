@@ -12,6 +12,7 @@ two steps as the batch vLLM engine: the rationale until "Final Diagnosis:", then
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
@@ -21,13 +22,17 @@ from radiag.cohort.schema import Label
 from radiag.serving.config import TeacherServeConfig
 from radiag.serving.servers import stage_fingerprint
 from radiag.store import RunStore
-from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
+from radiag.teacher.engines import (
+    FINAL_LINE_MAX_TOKENS,
+    SamplingConfig,
+    Step,
+    VllmEngineConfig,
+    answer_with_final_line,
+)
 from radiag.teacher.parsing import parse_answer
 from radiag.teacher.prompts import ANSWERS, FINAL, Shot, diagnose_messages
 from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, exemplar_pool
 from radiag.teacher.vllm_engine import cpu_environment, engine_args
-
-ANSWER_TOKENS = 32  # room for "(B) Mild Cognitive Impairment"
 
 
 def run_diagnose_config(store: RunStore) -> DiagnoseConfig:
@@ -102,13 +107,20 @@ class TeacherServer:
         prompt = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
+        generated = ""
+
+        async def step(lead: str, stop: list[str] | None, choices: Sequence[str] | None) -> Step:
+            nonlocal generated
+            text = generated.rstrip() + lead if lead else ""
+            out = await self._complete(prompt + text, stop, choices)
+            generated += out.text
+            return out
+
         constrain = self.run_cfg.constrain_answer
-        text, finish = await self._complete(prompt, stop=[FINAL] if constrain else None)
-        if constrain:
-            lead = text.rstrip() + "\n" + FINAL + " "
-            answer, _ = await self._complete(prompt + lead, choices=list(ANSWERS.values()))
-            text = lead + answer
-        parsed = parse_answer(text, finish)
+        answer = await answer_with_final_line(
+            step, FINAL if constrain else None, list(ANSWERS.values()) if constrain else None
+        )
+        parsed = parse_answer(answer.text, answer.finish_reason)
         return {
             "identity": self.identity,
             "rationale": parsed.rationale,
@@ -119,25 +131,26 @@ class TeacherServer:
         }
 
     async def _complete(
-        self, prompt: str, stop: list[str] | None = None, choices: list[str] | None = None
-    ) -> tuple[str, str | None]:
+        self, prompt: str, stop: list[str] | None, choices: Sequence[str] | None
+    ) -> Step:
         from ray.serve.llm.openai_api_models import CompletionRequest
 
         request = CompletionRequest(
             model=self.serve_cfg.model_id,
             prompt=prompt,
-            max_tokens=ANSWER_TOKENS if choices else self.sampling.max_tokens,
+            max_tokens=FINAL_LINE_MAX_TOKENS if choices else self.sampling.max_tokens,
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,
             seed=self.sampling.seed,
             repetition_penalty=self.sampling.repetition_penalty,
             stop=stop,
-            structured_outputs={"choice": choices} if choices else None,
+            structured_outputs={"choice": list(choices)} if choices else None,
             add_special_tokens=False,  # the chat template already has them
         )
         async for response in self.llm.completions.remote(request, None):
             if not hasattr(response, "choices"):
                 raise RuntimeError(f"teacher LLM error: {response}")
             choice = response.choices[0]
-            return choice.text, choice.finish_reason
+            tokens = response.usage.completion_tokens if response.usage else 0
+            return Step(choice.text, choice.finish_reason, tokens)
         raise RuntimeError("teacher LLM returned nothing")

@@ -55,6 +55,63 @@ class Completion:
     transient: bool = False  # the error may go away (429, 5xx, timeout): retried next run
 
 
+FINAL_LINE_MAX_TOKENS = 32  # the constrained final line: one of the answer choices
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generation step of an answer: its text, why it stopped, how many tokens."""
+
+    text: str
+    finish_reason: str | None
+    tokens: int
+
+
+class Continue(Protocol):
+    """A backend's generation step: continues the conversation's prompt, after the text
+    generated so far plus `lead`, up to `stop`, or as one of `choices` (structured output).
+    None when the context has no room left for it."""
+
+    async def __call__(
+        self, lead: str, stop: list[str] | None, choices: Sequence[str] | None
+    ) -> Step | None: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str | None  # the rationale's: "length" says it ran out of tokens
+    tokens: int
+    final_line_tokens: int
+
+
+async def answer_with_final_line(
+    step: Continue, answer_prefix: str | None, answer_choices: Sequence[str] | None
+) -> Answer:
+    """The answer in two steps, the same for the batch engine and the served teacher.
+
+    The rationale is generated freely until `answer_prefix` (or max_tokens); then the same
+    sequence continues with the prefix and must pick one of `answer_choices`. The final line
+    is then always well-formed, and a rationale that ran out of tokens still says so in
+    `finish_reason`. Without choices, one free step.
+    """
+    forced = answer_prefix.strip() if answer_prefix and answer_choices else None
+    rationale = await step("", [forced] if forced else None, None)
+    assert rationale is not None  # the first step always has the prompt's room
+    if forced is None:
+        return Answer(rationale.text, rationale.finish_reason, rationale.tokens, 0)
+    lead = f"\n{forced} "
+    final = await step(lead, None, answer_choices)
+    if final is None:
+        return Answer(rationale.text, rationale.finish_reason, rationale.tokens, 0)
+    return Answer(
+        text=rationale.text.rstrip() + lead + final.text,
+        finish_reason=rationale.finish_reason,
+        tokens=rationale.tokens + final.tokens,
+        final_line_tokens=final.tokens,
+    )
+
+
 class BatchEngine(Protocol):
     """Turns a list of conversations into completions, for synchronous callers (the judge)."""
 

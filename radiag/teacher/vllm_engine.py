@@ -20,14 +20,16 @@ from typing import IO, Any
 from radiag.models import ModelSpec, prepare_model
 from radiag.precision import resolve_for
 from radiag.teacher.engines import (
+    FINAL_LINE_MAX_TOKENS,
     AsyncEngine,
     Completion,
     Messages,
     SamplingConfig,
+    Step,
     VllmEngineConfig,
+    answer_with_final_line,
 )
 
-ANSWER_MAX_TOKENS = 32  # the constrained final line: one of the answer choices
 ANSWER_ROOM = 16  # context an answer needs at least, or the step is left out
 
 
@@ -152,36 +154,34 @@ class VllmEngine(AsyncEngine):
         answer_prefix: str | None,
         answer_choices: Sequence[str] | None,
     ) -> Completion:
-        """With `answer_choices`, the answer is constrained in two steps, chained per row.
-
-        The rationale is generated freely until `answer_prefix` (or max_tokens); then the
-        engine continues the same sequence with `answer_prefix` and must pick one of the
-        choices (structured output `choice`). The final line is then always well-formed,
-        and a rationale that ran out of tokens still says so in `finish_reason`.
-        """
+        """One request per step (`answer_with_final_line`), chained on this row's tokens."""
         token_ids = render(self.tokenizer, conversation)
         if len(token_ids) >= self.cfg.max_model_len:
             return self._too_long(len(token_ids))
         start = time.perf_counter()
-        forced = answer_prefix.strip() if answer_prefix and answer_choices else None
-        first = await self._run(token_ids, sampling, stop=[forced] if forced else None)
-        text, generated = first.text, list(first.token_ids)
-        if forced and answer_choices:
-            prefix_text = f"\n{forced} "
-            prefix_ids = self.tokenizer.encode(prefix_text, add_special_tokens=False)
-            continued = token_ids + generated + prefix_ids
-            if len(continued) + ANSWER_ROOM < self.cfg.max_model_len:
-                answer = await self._run(
-                    continued, sampling, choices=answer_choices, max_tokens=ANSWER_MAX_TOKENS
-                )
-                self.stats.forced_answer_tokens += len(answer.token_ids)
-                text = text.rstrip() + prefix_text + answer.text
-                generated += list(answer.token_ids)
+        generated: list[int] = []
+
+        async def step(
+            lead: str, stop: list[str] | None, choices: Sequence[str] | None
+        ) -> Step | None:
+            continued = (
+                token_ids + generated + self.tokenizer.encode(lead, add_special_tokens=False)
+            )
+            if lead and len(continued) + ANSWER_ROOM >= self.cfg.max_model_len:
+                return None
+            out = await self._run(
+                continued, sampling, stop, choices, FINAL_LINE_MAX_TOKENS if choices else None
+            )
+            generated.extend(out.token_ids)
+            return Step(out.text, out.finish_reason, len(out.token_ids))
+
+        answer = await answer_with_final_line(step, answer_prefix, answer_choices)
+        self.stats.forced_answer_tokens += answer.final_line_tokens
         return Completion(
-            text=text,
-            finish_reason=first.finish_reason,
+            text=answer.text,
+            finish_reason=answer.finish_reason,
             prompt_tokens=len(token_ids),
-            completion_tokens=len(generated),
+            completion_tokens=answer.tokens,
             latency_s=time.perf_counter() - start,
         )
 

@@ -20,7 +20,9 @@ from radiag.teacher.engines import (
     Completion,
     Messages,
     SamplingConfig,
+    Step,
     VllmEngineConfig,
+    answer_with_final_line,
 )
 from radiag.teacher.vllm_engine import claim_cpu_binding, configure_cpu_environment, engine_args
 
@@ -46,6 +48,44 @@ class SleepingEngine(AsyncEngine):
         with self.stats.request():
             await asyncio.sleep(self.seconds)
         return Completion(conversation[0]["content"], "stop", 1, 1, self.seconds)
+
+
+CHOICES = ["(A) Alzheimer's Disease", "(B) Mild Cognitive Impairment", "(C) Normal Cognition"]
+
+
+class ScriptedSteps:
+    """A backend's step that answers from a script and records what it was asked."""
+
+    def __init__(self, *steps: Step | None) -> None:
+        self.script, self.calls = list(steps), []
+
+    async def __call__(
+        self, lead: str, stop: list[str] | None, choices: Sequence[str] | None
+    ) -> Step | None:
+        self.calls.append((lead, stop, choices))
+        return self.script.pop(0)
+
+
+def test_the_final_line_is_one_of_the_choices_after_the_free_rationale() -> None:
+    steps = ScriptedSteps(Step("MMSE 24 fits MCI.  ", "length", 5), Step(CHOICES[1], "stop", 3))
+    answer = asyncio.run(answer_with_final_line(steps, "Final Diagnosis:", CHOICES))
+    assert steps.calls == [("", ["Final Diagnosis:"], None), ("\nFinal Diagnosis: ", None, CHOICES)]
+    assert answer.text == f"MMSE 24 fits MCI.\nFinal Diagnosis: {CHOICES[1]}"
+    assert answer.finish_reason == "length"  # the rationale's: it ran out of tokens
+    assert (answer.tokens, answer.final_line_tokens) == (8, 3)
+
+
+def test_without_choices_the_answer_is_one_free_step() -> None:
+    steps = ScriptedSteps(Step("Final Diagnosis: (C) Normal Cognition", "stop", 9))
+    answer = asyncio.run(answer_with_final_line(steps, "Final Diagnosis:", None))
+    assert steps.calls == [("", None, None)]
+    assert (answer.text, answer.final_line_tokens) == ("Final Diagnosis: (C) Normal Cognition", 0)
+
+
+def test_a_rationale_that_fills_the_context_keeps_its_text_without_a_final_line() -> None:
+    steps = ScriptedSteps(Step("long rationale", "length", 90), None)
+    answer = asyncio.run(answer_with_final_line(steps, "Final Diagnosis:", CHOICES))
+    assert (answer.text, answer.tokens, answer.final_line_tokens) == ("long rationale", 90, 0)
 
 
 def test_concurrent_requests_count_once_in_busy_time() -> None:
@@ -88,7 +128,7 @@ def test_cuda_graphs_are_used_on_gpu_unless_told_otherwise(
     gpus: int, eager: bool | None, expected_eager: bool, tiny_model: Path
 ) -> None:
     cfg = VllmEngineConfig(
-        model={"path": str(tiny_model)}, gpus_per_replica=gpus, enforce_eager=eager
+        model={"path": str(tiny_model)}, gpus_per_replica=gpus, enforce_eager=eager, dtype="float16"
     )
     assert engine_args(cfg)["enforce_eager"] is expected_eager
 
@@ -96,7 +136,7 @@ def test_cuda_graphs_are_used_on_gpu_unless_told_otherwise(
 def test_gpu_settings_reach_the_engine_only_on_gpu(tiny_model: Path) -> None:
     gpu = VllmEngineConfig(
         model={"path": str(tiny_model)}, gpus_per_replica=2, gpu_memory_utilization=0.8,
-        max_num_seqs=512,
+        max_num_seqs=512, dtype="float16",
     )  # fmt: skip
     args = engine_args(gpu)
     assert args["gpu_memory_utilization"] == 0.8 and args["tensor_parallel_size"] == 2
