@@ -30,10 +30,13 @@ demo: setup
 	$(VENV)/bin/radiag transfer --from runs/demo --cohort configs/cohorts/site2.yaml --run runs/demo-site2 \
 		--set shared_features_only=true
 
+# The CPU and the precision it gets come first and the 25 slowest tests last, so a slow
+# run explains itself.
 test: setup browser
+	@$(PY) -c "from radiag.precision import explain, this_machine; print('precision:', explain(*this_machine()))"
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25
 
 bench: setup
 	$(PY) benchmarks/cohort_scale.py
@@ -41,6 +44,7 @@ bench: setup
 	$(PY) benchmarks/teacher_throughput.py --rows 1000 --max-tokens 160
 	$(PY) benchmarks/teacher_alternatives.py --rows 500 --max-tokens 64
 	$(PY) benchmarks/serving.py --requests 64 --teacher --prompts 96 --teacher-repeats 5
+	$(PY) benchmarks/test_suite.py
 
 clean:
 	rm -rf $(VENV) runs

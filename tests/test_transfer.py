@@ -10,11 +10,7 @@ another scale, and three regions it never measures.
 
 from __future__ import annotations
 
-import json
-import re
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -49,53 +45,13 @@ UNMEASURED = ["Entorhinal", "Fusiform", "MidTemp"]  # by the site; both baseline
 FINISHED_ONCE = ("cohort", "splits", "baselines", "reports/transfer")  # not resumable stages
 
 
-class StubTeacher(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint: answers by the patient's MMSE (the last one in the
-    prompt: few-shot exemplars come first), and lists its model for the preflight."""
-
-    def do_GET(self) -> None:
-        self._send({"object": "list", "data": [{"id": "stub", "object": "model", "created": 0,
-                                                "owned_by": "tests"}]})  # fmt: skip
-
-    def do_POST(self) -> None:
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        scores = re.findall(r"score of (\d+)/30", request["messages"][-1]["content"])
-        mmse = int(scores[-1]) if scores else 30
-        letter = "A" if mmse < 24 else "B" if mmse < 28 else "C"
-        self._send(
-            {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-             "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                 "role": "assistant", "content": f"The MMSE is {mmse}.\nFinal Diagnosis: ({letter})"}}],
-             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        )  # fmt: skip
-
-    def _send(self, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def teacher_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-
-
 @pytest.fixture(scope="module")
 def source(
     tmp_path_factory: pytest.TempPathFactory,
     ray_cluster: None,
     write_rationales: Callable[[RunStore], None],
     tiny_student: Callable,
-    teacher_url: str,
+    stub_teacher: str,
 ) -> RunStore:
     """A trained run: baselines, a tiny text student and the teacher, each with its test
     split predictions (the in-distribution rows)."""
@@ -110,7 +66,7 @@ def source(
     run_distill("text", tiny_student(loss="rationale_label", optim={"max_steps": 2}), store)
     run_student_diagnose("text", StudentDiagnoseConfig(max_new_tokens=8), store)
     teacher = DiagnoseConfig(
-        engine=OpenAIEngineConfig(base_url=teacher_url, model="stub"),
+        engine=OpenAIEngineConfig(base_url=stub_teacher, model="stub"),
         exemplars=ExemplarConfig(strategy="fixed"),
     )
     teacher_stage("diagnose", teacher, store)

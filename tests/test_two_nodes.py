@@ -43,13 +43,18 @@ DRIVER = textwrap.dedent(
 
 
 def test_the_pipeline_runs_on_a_second_node_with_the_run_store_on_s3(
-    s3_endpoint: str, tiny_model: Path, tmp_path: Path, restores_current_cluster: None
+    s3_endpoint: str,
+    stub_teacher: str,
+    tiny_model: Path,
+    tmp_path: Path,
+    restores_current_cluster: None,
 ) -> None:
+    """The teacher is the session's OpenAI-compatible stub: its client actors must run on
+    the worker node like any engine's; the vLLM engine itself is tested in tests/teacher."""
     run_dir = f"s3://radiag/two-nodes/{uuid.uuid4().hex[:8]}"
     tiny = {"path": str(tiny_model)}
-    # The tiny model's rationales are random text: sampled (never empty) and QC-flagged.
-    teacher = {"engine": {"model": tiny, "batch_size": 8, "max_model_len": 1024},
-               "sampling": {"temperature": 1.0, "max_tokens": 16}, "limit": 8}  # fmt: skip
+    engine = {"backend": "openai", "base_url": stub_teacher, "model": "stub", "batch_size": 8}
+    teacher = {"engine": engine, "limit": 8}
     student = {"model": tiny, "optim": {"max_steps": 2, "batch_size": 2}, "include_flagged": True,
                "checkpoint_every": 2, "scaling": {"cpus_per_worker": 0.5}}  # fmt: skip
     cfg = {

@@ -20,6 +20,7 @@ from radiag.serving.records import SERVED_COLUMNS
 from radiag.store import RunStore
 from radiag.students.distill import distill_stage
 
+pytestmark = pytest.mark.slow  # the session's trained run (two students) and served app
 RECORD = {"AGE": 74, "PTGENDER": "Female", "PTEDUCAT": 17, "MMSE": 24, "APOE4": 1}
 PROTECTED = [
     ("GET", "/"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/diagnose/models"),

@@ -10,9 +10,12 @@ import pytest
 from conftest import ServedApp
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,  # the session's trained run and served app
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
 
 
 def test_a_clinician_submits_an_example_and_sees_the_diagnosis(

@@ -124,13 +124,17 @@ class Load:
 
 
 @pytest.fixture
-def deploy(served_run: Path) -> Iterator[Callable[..., ServedApp]]:
-    """Deploys the app over a run with the given args; Serve is shut down after the test."""
+def deploy(trained_run: Path) -> Iterator[Callable[..., ServedApp]]:
+    """Deploys the app over a run with the given args; Serve is shut down after the test.
+
+    Serve listens on one port per cluster: the session's `served_app` (the API and page
+    tests, which run before this file) is shut down first."""
     from ray import serve
 
+    serve.shutdown()
     started = False
 
-    def _deploy(args: dict[str, Any], run: Path = served_run) -> ServedApp:
+    def _deploy(args: dict[str, Any], run: Path = trained_run) -> ServedApp:
         nonlocal started
         started = True
         return ServedApp(start_app(run, args), TOKEN, run)
@@ -141,13 +145,13 @@ def deploy(served_run: Path) -> Iterator[Callable[..., ServedApp]]:
 
 
 @pytest.fixture
-def newer_run(served_run: Path, tiny_student: Callable[..., Any], tmp_path: Path) -> Path:
+def newer_run(trained_run: Path, tiny_student: Callable[..., Any], tmp_path: Path) -> Path:
     """A copy of the run whose text student was trained again, with another seed: what a
     newer training run would publish."""
     from radiag.students.distill import run_distill
 
     run = tmp_path / "newer"
-    shutil.copytree(served_run, run)
+    shutil.copytree(trained_run, run)
     cfg = tiny_student(optim={"max_steps": 2, "batch_size": 4}, seed=1)
     run_distill("text", cfg, RunStore(str(run)), fresh=True)
     return run
@@ -187,13 +191,13 @@ def test_the_text_student_scales_out_under_load_and_back_in_when_it_stops(deploy
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # the first test here may also build the session's run
 def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
-    deploy, served_run, newer_run
+    deploy, trained_run, newer_run
 ):
     from radiag.serving.app import deploy as redeploy
     from radiag.serving.app import student_swap
     from radiag.serving.config import ServeConfig
 
-    old, new = text_identity(RunStore(str(served_run))), text_identity(RunStore(str(newer_run)))
+    old, new = text_identity(RunStore(str(trained_run))), text_identity(RunStore(str(newer_run)))
     assert old != new
     args = {"students": {"scaling": {"max_replicas": 1, "num_cpus": 0.25}}, "baselines": SMALL}
     app = deploy(args)
@@ -206,7 +210,7 @@ def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
         # The same args with a user_config override, as `serve deploy` of serve/config.yaml
         # with a `deployments:` entry does: Serve calls reconfigure on the running replicas.
         cfg = ServeConfig.model_validate(
-            {"run_dir": str(served_run), "token_file": str(served_run.parent / "serve-token")}
+            {"run_dir": str(trained_run), "token_file": str(trained_run.parent / "serve-token")}
             | args
         )
         start = time.monotonic()

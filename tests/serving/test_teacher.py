@@ -26,13 +26,14 @@ SAMPLING = SamplingConfig(max_tokens=48, repetition_penalty=1.2)
 
 @pytest.fixture(scope="module")
 def teacher_app(
-    served_run: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+    trained_run: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServedApp]:
     """A run whose teacher diagnosed two test patients (batch stage), then served."""
     from ray import serve
 
+    serve.shutdown()  # the session's `served_app`: Serve listens on one port per cluster
     run = tmp_path_factory.mktemp("teacher") / "run"
-    shutil.copytree(served_run, run)
+    shutil.copytree(trained_run, run)
     engine = VllmEngineConfig(batch_size=2)
     teacher_stage(
         "diagnose", DiagnoseConfig(engine=engine, sampling=SAMPLING, limit=2), RunStore(str(run))

@@ -1,8 +1,9 @@
 """A killed training run restarts from its last checkpoint, and finishes each step once.
 
 `radiag distill` is SIGKILLed after its first checkpoint; the re-run continues from
-`ray.train.get_checkpoint()` instead of step 0, with the run on local disk or on an
-S3-compatible server (Ray Train's checkpoints and the metrics go there too).
+`ray.train.get_checkpoint()` instead of step 0. The run is on an S3-compatible server, as
+on a cluster (Ray Train's checkpoints and the metrics go there too); checkpoints on local
+disk are written and read back by every other training test of the suite.
 """
 
 from __future__ import annotations
@@ -34,14 +35,11 @@ def distill(config: Path) -> subprocess.Popen:
     )
 
 
-@pytest.fixture(params=["local", "s3"])
-def run_store(request: pytest.FixtureRequest, prepared_run: Path) -> RunStore:
-    """A private copy of the prepared run, on local disk or in a bucket."""
-    if request.param == "local":
-        return request.getfixturevalue("fresh_run")
-    request.getfixturevalue("s3_endpoint")
+@pytest.fixture
+def run_store(split_run: Path, s3_endpoint: str) -> RunStore:
+    """A private copy of the split run in a bucket."""
     store = RunStore(f"s3://radiag/distill-resume/{uuid.uuid4().hex[:8]}")
-    store.upload_dir(prepared_run, "")
+    store.upload_dir(split_run, "")
     return store
 
 

@@ -1,13 +1,13 @@
 """A trained student diagnoses the test split in the teacher's table shape, with probabilities.
 
-Slow: trains a tiny student first (Ray Train), then runs predictor actors (Ray Data).
+Slow: the session's trained run (its tiny text student), then predictor actors (Ray Data).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -17,8 +17,7 @@ import torch
 from radiag.cohort.schema import Label
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
-from radiag.students.config import DistillConfig, StudentDiagnoseConfig
-from radiag.students.distill import run_distill
+from radiag.students.config import StudentDiagnoseConfig
 from radiag.students.predict import StudentDiagnoser, download_student, run_student_diagnose
 from radiag.teacher.prompts import FINAL
 
@@ -27,17 +26,11 @@ ROWS = 6
 
 
 @pytest.fixture(scope="module")
-def trained(
-    prepared_run: Path, tmp_path_factory: pytest.TempPathFactory, tiny_student: Callable
-) -> RunStore:
-    import shutil
-
+def trained(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> RunStore:
+    """A copy of the session's trained run without its student predictions."""
     root = tmp_path_factory.mktemp("predict") / "run"
-    shutil.copytree(prepared_run, root)
-    store = RunStore(str(root))
-    cfg: DistillConfig = tiny_student(loss="rationale_label", optim={"max_steps": 2})
-    run_distill("text", cfg, store)
-    return store
+    shutil.copytree(trained_run, root, ignore=shutil.ignore_patterns("student-text"))
+    return RunStore(str(root))
 
 
 def test_predictions_have_the_shared_shape_and_probabilities_that_sum_to_one(
@@ -55,6 +48,7 @@ def test_predictions_have_the_shared_shape_and_probabilities_that_sum_to_one(
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
         assert row["diagnosis"] == max(probs, key=probs.get)  # constrained: the likeliest option
         assert row["model"] == "student-text" and row["engine"] == "transformers"
+        assert row["dtype"] == cfg.resolved().dtype  # the precision this machine resolved
         assert row["rationale"] is not None and row["completion_tokens"] > 0
     test_ids = set(trained.read_table("splits/test.parquet")["patient_id"].to_pylist())
     assert {r["patient_id"] for r in rows} <= test_ids
