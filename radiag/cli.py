@@ -3,19 +3,25 @@ overrides, validates, and calls one stage function. Nothing else lives here.
 
 Exit codes: 0 done; 2 an expected user error (bad config or file, a refused stage
 identity, a stage run before its inputs), one red line; 1 anything unexpected, with
-its traceback on the console and in the run's log file.
+its traceback on the console and in the run's log file; 130 stopped by Ctrl-C (128 + the
+signal: 143 for SIGTERM) within seconds, with finished batches kept for a rerun to resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
+import ray
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -99,18 +105,122 @@ def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
         raise _fail(str(err)) from None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE_S = 7.0
+"""How long a stopping command may wind down (Ray shut down, logs kept) before it is ended
+by force: either way it is gone within 10 s of the signal."""
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds the command as Ctrl-C does: `finally` blocks run, Ray is shut down."""
+    raise KeyboardInterrupt
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process `pid` started, and those they started, from /proc (none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found += (started := children.get(todo.pop(), []))
+        todo += started
+    return found
+
+
+def _end_now(signum: int) -> None:
+    """Exit at once with every process this one started: a local Ray cluster's raylet, its
+    agents and workers and their vLLM engines (a killed raylet leaves its agents running).
+    A joined cluster ends this job's actors itself once its driver is gone."""
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(128 + signum)
+
+
+class _SignalWatch:
+    """Sees every SIGINT/SIGTERM, whichever Python handler is in place when it comes.
+
+    The handler installed here raises KeyboardInterrupt, but libraries replace it: `ray.init`
+    with one for SIGTERM, Ray Train's `fit` with one for SIGINT, kept after training, that
+    exits with code 0 during training and after it ignores two Ctrl-Cs out of three. Python
+    writes each caught signal's number to the wakeup fd whatever handler then runs, so a
+    thread reading it says the command is stopping, ends it by force if it is still there
+    STOP_GRACE_S later, and at a second signal at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0  # the first stop signal; 0 until one comes
+        self.seen = threading.Event()
+        wakeups, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._handlers = {s: signal.signal(s, _raise_interrupt) for s in STOP_SIGNALS}
+        self._wakeup_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(wakeups,), daemon=True).start()
+
+    def close(self) -> None:
+        """Put back what was there (a test runner calling commands in-process keeps its own)."""
+        signal.set_wakeup_fd(self._wakeup_fd)
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        os.close(self._write)  # the watcher reads the end of the pipe and returns
+
+    def _watch(self, wakeups: int) -> None:
+        """Runs on its own thread: the main one may be stuck where the signal found it."""
+        with open(wakeups, "rb", buffering=0) as pipe:
+            while number := pipe.read(1):
+                if number[0] in STOP_SIGNALS:
+                    self._stop(number[0])
+
+    def _stop(self, signum: int) -> None:
+        """The first stop signal: say so, and set the deadline; a second one: end now."""
+        if self.signum:
+            _end_now(self.signum)
+        self.signum = signum
+        signal.alarm(0)  # Ray's C++ crash handler arms an abort 3 s after a SIGTERM: too soon
+        console.print(
+            "[yellow]interrupted:[/] finished batches are kept; rerun the same command to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        threading.Timer(STOP_GRACE_S, _end_now, [signum]).start()
+        self.seen.set()
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """One SIGINT/SIGTERM stops the command, exit code 128 + the signal (130 for Ctrl-C).
+
+    Finished batches are already whole part files; Ray is shut down, which ends this
+    command's actors and their engines (on a joined cluster, this job's, not the cluster).
+    """
+    watch = _SignalWatch()
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):  # how a stop signal reaches here
+        if not watch.seen.wait(timeout=1):  # the watcher records a signal in milliseconds
+            raise
+        ray.shutdown()
+        raise typer.Exit(128 + watch.signum) from None
+    finally:
+        watch.close()
+
+
 @contextlib.contextmanager
 def _session(
     run_dir: str, verbose: bool, ray_cfg: RunConfig | None = None, checks: Iterable[str] = ()
 ) -> Iterator[RunStore]:
-    """A command's run store, with logs to `<run_dir>/logs/` and errors mapped to exit codes.
+    """A command's run store, with logs to `<run_dir>/logs/`, and errors and stop signals
+    mapped to exit codes.
 
     With `ray_cfg`, the preflight of the stages in `checks` runs before Ray starts, so a
     wrong path or a dead endpoint fails in seconds, before any engine or GPU is reserved.
     """
     store = RunStore(run_dir)
     console.print(f"[cyan]precision:[/] {explain(*this_machine())}", highlight=False)
-    with run_logs(store, verbose) as log_file:
+    with _stopped_by_signals(), run_logs(store, verbose) as log_file:
         try:
             if ray_cfg is not None:
                 preflight(ray_cfg, checks)
@@ -208,9 +318,8 @@ def serve(
         except (ConfigurationError, FileNotFoundError) as err:
             raise _fail(str(err)) from None
         console.print(f"[green]serving:[/] {url}  (Ctrl-C stops)", highlight=False)
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
+        while True:
+            time.sleep(3600)
 
 
 @models_app.command("prepare")

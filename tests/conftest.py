@@ -6,14 +6,26 @@ end-to-end tests marked `slow` (they fit CI); `pytest -m "not slow"` skips those
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import ray
+import yaml
 
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+from radiag.cohort.synthetic import SynthConfig
 from radiag.contract import StageIdentity, StageSummary, run_stage
 from radiag.outputs import write_part
 from radiag.store import RunStore
@@ -95,6 +107,56 @@ def tiny_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", bundled)
 
 
+@dataclass(frozen=True)
+class RationalizeJob:
+    """`radiag rationalize` of a prepared run, for the tests that kill or interrupt it."""
+
+    store: RunStore
+    config: Path
+
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """The command in a session of its own: its group holds its local Ray cluster."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "radiag.cli", "rationalize", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+
+    def part_files(self) -> dict[str, int]:
+        """Part file -> modification time, wherever the run store is."""
+        selector = pafs.FileSelector(self.store.path("rationales"), allow_not_found=True)
+        return {
+            info.base_name: info.mtime_ns
+            for info in self.store.fs.get_file_info(selector)
+            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+        }
+
+
+@pytest.fixture
+def rationalize_job(tiny_model: Path, tmp_path: Path) -> Callable[[RunStore, int], RationalizeJob]:
+    """Makes a run of 60 synthetic subjects, split, whose config rationalizes `rows` of them
+    with the tiny model on a local 2-CPU Ray cluster, two rows per part file."""
+
+    def make(store: RunStore, rows: int) -> RationalizeJob:
+        ingest(IngestConfig(synthetic=SynthConfig(subjects=60, max_visits=1)), store)
+        describe_and_split(DescribeConfig(), SplitConfig(), store)
+        engine = {"model": {"path": str(tiny_model)}, "max_model_len": 1024,
+                  "cpu_kv_cache_gib": 1, "batch_size": 2}  # fmt: skip
+        rationalize = {"engine": engine, "sampling": {"temperature": 1.0, "max_tokens": 48},
+                       "regeneration_attempts": 0, "limit": rows}  # fmt: skip
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {"run_dir": store.uri, "rationalize": rationalize, "ray": {"num_cpus": 2}}
+            )
+        )
+        return RationalizeJob(store, config)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def write_rationales() -> Callable[[RunStore], None]:
     """Writes rationales in the teacher's output shape for a run's training split, recorded
@@ -161,3 +223,96 @@ def restores_current_cluster() -> Iterator[None]:
         record.unlink(missing_ok=True)
     else:
         record.write_text(before)
+
+
+# The session's ladder of runs: each rung is built once and shared; a test that writes to a
+# run copies it first (`shutil.copytree`: the copy shares the read-only MRI volumes).
+
+
+@pytest.fixture(scope="session")
+def split_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: None,
+    write_rationales: Callable[[RunStore], None],
+) -> Path:
+    """40 subjects (one visit each, 16 imaged), described and split, with the fixture's
+    rationales: ready for distillation."""
+    from radiag.cohort.mri import MriConfig
+    from radiag.cohort.stages import synthetic_mri
+
+    root = tmp_path_factory.mktemp("split") / "run"
+    store = RunStore(str(root))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=40, max_visits=1)), store)
+    synthetic_mri(MriConfig(subjects=16), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    write_rationales(store)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    split_run: Path, tmp_path_factory: pytest.TempPathFactory, tiny_student: StudentFactory
+) -> Path:
+    """`split_run` with logistic baselines, both tiny students (2 steps each) and the text
+    student's batch diagnosis of three test patients: a finished run to serve or carry over."""
+    import shutil
+
+    from radiag.baseline import BaselineConfig, run_baseline
+    from radiag.students.config import StudentDiagnoseConfig
+    from radiag.students.distill import run_distill
+    from radiag.students.predict import run_student_diagnose
+
+    root = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(split_run, root)
+    store = RunStore(str(root))
+    run_baseline(BaselineConfig(classifiers=["logistic"]), store)
+    for kind in ("text", "vlm"):
+        run_distill(kind, tiny_student(optim={"max_steps": 2, "batch_size": 4}), store)
+    run_student_diagnose("text", StudentDiagnoseConfig(limit=3, batch_size=1), store)
+    return root
+
+
+class StubTeacher(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint: answers by the patient's MMSE (the last one in the
+    prompt: few-shot exemplars come first), and lists its model for the preflight."""
+
+    def do_GET(self) -> None:
+        self._send({"object": "list", "data": [{"id": "stub", "object": "model", "created": 0,
+                                                "owned_by": "tests"}]})  # fmt: skip
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        scores = re.findall(r"score of (\d+)/30", request["messages"][-1]["content"])
+        mmse = int(scores[-1]) if scores else 30
+        letter = "A" if mmse < 24 else "B" if mmse < 28 else "C"
+        self._send(
+            {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+             "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                 "role": "assistant", "content": f"The MMSE is {mmse}.\nFinal Diagnosis: ({letter})"}}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        )  # fmt: skip
+
+    def _send(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def stub_teacher() -> Iterator[str]:
+    """The base URL of a `StubTeacher` on loopback: the teacher stages' OpenAI backend where
+    a test is about the pipeline around the teacher, not about the engine (tests/teacher
+    runs the real one)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()

@@ -1,0 +1,92 @@
+"""One Ctrl-C stops a generating `radiag` command within seconds: exit code 130, the part
+files written before it kept, no Ray worker or vLLM engine left behind, and a rerun resumes.
+
+A real signal can only be sent to a process of its own, so the command runs as a
+subprocess; like a user's command, it starts its own local Ray cluster and vLLM engine
+(the ~20 s engine start, twice with the rerun) instead of joining the tests' cluster, and
+those are what must not outlive it. Its processes are found by an environment variable they
+all inherit: Ray's workers and vLLM's engine processes sit in process groups of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from radiag.store import RunStore
+from radiag.teacher.stages import read_output
+
+pytestmark = pytest.mark.slow
+ROWS = 24
+MARK = "RADIAG_TEST_COMMAND"
+
+
+def processes_of(token: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment carries `MARK=token`."""
+    found = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{MARK}={token}".encode() in environ.read_bytes().split(b"\0"):
+                cmdline = (environ.parent / "cmdline").read_bytes()
+                found[int(environ.parent.name)] = cmdline.replace(b"\0", b" ").decode()
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+def left_after(token: str, seconds: float) -> dict[int, str]:
+    """The command's processes still alive after waiting up to `seconds` for them to end."""
+    deadline = time.monotonic() + seconds
+    while (alive := processes_of(token)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def test_one_sigint_stops_the_command_keeps_its_parts_and_a_rerun_resumes(
+    tmp_path: Path, rationalize_job: Callable
+) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    job = rationalize_job(store, ROWS)
+    token = uuid.uuid4().hex
+    first = job.start(env=os.environ | {MARK: token})
+    try:
+        deadline = time.monotonic() + 300
+        while not job.part_files():
+            assert first.poll() is None, first.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no part file written in time"
+            time.sleep(0.2)
+        written = job.part_files()
+        engines = [cmd for cmd in processes_of(token).values() if "EngineCore" in cmd]
+        assert engines, processes_of(token)  # the scan below sees the command's engine
+
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group
+        sent = time.monotonic()
+        output = first.communicate(timeout=10)[0].decode()
+        took = time.monotonic() - sent
+        left = left_after(token, seconds=5)
+    finally:
+        for pid in processes_of(token):  # a failed test leaves no cluster behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    assert first.returncode == 130, output[-3000:]
+    assert took < 10, took
+    assert "interrupted: finished batches are kept; rerun the same command to resume" in output
+    assert left == {}
+    assert job.part_files().items() >= written.items()  # kept, and not rewritten
+    done = read_output(store, "rationalize")["patient_id"].to_pylist()  # every part readable
+    assert 0 < len(done) < ROWS and len(done) == len(set(done))
+
+    second = job.start()
+    output = second.communicate(timeout=600)[0].decode()
+    assert second.returncode == 0, output[-3000:]
+    assert f"skipped_done={len(done)} " in output
+    final = read_output(store, "rationalize")["patient_id"].to_pylist()
+    assert len(final) == ROWS == len(set(final))
