@@ -230,6 +230,8 @@ def _session(
         except USER_ERRORS as err:
             log.error("%s", err)
             raise _fail(str(err)) from None
+        except typer.Exit:  # a command's own exit code (click's Exit is a RuntimeError)
+            raise
         except Exception:
             log.exception("unexpected error")
             console.print_exception(max_frames=8)

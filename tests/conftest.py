@@ -268,7 +268,10 @@ def trained_run(
     run_baseline(BaselineConfig(classifiers=["logistic"]), store)
     for kind in ("text", "vlm"):
         run_distill(kind, tiny_student(optim={"max_steps": 2, "batch_size": 4}), store)
-    run_student_diagnose("text", StudentDiagnoseConfig(limit=3, batch_size=1), store)
+    # Short rationales: the served students answer with this config too, so load tests
+    # measure the app, not 160 tokens of a random model per request.
+    diagnose = StudentDiagnoseConfig(limit=3, batch_size=1, max_new_tokens=16)
+    run_student_diagnose("text", diagnose, store)
     return root
 
 
