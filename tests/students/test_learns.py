@@ -79,7 +79,7 @@ def test_a_distilled_text_student_diagnoses_unseen_subjects_above_chance(
     cfg = tiny_student(
         loss="label", finetune="full", precision="fp32",
         optim={"lr": 1e-3, "epochs": 3, "max_steps": 240, "batch_size": 8}, checkpoint_every=240,
-        scaling={"cpus_per_worker": 1, "threads_per_worker": 2},  # both cores: nothing else runs
+        scaling={"cpus_per_worker": 1, "threads_per_worker": 1},
     )  # fmt: skip
     run_distill("text", cfg, demo_run)
     diagnose = StudentDiagnoseConfig(limit=TEST_VISITS, batch_size=25, generate_rationale=False)
