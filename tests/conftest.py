@@ -6,21 +6,19 @@ end-to-end tests marked `slow` (they fit CI); `pytest -m "not slow"` skips those
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 import ray
 import yaml
+from stubs import StubTeacher
 
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.split import SplitConfig
@@ -273,38 +271,6 @@ def trained_run(
     diagnose = StudentDiagnoseConfig(limit=3, batch_size=1, max_new_tokens=16)
     run_student_diagnose("text", diagnose, store)
     return root
-
-
-class StubTeacher(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint: answers by the patient's MMSE (the last one in the
-    prompt: few-shot exemplars come first), and lists its model for the preflight."""
-
-    def do_GET(self) -> None:
-        self._send({"object": "list", "data": [{"id": "stub", "object": "model", "created": 0,
-                                                "owned_by": "tests"}]})  # fmt: skip
-
-    def do_POST(self) -> None:
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        scores = re.findall(r"score of (\d+)/30", request["messages"][-1]["content"])
-        mmse = int(scores[-1]) if scores else 30
-        letter = "A" if mmse < 24 else "B" if mmse < 28 else "C"
-        self._send(
-            {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-             "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                 "role": "assistant", "content": f"The MMSE is {mmse}.\nFinal Diagnosis: ({letter})"}}],
-             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        )  # fmt: skip
-
-    def _send(self, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="session")

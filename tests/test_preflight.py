@@ -3,13 +3,13 @@ and all problems come back together, one line each."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from stubs import JsonEndpoint
 from typer.testing import CliRunner
 
 from radiag.cli import app
@@ -24,19 +24,11 @@ def models_endpoint() -> Iterator[str]:
     """A real HTTP server answering GET /v1/models like an OpenAI-compatible endpoint that
     serves `teacher-70b` to requests bearing KEY, and 401 to any other."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonEndpoint):
         def do_GET(self) -> None:
             ok = self.headers.get("Authorization") == f"Bearer {KEY}"
             body = {"object": "list", "data": [{"id": "teacher-70b", "object": "model"}]}
-            payload = json.dumps(body if ok else {"error": {"message": "bad key"}}).encode()
-            self.send_response(200 if ok else 401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.send_json(body if ok else {"error": {"message": "bad key"}}, 200 if ok else 401)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -13,13 +13,14 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score
+from stubs import JsonEndpoint
 
 from radiag.cohort.schema import Label
 from radiag.evaluation.agreement import agreement, verbosity_bias
@@ -340,26 +341,18 @@ def test_prompt_texts_are_versioned_data_and_every_row_records_the_version() -> 
     assert rows[0]["prompt_version"] == "v1"
 
 
-class StubEndpoint(BaseHTTPRequestHandler):
+class StubEndpoint(JsonEndpoint):
     """An OpenAI-compatible chat endpoint that scores a prompt by its patient's number."""
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         patient = re.search(r"patient number (\d)", request["messages"][-1]["content"])[1]
-        body = json.dumps(
+        self.send_json(
             {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
              "choices": [{"index": 0, "finish_reason": "stop",
                           "message": {"role": "assistant", "content": f"Fine. [RESULT] {patient}"}}],
              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        ).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
+        )  # fmt: skip
 
 
 @pytest.fixture

@@ -1,0 +1,43 @@
+"""Stub HTTP servers' handlers for tests: loopback endpoints that answer JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from http.server import BaseHTTPRequestHandler
+
+
+class JsonEndpoint(BaseHTTPRequestHandler):
+    """A loopback HTTP handler for stub servers: answers JSON, logs nothing."""
+
+    def send_json(self, payload: dict, status: int = 200) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+class StubTeacher(JsonEndpoint):
+    """An OpenAI-compatible endpoint: answers by the patient's MMSE (the last one in the
+    prompt: few-shot exemplars come first), and lists its model for the preflight."""
+
+    def do_GET(self) -> None:
+        self.send_json({"object": "list", "data": [{"id": "stub", "object": "model", "created": 0,
+                                                "owned_by": "tests"}]})  # fmt: skip
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        scores = re.findall(r"score of (\d+)/30", request["messages"][-1]["content"])
+        mmse = int(scores[-1]) if scores else 30
+        letter = "A" if mmse < 24 else "B" if mmse < 28 else "C"
+        self.send_json(
+            {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+             "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                 "role": "assistant", "content": f"The MMSE is {mmse}.\nFinal Diagnosis: ({letter})"}}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        )  # fmt: skip
