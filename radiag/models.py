@@ -23,7 +23,7 @@ from pydantic import model_validator
 
 from radiag.config import StrictModel
 from radiag.contract import content_digest, digest
-from radiag.precision import Dtype, ResolvedDtype, resolve_for
+from radiag.precision import Dtype, ResolvedDtype, this_machine, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def prepare_model(
     source = bundled_file(spec.bundled) if spec.bundled else Path(spec.gguf or "").expanduser()
     if not source.is_file():
         raise ModelError(f"GGUF file not found: {source}")
-    resolved = resolve_for(dtype, on_gpu=_has_cuda())
+    resolved = dtype if dtype != "auto" else this_machine()[1]
     target = (cache_dir or model_cache_dir()) / f"{spec.bundled or source.stem}-{resolved}"
     fingerprint = _fingerprint(source) | {"dtype": resolved}
     if not force and _is_prepared(target, fingerprint):
@@ -173,12 +173,6 @@ def bundled_file(name: str) -> Path:
     return Path(next(iter(found.submodule_search_locations))) / bundle.file
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _fingerprint(path: Path) -> dict[str, Any]:
     """Cheap identity of a model file: size and sha256 of its first MiB."""
     with path.open("rb") as handle:
@@ -203,7 +197,6 @@ def _convert_gguf(source: Path, out: Path, dtype: ResolvedDtype) -> dict[str, st
     """
     # Heavy imports stay here so reading a config does not import torch.
     import gguf
-    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,7 +208,7 @@ def _convert_gguf(source: Path, out: Path, dtype: ResolvedDtype) -> dict[str, st
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.to(getattr(torch, dtype)).save_pretrained(out)
+    model.to(torch_dtype(dtype)).save_pretrained(out)
     if not tokenizer.chat_template:
         field = gguf.GGUFReader(source).fields.get("tokenizer.chat_template")
         if field is None:
@@ -252,7 +245,7 @@ def build_tiny_model(
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model = LlamaForCausalLM(config).to(torch_dtype(dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -18,13 +18,10 @@ precision is refused, naming the field, instead of mixing rows of two precisions
 from __future__ import annotations
 
 import functools
-import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-log = logging.getLogger(__name__)
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ResolvedDtype = Literal["bfloat16", "float16", "float32"]
