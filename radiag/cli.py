@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
+import pandas as pd
 import ray
 import typer
 from rich.console import Console
@@ -34,6 +35,10 @@ from radiag.config import ConfigError, load_config
 from radiag.contract import StageConflict, StageNotReady, StageSummary
 from radiag.evaluation.predictions import EvaluationInputError
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
+from radiag.experiments.config import SHARED_STAGES, ExperimentsConfig
+from radiag.experiments.report import display_table, write_experiment
+from radiag.experiments.runner import run_experiments
+from radiag.experiments.table import experiment_tables
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
@@ -423,6 +428,50 @@ def evaluate(
     with _session(run_dir or cfg.run_dir, verbose, cfg, ["evaluate"]) as store:
         evaluate_cfg = cfg.evaluate or EvaluateConfig()
         _stage(lambda: run_evaluate(evaluate_cfg, store, fresh), "evaluating")
+
+
+@app.command()
+def experiments(
+    config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
+    """The paper's questions in one command: the shared stages once, every arm of the config
+    under the stage contract, then the table, the paired comparisons with the reference arm
+    and report.html in <output_dir>/<name>/ (reruns and killed runs redo nothing finished)."""
+    try:
+        cfg = load_config(ExperimentsConfig, config, set_)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    shared = cfg.shared_run()
+    with (
+        _session(cfg.root, verbose, shared, [n for n, _ in pipeline_stages(shared)]) as store,
+        console.status("starting") as status,
+    ):
+        for arm in cfg.arms:
+            arm_run = cfg.arm_run(arm)
+            preflight(arm_run, [n for n, _ in pipeline_stages(arm_run) if n not in SHARED_STAGES])
+        run_experiments(
+            cfg, fresh, on_stage=lambda name: status.update(f"stage: {name}"), on_done=_show
+        )
+        status.update("table and report")
+        table, comparisons, problems = experiment_tables(cfg)
+        report = write_experiment(cfg, table, comparisons, problems)
+        _show_experiment(display_table(table), problems)
+        console.print(f"[green]report:[/] {report}", soft_wrap=True, highlight=False)
+        console.print(f"[green]table:[/] {store.uri_of('table.csv')}", highlight=False)
+
+
+def _show_experiment(shown: pd.DataFrame, problems: list[str]) -> None:
+    """The experiment's table, smoke rows called so, and the arms missing from it."""
+    table = Table(*shown.columns[:-1], title="arms on the shared test split (95% CI)")
+    for row in shown.itertuples(index=False):
+        table.add_row(*map(str, row[:-1]))
+    console.print(table)
+    for name, smoke in zip(shown.iloc[:, 0], shown.iloc[:, -1], strict=True):
+        if smoke:
+            console.print(f"  [yellow]smoke run:[/] {name}: {smoke}", highlight=False)
+    for problem in problems:
+        console.print(f"  [bold red]not in the table:[/] {problem}", soft_wrap=True)
 
 
 @app.command()

@@ -116,7 +116,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -137,6 +137,11 @@ def _precision() -> dict[str, str]:
     return {"device": explain(device, resolved), "auto": resolved}
 
 
+def machine() -> dict[str, object]:
+    """This machine as results record it: its cores, platform and precision."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), **_precision()}
+
+
 def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSummary]) -> None:
     """manifest.json: config, versions, seeds and what each stage did: enough to redo the run."""
     store.write_json(
@@ -152,7 +157,7 @@ def write_manifest(store: RunStore, cfg: RunConfig, stages: dict[str, StageSumma
             "python": platform.python_version(),
             "platform": platform.platform(),
             "precision": _precision(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "updated_at": datetime.datetime.now(datetime.UTC).isoformat(),
             "stages": {name: s.model_dump() for name, s in stages.items()},
         },

@@ -245,13 +245,15 @@ def _distill(
         f"{stage_dir(kind)}/metrics.jsonl",
         "".join(json.dumps(m) + "\n" for m in progress.history).encode(),
     )
+    seen = progress.step * cfg.optim.batch_size * cfg.scaling.workers  # sequences trained on
     return StageSummary(
         stage=f"distill-{kind}",
         counts={**examples.counts, "sequences": len(sequences), "too_long": too_long,
                 "steps": progress.step},
         details={"final_model": store.uri_of(f"{stage_dir(kind)}/final"),
                  "resumed_at_steps": progress.resumed_at, "mri_errors": examples.errors,
-                 "seconds": round(time.perf_counter() - start, 1)},
+                 "seconds": round(time.perf_counter() - start, 1),
+                 "epochs": round(seen / len(sequences), 3) if len(sequences) else 0.0},
     )  # fmt: skip
 
 

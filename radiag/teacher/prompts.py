@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from radiag.cohort.schema import Label
 from radiag.teacher.engines import Messages
@@ -61,6 +62,14 @@ TEMPLATES = {
         ),
     ),
 }
+DIAGNOSE_ANSWER_ONLY = {
+    "v1": (
+        "{description}\n\n{question}\n\n"
+        f'Answer with one line only, "{FINAL} (X) ..." where (X) is your answer.'
+    ),
+}
+"""The diagnosis turn of each template version asking for the final line alone; a separate
+table, so the chain-of-thought versions (and the identities of rows they made) stay as they were."""
 
 
 @dataclass(frozen=True)
@@ -83,21 +92,30 @@ def rationalize_messages(description: str, label: Label, version: str = "v1") ->
     return [{"role": "system", "content": t.system}, {"role": "user", "content": user}]
 
 
-def diagnose_messages(description: str, shots: Sequence[Shot], version: str = "v1") -> Messages:
-    """Module II-1: k worked training examples, then the new patient with no label."""
+Reasoning = Literal["chain_of_thought", "answer_only"]
+
+
+def diagnose_messages(
+    description: str,
+    shots: Sequence[Shot],
+    version: str = "v1",
+    reasoning: Reasoning = "chain_of_thought",
+) -> Messages:
+    """Module II-1: k worked training examples, then the new patient with no label.
+
+    `answer_only` asks for the final line alone, and its examples show only that line: the
+    paper's comparison of chain-of-thought with a direct answer.
+    """
     t = TEMPLATES[version]
+    ask = t.diagnose if reasoning == "chain_of_thought" else DIAGNOSE_ANSWER_ONLY[version]
     messages = [{"role": "system", "content": t.system}]
     for shot in shots:
+        worked = f"{shot.rationale.strip()}\n" if reasoning == "chain_of_thought" else ""
         messages.append(
-            {
-                "role": "user",
-                "content": t.diagnose.format(description=shot.description, question=QUESTION),
-            }
+            {"role": "user", "content": ask.format(description=shot.description, question=QUESTION)}
         )
-        messages.append(
-            {"role": "assistant", "content": f"{shot.rationale.strip()}\n{answer_line(shot.label)}"}
-        )
+        messages.append({"role": "assistant", "content": worked + answer_line(shot.label)})
     messages.append(
-        {"role": "user", "content": t.diagnose.format(description=description, question=QUESTION)}
+        {"role": "user", "content": ask.format(description=description, question=QUESTION)}
     )
     return messages

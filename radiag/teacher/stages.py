@@ -53,8 +53,10 @@ from radiag.teacher.exemplars import ExemplarConfig, ExemplarPool, training_pool
 from radiag.teacher.parsing import parse_answer
 from radiag.teacher.prompts import (
     ANSWERS,
+    DIAGNOSE_ANSWER_ONLY,
     FINAL,
     TEMPLATES,
+    Reasoning,
     Shot,
     diagnose_messages,
     rationalize_messages,
@@ -98,6 +100,11 @@ class DiagnoseConfig(TeacherStageConfig):
 
     split: Literal["train", "val", "test"] = "test"
     exemplars: ExemplarConfig = Field(default_factory=ExemplarConfig)
+    reasoning: Reasoning = Field(
+        "chain_of_thought",
+        description="chain_of_thought: reason, then the final line; answer_only: the final "
+        "line alone (exemplars show only theirs)",
+    )
 
 
 class TeacherSummary(BaseModel):
@@ -272,6 +279,7 @@ class TeacherWorker:
                 row.get("description") or "",
                 [Shot(s.description, s.rationale, Label(s.label)) for s in chosen],
                 self.cfg.prompt_version,
+                self.cfg.reasoning,
             )
             for row, chosen in zip(rows, shots, strict=True)
         ]
@@ -419,8 +427,16 @@ def teacher_identity(
         config=config_identity(cfg),
         upstream=reads,
         files={"model": model},
-        versions={"prompt": digest(dataclasses.asdict(TEMPLATES[cfg.prompt_version]))},
+        versions=prompt_versions(cfg),
     )
+
+
+def prompt_versions(cfg: RationalizeConfig | DiagnoseConfig) -> dict[str, str]:
+    """Digests of the prompt texts a stage sends: a changed text is a new identity."""
+    versions = {"prompt": digest(dataclasses.asdict(TEMPLATES[cfg.prompt_version]))}
+    if isinstance(cfg, DiagnoseConfig) and cfg.reasoning == "answer_only":
+        versions["answer_only"] = digest(DIAGNOSE_ANSWER_ONLY[cfg.prompt_version])
+    return versions
 
 
 def teacher_stage(

@@ -36,7 +36,7 @@ def render_page(inputs: ReportInputs, sections: list[tuple[str, str, str]]) -> s
     )
     return _TEMPLATE.substitute(
         title=" — " + escape(run_dir) if run_dir else "",
-        css=_CSS,
+        css=CSS,
         subtitle=subtitle,
         headline=_headline(inputs),
         banner=_banner(inputs.problems),
@@ -74,7 +74,7 @@ def _headline(inputs: ReportInputs) -> str:
     return f'<div class="tiles">{cells}</div>'
 
 
-_CSS = """
+CSS = """
 :root { --fg:#1f2933; --muted:#62707d; --line:#d9dee3; --bg:#f4f6f8; --accent:#2f5d8a; }
 * { box-sizing: border-box; }
 body { margin:0; background:var(--bg); color:var(--fg); line-height:1.45;

@@ -1,0 +1,125 @@
+"""`radiag experiments` config: one cohort and its shared stages, then a list of arms.
+
+An arm is the stages that make one model (a teacher prompting, a student recipe, a
+classical baseline) on the shared run's cohort, splits and rationales. Every arm's run is
+an ordinary run config (`RunConfig`): the shared sections are the experiment's, the
+model's section is the arm's, so each arm runs under the stage contract like `radiag run`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from radiag.baseline import BaselineConfig
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.mri import MriConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig
+from radiag.config import StrictModel
+from radiag.pipeline import RayConfig, RunConfig
+from radiag.students.config import StudentsConfig
+from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig
+
+ArmKind = Literal["teacher", "student", "baseline"]
+SHARED_STAGES = ("cohort", "mri", "splits", "rationalize")
+"""Stages every arm reads and none redoes: they run once, in the experiment's shared run."""
+
+
+class Arm(StrictModel):
+    """One model of the comparison: exactly one of `diagnose` (the teacher), `students`
+    (one student: `text` or `vlm`) or `baseline`."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="its folder and table row")
+    description: str = Field("", description="what the arm tests, for the table and report")
+    diagnose: DiagnoseConfig | None = None
+    students: StudentsConfig | None = None
+    baseline: BaselineConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> Arm:
+        given = [s for s in ("diagnose", "students", "baseline") if getattr(self, s) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"arm {self.name!r}: give exactly one of diagnose, students, baseline "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        if self.students is not None and (self.students.text is None) == (
+            self.students.vlm is None
+        ):
+            raise ValueError(f"arm {self.name!r}: students needs exactly one of text, vlm")
+        return self
+
+    @property
+    def kind(self) -> ArmKind:
+        if self.diagnose is not None:
+            return "teacher"
+        return "student" if self.students is not None else "baseline"
+
+
+class ExperimentsConfig(StrictModel):
+    """An experiment: the shared stages (as in a run config), the arms and the reference
+    arm every other arm is compared with."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    output_dir: str = Field(
+        "experiments", description="local path or s3://...; the experiment is <output_dir>/<name>"
+    )
+    cohort: IngestConfig = Field(default_factory=IngestConfig)
+    mri: MriConfig = Field(default_factory=MriConfig)
+    describe: DescribeConfig = Field(default_factory=DescribeConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    rationalize: RationalizeConfig | None = Field(
+        None, description="the teacher's rationales every student and few-shot arm reads"
+    )
+    arms: list[Arm] = Field(min_length=1)
+    reference: str = Field(description="the arm every other arm is compared with")
+    bootstrap: int = Field(1000, ge=0, description="subject resamples for every CI")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _arms_are_named_once(self) -> ExperimentsConfig:
+        names = [arm.name for arm in self.arms]
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"arm names repeat: {', '.join(repeated)}")
+        if self.reference not in names:
+            raise ValueError(f"reference {self.reference!r} is not an arm ({', '.join(names)})")
+        if self.mri.subjects and self.cohort.source != "synthetic":
+            raise ValueError(
+                "mri.subjects > 0 synthesises T1 volumes: only for the synthetic cohort"
+            )
+        return self
+
+    @property
+    def root(self) -> str:
+        return posixpath.join(self.output_dir.rstrip("/"), self.name)
+
+    def shared_run(self) -> RunConfig:
+        """The run of the shared stages: cohort, MRI, splits and rationales, nothing else."""
+        return self._run("shared", StudentsConfig())
+
+    def arm_run(self, arm: Arm) -> RunConfig:
+        """The arm's own run: the shared sections as they are, and its model's section."""
+        return self._run(
+            f"arms/{arm.name}",
+            arm.students or StudentsConfig(),
+            diagnose=arm.diagnose,
+            baseline=arm.baseline,
+        )
+
+    def _run(self, folder: str, students: StudentsConfig, **model: object) -> RunConfig:
+        return RunConfig.model_validate(
+            {
+                "run_dir": posixpath.join(self.root, folder),
+                "cohort": self.cohort,
+                "mri": self.mri,
+                "describe": self.describe,
+                "split": self.split,
+                "rationalize": self.rationalize,
+                "students": students,
+                "ray": self.ray,
+                **model,
+            }
+        )
