@@ -259,6 +259,10 @@ def _show(summary: StageSummary, seconds: float | None = None) -> None:
             console.print(f"    {rows:>6}  {reason}", markup=False, highlight=False, soft_wrap=True)
     for problem in summary.details.get("problems") or []:
         console.print(f"  [bold red]not evaluated:[/] {problem}", soft_wrap=True, highlight=False)
+    for model, reason in (summary.details.get("smoke") or {}).items():
+        console.print(
+            f"  [yellow]smoke run:[/] {model}: {reason}; see `radiag experiments`", highlight=False
+        )
     if report := summary.details.get("report"):
         console.print(f"[green]report:[/] {report}", soft_wrap=True, highlight=False)
 

@@ -51,6 +51,8 @@ MODEL_METRICS_COLUMNS = [
 PAIRED_COLUMNS = [
     "model_a", "model_b", "n", "both_right", "a_only", "b_only", "both_wrong", "p_value"
 ]  # fmt: skip
+SMOKE_PATIENTS = 100
+"""A model scored on fewer labelled test patients than this is a smoke test, not a result."""
 _BOOT_CELLS = 2_000_000  # subject draws held at once: bounds bootstrap memory on big splits
 
 
@@ -209,6 +211,17 @@ def paired_difference(
         "b_only": b_only,
         "p_value": mcnemar_exact(a_only, b_only),
     }
+
+
+def smoke_reason(n: int, epochs: float | None = None) -> str:
+    """Why a model's scores are a smoke test and not a result ("" for a result): fewer than
+    SMOKE_PATIENTS labelled test patients, or a student trained for less than one epoch."""
+    reasons = []
+    if n < SMOKE_PATIENTS:
+        reasons.append(f"{n} test patients (< {SMOKE_PATIENTS})")
+    if epochs is not None and not math.isnan(epochs) and epochs < 1:
+        reasons.append(f"{epochs:.2f} epochs (< 1)")
+    return "; ".join(reasons)
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:

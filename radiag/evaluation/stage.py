@@ -50,12 +50,18 @@ from radiag.evaluation.judge import (
     rating_items,
 )
 from radiag.evaluation.judge_engine import ActorEngine
-from radiag.evaluation.metrics import ModelEvaluation, evaluate_model, paired_comparisons
+from radiag.evaluation.metrics import (
+    ModelEvaluation,
+    evaluate_model,
+    paired_comparisons,
+    smoke_reason,
+)
 from radiag.evaluation.predictions import load_predictions, model_names, test_labels
 from radiag.evaluation.report import ReportInputs, write_report
 from radiag.models import prepare_model
 from radiag.outputs import read_parts
 from radiag.store import RunStore
+from radiag.students.distill import distill_stage
 from radiag.teacher.engines import VllmEngineConfig, with_resolved_dtype
 
 log = logging.getLogger(__name__)
@@ -138,7 +144,7 @@ def _evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
             manifest=manifest,
             cohort_summary=_cohort_summary(store),
             cohort_distributions=_cohort_distributions(store),
-            metrics=_metrics_table(evaluations),
+            metrics=_metrics_table(evaluations, store),
             confusion={name: e.confusion for name, e in evaluations.items()},
             roc={name: e.roc for name, e in evaluations.items() if e.roc},
             reliability={name: e.reliability for name, e in evaluations.items() if len(e.reliability)},
@@ -161,7 +167,13 @@ def _evaluate(cfg: EvaluateConfig, store: RunStore) -> StageSummary:
             "judge_scores": len(judged),
             "human_ratings": len(human),
         },
-        details={"report": store.uri_of(f"{REPORTS}/{report.name}"), "problems": problems},
+        details={
+            "report": store.uri_of(f"{REPORTS}/{report.name}"),
+            "problems": problems,
+            "smoke": {
+                row["model"]: row["smoke"] for _, row in inputs.metrics.iterrows() if row["smoke"]
+            },
+        },
     )
 
 
@@ -289,8 +301,24 @@ def _agreements(
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _metrics_table(evaluations: dict[str, ModelEvaluation]) -> pd.DataFrame:
-    return pd.DataFrame([e.metrics for e in evaluations.values()])
+def _metrics_table(evaluations: dict[str, ModelEvaluation], store: RunStore) -> pd.DataFrame:
+    """One row per model, with why it is a smoke test where it is one (`smoke_reason`)."""
+    table = pd.DataFrame([e.metrics for e in evaluations.values()])
+    if len(table):
+        table["smoke"] = [
+            smoke_reason(row["n"], _epochs(store, row["model"])) for _, row in table.iterrows()
+        ]
+    return table
+
+
+def _epochs(store: RunStore, model: str) -> float | None:
+    """Epochs the student `model` trained for, from its distill stage's record; None for
+    another model (or a record from before epochs were recorded)."""
+    kind = next((k for k in ("text", "vlm") if model == f"student-{k}"), None)
+    record = read_record(store, distill_stage(kind)) if kind else None
+    if record is None or record.summary is None:
+        return None
+    return record.summary.details.get("epochs")
 
 
 def _splits(store: RunStore) -> pd.DataFrame:

@@ -13,14 +13,11 @@ from typing import Any
 import pandas as pd
 
 from radiag.evaluation.criteria import score_rationales
-from radiag.evaluation.metrics import evaluate_model, paired_difference
+from radiag.evaluation.metrics import evaluate_model, paired_difference, smoke_reason
 from radiag.evaluation.predictions import load_predictions, test_labels
 from radiag.experiments.config import ExperimentsConfig
 from radiag.experiments.runner import ARM_RECORD
 from radiag.store import RunStore
-
-SMOKE_PATIENTS = 100
-"""Fewer labelled test patients than this, and a row is a smoke test, not a result."""
 
 TABLE_COLUMNS = [
     "name", "arm", "model", "kind", "n", "coverage",
@@ -68,7 +65,7 @@ def experiment_tables(cfg: ExperimentsConfig) -> tuple[pd.DataFrame, pd.DataFram
                 }
             )
     table = pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
-    table["smoke"] = [_smoke(row) for row in table.to_dict("records")]
+    table["smoke"] = [smoke_reason(n, e) for n, e in zip(table["n"], table["epochs"], strict=True)]
     return table, _comparisons(cfg, frames, truth, table), problems
 
 
@@ -97,16 +94,6 @@ def _tokens(frame: pd.DataFrame) -> float:
     """Prompt plus completion tokens of the arm's diagnoses (NaN for a baseline)."""
     used = frame.reindex(columns=["prompt_tokens", "completion_tokens"]).sum(axis=1, min_count=1)
     return float(used.sum()) if used.notna().any() else math.nan
-
-
-def _smoke(row: dict[str, Any]) -> str:
-    """Why a row is a smoke test rather than a result; empty for a result."""
-    reasons = []
-    if row["n"] < SMOKE_PATIENTS:
-        reasons.append(f"{row['n']} test patients (< {SMOKE_PATIENTS})")
-    if not math.isnan(row["epochs"]) and row["epochs"] < 1:
-        reasons.append(f"{row['epochs']:.2f} epochs (< 1)")
-    return "; ".join(reasons)
 
 
 def _comparisons(

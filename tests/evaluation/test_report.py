@@ -7,6 +7,7 @@ it; everything else runs anywhere.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
 import subprocess
@@ -261,3 +262,15 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert pixels.shape[:2] == (4000, 1280)
     assert pixels[..., :3].std() > 0.05  # text, tables and plots, not a blank page
     assert len(np.unique(pixels[::4, ::4, :3].reshape(-1, 3), axis=0)) > 200  # colored plots
+
+
+def test_the_report_opens_with_the_model_comparison_and_names_smoke_tests(tmp_path: Path) -> None:
+    """The answer before the metadata; a model on too few patients is called a smoke test."""
+    inputs = _inputs(np.random.default_rng(2))
+    smoke = ["", "", "16 test patients (< 100); 0.20 epochs (< 1)", ""]
+    inputs = dataclasses.replace(inputs, metrics=inputs.metrics.assign(smoke=smoke))
+    page = write_report(inputs, tmp_path).read_text()
+    sections = re.findall(r'<section id="([a-z]+)"><h2>', page)
+    assert sections[0] == "models" and sections.index("manifest") > 0
+    assert "smoke test: 16 test patients (&lt; 100); 0.20 epochs (&lt; 1)" in page
+    assert "1 model(s) are smoke tests" in page

@@ -113,6 +113,7 @@ def test_the_command_line_evaluates_a_run_and_prints_the_report(run: RunStore) -
     assert result.returncode == 0, result.stderr[-2000:]
     assert "report:" in result.stderr and "report.html" in result.stderr
     assert "not evaluated:" in result.stderr and "broken" in result.stderr
+    assert "smoke run: teacher:" in result.stderr  # a test split of a few dozen patients
 
 
 def test_filled_rating_sheets_are_imported_with_their_agreement(

@@ -45,9 +45,9 @@ from radiag.evaluation.report.markup import (
 def report_sections(inputs: ReportInputs, plots: dict[str, str]) -> list[tuple[str, str, str]]:
     """(id, title, HTML) of every section; `plots` maps a plot name to its data URI."""
     return [
+        ("models", "Model comparison", _models_section(inputs.metrics, plots)),
         ("manifest", "Run", _manifest_section(inputs.manifest, inputs.metrics)),
         ("cohort", "Cohort", _cohort_section(inputs.cohort_summary, plots)),
-        ("models", "Model comparison", _models_section(inputs.metrics, plots)),
         ("confusion", "Confusion matrices", plot_or(plots, "confusion", "No model was evaluated.")),
         ("roc", "ROC curves", _roc_section(inputs, plots)),
         ("calibration", "Calibration", _calibration_section(inputs, plots)),
@@ -169,16 +169,25 @@ def _models_section(metrics: pd.DataFrame, plots: dict[str, str]) -> str:
             cell(r, "auc_ovr", fmt(value_of(r, "auc_ovr"))), cell(r, "mauc", fmt(value_of(r, "mauc"))),
             cell(r, "ece", fmt(value_of(r, "ece"))),
             td(fmt(value_of(r, "unparsed")), "num"), td(fmt(value_of(r, "errors")), "num"),
+            td(_smoke_text(value_of(r, "smoke")), "smoke"),
         ])  # fmt: skip
     header = ["model", "n", "coverage", "accuracy", "balanced accuracy", "macro F1",
-              "AUC (OvR)", "mAUC", "ECE ↓", "unparsed", "errors"]  # fmt: skip
+              "AUC (OvR)", "mAUC", "ECE ↓", "unparsed", "errors", "smoke test"]  # fmt: skip
+    smoke = int(metrics.get("smoke", pd.Series(dtype=str)).fillna("").astype(bool).sum())
     return (
         note("Scores on the labelled test patients each model covers, with 95% bootstrap "
               "CIs. Unparsed answers and failed rows count as wrong and are listed apart. "
               "Best value per column highlighted; — = not computable (no probabilities).")
+        + (note(f"{smoke} model(s) are smoke tests (last column): too few test patients or "
+                "less than one epoch of training. For results, run `radiag experiments`.")
+           if smoke else "")
         + html_table(header, rows, len(metrics))
         + img(plots, "models", "scores with confidence intervals")
     )  # fmt: skip
+
+
+def _smoke_text(reason: Any) -> str:
+    return "" if is_missing(reason) or not reason else f"smoke test: {reason}"
 
 
 def _roc_section(inputs: ReportInputs, plots: dict[str, str]) -> str:
