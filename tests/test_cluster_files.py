@@ -30,6 +30,7 @@ from radiag.cohort.stages import SPLITS_STAGE
 from radiag.config import load_config
 from radiag.contract import Stage, StageIdentity, StageRecord, StageSummary, config_identity
 from radiag.evaluation.judge import JudgeConfig
+from radiag.experiments.config import ExperimentsConfig
 from radiag.pipeline import RunConfig
 from radiag.serving.config import ServeConfig
 from radiag.store import RunStore
@@ -65,12 +66,15 @@ RAYJOBS = {
     "rayjob-diagnose.yaml": "diagnose",
     "rayjob-evaluate.yaml": "evaluate",
     "rayjob-transfer.yaml": "transfer",
+    "rayjob-experiments.yaml": "experiments",
 }
 TRANSFER_RAYJOB = "rayjob-transfer.yaml"
 # The trained run the transfer RayJob carries over to another cohort: the one this RayJob
 # trains, so what that run's stages record is what this RayJob's config makes them record.
 TRAINING_RAYJOB = "rayjob.yaml"
-JobConfig = RunConfig | TransferConfig  # what a command runs with: `--config`, or a transfer's
+JobConfig = (
+    RunConfig | TransferConfig | ExperimentsConfig
+)  # what a command runs with: `--config`, or a transfer's
 Demand = tuple[str, int, float, float]  # what a stage asks Ray for: (what, actors, CPUs, GPUs)
 # The Serve application's args that may differ on the cluster: where the run is, and how
 # the token arrives (a mounted Secret instead of an environment variable).
@@ -281,6 +285,8 @@ def _job_config(name: str) -> tuple[str, dict[str, Any], JobConfig]:
     cfg: JobConfig
     if command_name == "transfer":
         cfg = _transfer_config(params, overrides)
+    elif command_name == "experiments":
+        cfg = load_config(ExperimentsConfig, _repo_file(params["config"], "config"), overrides)
     else:
         cfg = load_config(RunConfig, _repo_file(params["config"], "config"), overrides)
     return command_name, params, cfg
@@ -328,6 +334,8 @@ def _record_what_a_run_records(cfg: RunConfig, store: RunStore) -> None:
 
 def _run_dirs(cfg: JobConfig) -> list[str]:
     """The runs a job reads and writes: its own, and for a transfer the trained one."""
+    if isinstance(cfg, ExperimentsConfig):
+        return [cfg.root]
     return [cfg.run_dir, cfg.source_run] if isinstance(cfg, TransferConfig) else [cfg.run_dir]
 
 
@@ -360,7 +368,8 @@ def test_the_transfer_rayjob_diagnoses_the_other_cohort_as_the_trained_run_did()
 @pytest.mark.parametrize(
     ("entry", "option"),
     [("rationalize", "--config"), ("distill", "--config"), ("diagnose", "--config"),
-     ("baseline", "--config"), ("evaluate", "--config"), ("transfer", "--from")],
+     ("baseline", "--config"), ("evaluate", "--config"), ("transfer", "--from"),
+     ("experiments", "--config")],
 )  # fmt: skip
 def test_every_stage_job_entry_runs_its_command(entry: str, option: str) -> None:
     # What `ray job submit` and the stage RayJobs run (like jobs.run, the uploaded copy).
@@ -438,6 +447,9 @@ def _demands(command_name: str, params: dict[str, Any], cfg: JobConfig) -> list[
     """What a job's stages ask Ray for: (what, actors, CPUs each, GPUs each), from its config."""
     if isinstance(cfg, TransferConfig):
         demands = _transfer_demands(cfg)
+    elif isinstance(cfg, ExperimentsConfig):  # the arms run one after another
+        runs = [cfg.shared_run(), *map(cfg.arm_run, cfg.arms)]
+        demands = [d for run in runs for d in _run_demands("run", params, run)]
     else:
         demands = _run_demands(command_name, params, cfg)
     return [d for d in demands if d is not None]
