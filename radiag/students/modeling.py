@@ -159,7 +159,9 @@ class StudentModel(nn.Module):
             ignore_index=IGNORE,
             reduction="none",
         )  # (B, kept positions)
-        per_position = torch.zeros((batch, width), device=inputs.device)  # by input position
+        # By input position. Its dtype is explicit: another thread loading a model (a served
+        # student's hot swap) changes torch's process-wide default dtype while it loads.
+        per_position = torch.zeros((batch, width), dtype=kept.dtype, device=inputs.device)
         per_position[:, keep + 1] = kept
         return per_position[:, start : start + max(len(row) for row in labels)]
 

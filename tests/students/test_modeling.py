@@ -77,6 +77,21 @@ def test_the_loss_of_a_token_is_its_negative_log_likelihood(lm) -> None:
     assert torch.allclose(nll[0, 2], expected, atol=1e-4)
 
 
+def test_the_loss_does_not_depend_on_the_default_dtype_another_thread_set(lm) -> None:
+    """A served student scores requests while a hot swap loads the next one, and loading
+    sets torch's process-wide default dtype (to bfloat16 for a bf16 student)."""
+    model = StudentModel(lm, None, pad_token_id=0)
+    with torch.no_grad():
+        expected = model([[5, 6, 7]], [[IGNORE, IGNORE, 7]])
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            during = model([[5, 6, 7]], [[IGNORE, IGNORE, 7]])
+        finally:
+            torch.set_default_dtype(before)
+    assert during.dtype == torch.float32 and torch.equal(during, expected)
+
+
 def test_the_mri_side_trains_from_the_text_loss(lm) -> None:
     model = vlm(lm).train()
     model([[5, 6, 7]], [[IGNORE, 6, 7]], torch.randn(1, 1, *SPATIAL)).sum().backward()
