@@ -135,13 +135,16 @@ class RationalizeJob:
 @pytest.fixture
 def rationalize_job(tiny_model: Path, tmp_path: Path) -> Callable[[RunStore, int], RationalizeJob]:
     """Makes a run of 60 synthetic subjects, split, whose config rationalizes `rows` of them
-    with the tiny model on a local 2-CPU Ray cluster, two rows per part file."""
+    with the tiny model on a local 2-CPU Ray cluster, two rows per part file, one part at
+    a time."""
 
     def make(store: RunStore, rows: int) -> RationalizeJob:
         ingest(IngestConfig(synthetic=SynthConfig(subjects=60, max_visits=1)), store)
         describe_and_split(DescribeConfig(), SplitConfig(), store)
+        # One batch of two rows at a time: parts arrive one by one, so a signal after one
+        # of them finds most rows still to generate.
         engine = {"model": {"path": str(tiny_model)}, "max_model_len": 1024,
-                  "cpu_kv_cache_gib": 1, "batch_size": 2}  # fmt: skip
+                  "cpu_kv_cache_gib": 1, "batch_size": 2, "batches_in_flight": 1}  # fmt: skip
         rationalize = {"engine": engine, "sampling": {"temperature": 1.0, "max_tokens": 48},
                        "regeneration_attempts": 0, "limit": rows}  # fmt: skip
         config = tmp_path / "run.yaml"

@@ -1,11 +1,15 @@
-"""One Ctrl-C stops a generating `radiag` command within seconds: exit code 130, the part
-files written before it kept, no Ray worker or vLLM engine left behind, and a rerun resumes.
+"""A generating `radiag` command, stopped, resumes: one Ctrl-C stops it within seconds
+(exit code 130, the part files written before it kept, no Ray worker or vLLM engine left
+behind); a SIGKILL of its driver later leaves only whole part files; the last run generates
+exactly the rows that are missing, each once.
 
 A real signal can only be sent to a process of its own, so the command runs as a
 subprocess; like a user's command, it starts its own local Ray cluster and vLLM engine
-(the ~20 s engine start, twice with the rerun) instead of joining the tests' cluster, and
-those are what must not outlive it. Its processes are found by an environment variable they
-all inherit: Ray's workers and vLLM's engine processes sit in process groups of their own.
+(about 30 s, three times) instead of joining the tests' cluster, and those are what must
+not outlive it. Its processes are found by an environment variable they all inherit: Ray's
+workers and vLLM's engine processes sit in process groups of their own. The run is on local
+disk, where a part is written to a temporary file and renamed (a kill can leave the
+temporary one); an S3 PUT is whole or absent, and the distill resume test kills a job there.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import RationalizeJob
 
 from radiag.store import RunStore
 from radiag.teacher.stages import read_output
@@ -49,19 +55,23 @@ def left_after(token: str, seconds: float) -> dict[int, str]:
     return alive
 
 
-def test_one_sigint_stops_the_command_keeps_its_parts_and_a_rerun_resumes(
-    tmp_path: Path, rationalize_job: Callable
+def wait_for_parts(job: RationalizeJob, process: subprocess.Popen, more_than: int) -> None:
+    deadline = time.monotonic() + 300
+    while len(job.part_files()) <= more_than:
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no part file written in time"
+        time.sleep(0.2)
+
+
+def test_a_generating_command_stopped_by_ctrl_c_then_killed_resumes_without_redoing_rows(
+    tmp_path: Path, rationalize_job: Callable[[RunStore, int], RationalizeJob]
 ) -> None:
     store = RunStore(str(tmp_path / "run"))
     job = rationalize_job(store, ROWS)
     token = uuid.uuid4().hex
     first = job.start(env=os.environ | {MARK: token})
     try:
-        deadline = time.monotonic() + 300
-        while not job.part_files():
-            assert first.poll() is None, first.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no part file written in time"
-            time.sleep(0.2)
+        wait_for_parts(job, first, more_than=0)
         written = job.part_files()
         engines = [cmd for cmd in processes_of(token).values() if "EngineCore" in cmd]
         assert engines, processes_of(token)  # the scan below sees the command's engine
@@ -84,9 +94,24 @@ def test_one_sigint_stops_the_command_keeps_its_parts_and_a_rerun_resumes(
     done = read_output(store, "rationalize")["patient_id"].to_pylist()  # every part readable
     assert 0 < len(done) < ROWS and len(done) == len(set(done))
 
+    before = len(job.part_files())
     second = job.start()
-    output = second.communicate(timeout=600)[0].decode()
-    assert second.returncode == 0, output[-3000:]
+    wait_for_parts(job, second, more_than=before)
+    os.kill(second.pid, signal.SIGKILL)  # the driver, mid-run
+    second.wait()
+    time.sleep(2)
+    os.killpg(second.pid, signal.SIGKILL)  # then what the driver left behind (Ray, engine)
+    written = job.part_files()
+    done = read_output(store, "rationalize")["patient_id"].to_pylist()
+    assert 0 < len(done) < ROWS and len(done) == len(set(done))
+
+    third = job.start()
+    output = third.communicate(timeout=600)[0].decode()
+    assert third.returncode == 0, output[-3000:]
+    assert f"generated_now={ROWS - len(done)} " in output
     assert f"skipped_done={len(done)} " in output
+    assert "INFO" not in output  # quiet console: Ray's and vLLM's logs go to logs/
     final = read_output(store, "rationalize")["patient_id"].to_pylist()
-    assert len(final) == ROWS == len(set(final))
+    assert len(final) == ROWS == len(set(final))  # every row once
+    assert set(done) <= set(final)
+    assert job.part_files().items() >= written.items()  # finished parts are never rewritten
