@@ -31,6 +31,14 @@ from radiag.students.config import DistillConfig
 from radiag.teacher.stages import RATIONALIZE_STAGE
 
 
+# vLLM on CPU runs its model worker in a third process of its own (engine client, engine
+# core, worker), each importing torch and vLLM: about 9 s of every engine start here. The
+# tests' engines run the worker inside the engine-core process instead (vLLM's uniprocess
+# executor); the local Ray cluster and every command a test starts inherit this. Commands
+# users run keep vLLM's default layout.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     """One local Ray cluster (2 CPUs, no dashboard) shared by the tests that use Ray.

@@ -46,14 +46,44 @@ def start_app(run: Path, args: dict | None = None) -> str:
 
 
 @pytest.fixture(scope="session")
-def served_app(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
-    """The app over a private copy of the run (some tests hot-swap or write to it), deployed
-    once for the session's API and page tests; tests that need other scaling redeploy."""
+def served_app(
+    trained_run: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedApp]:
+    """The whole app, teacher included, over a private copy of the run (some tests hot-swap
+    or write to it) whose teacher diagnosed two test patients in the batch stage: deployed
+    once for the API, page and teacher tests, which run last in the session: the teacher holds
+    both CPUs of the session's cluster until the session ends or a test that needs other
+    scaling shuts the app down to deploy its own (those run after them)."""
     from ray import serve
+
+    from radiag.store import RunStore
+    from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
+    from radiag.teacher.stages import DiagnoseConfig, teacher_stage
 
     run = tmp_path_factory.mktemp("served") / "run"
     shutil.copytree(trained_run, run)
+    sampling = SamplingConfig(max_tokens=48, repetition_penalty=1.2)
+    diagnose = DiagnoseConfig(engine=VllmEngineConfig(batch_size=2), sampling=sampling, limit=2)
+    teacher_stage("diagnose", diagnose, RunStore(str(run)))
     limits = {"allowed_mri_prefixes": [str(run / "mri")], "max_upload_mb": 4}
-    url = start_app(run, {"limits": limits})
+    # The LLM replica reserves 2 CPUs (its actor and the vLLM engine's bundle): the other
+    # deployments take no logical CPU so that the app fits the session's 2-CPU cluster.
+    none = {"scaling": {"num_cpus": 0}}
+    url = start_app(run, {"limits": limits, "teacher": {}, "students": none, "baselines": none})
     yield ServedApp(url, TOKEN, run)
     serve.shutdown()
+
+
+REDEPLOYING = "test_scaling.py"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The session's served app holds the teacher's CPUs of the session's cluster: the tests
+    on it run after every other test, then those that shut it down to redeploy Serve."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.name == REDEPLOYING:
+            return 2
+        return 1 if "served_app" in getattr(item, "fixturenames", ()) else 0
+
+    items.sort(key=rank)  # stable: the order is kept within each rank

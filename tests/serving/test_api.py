@@ -19,6 +19,7 @@ from radiag.outputs import PROBABILITY_COLUMNS, read_parts
 from radiag.serving.records import SERVED_COLUMNS
 from radiag.store import RunStore
 from radiag.students.distill import distill_stage
+from radiag.teacher.stages import DIAGNOSE_STAGE
 
 pytestmark = pytest.mark.slow  # the session's trained run (two students) and served app
 RECORD = {"AGE": 74, "PTGENDER": "Female", "PTEDUCAT": 17, "MMSE": 24, "APOE4": 1}
@@ -59,7 +60,8 @@ def test_every_model_of_the_run_is_listed_with_its_stage_identity(served_app: Se
     with served_app.client() as client:
         cards = {card["name"]: card for card in client.get("/v1/diagnose/models").json()["models"]}
     baselines = {f"baseline-logistic-{f}" for f in ("tabular", "description", "tabular_cognition")}
-    assert set(cards) == {"student-text", "student-vlm", *baselines}
+    assert set(cards) == {"teacher", "student-text", "student-vlm", *baselines}
+    assert cards["teacher"]["identity"] == read_record(store, DIAGNOSE_STAGE).fingerprint
     for kind in ("text", "vlm"):
         expected = read_record(store, distill_stage(kind)).fingerprint
         assert cards[f"student-{kind}"]["identity"] == expected

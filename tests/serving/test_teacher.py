@@ -5,53 +5,25 @@ holds about 7 GiB."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
 import openai
 import pytest
-from conftest import TOKEN, ServedApp, start_app
+from conftest import TOKEN, ServedApp
 
 from radiag.contract import read_record
 from radiag.outputs import read_parts
 from radiag.serving.records import SERVED_COLUMNS
 from radiag.store import RunStore
-from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
-from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, teacher_stage
+from radiag.teacher.stages import DIAGNOSE_STAGE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # setup starts two engines
-SAMPLING = SamplingConfig(max_tokens=48, repetition_penalty=1.2)
-
-
-@pytest.fixture(scope="module")
-def teacher_app(
-    trained_run: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServedApp]:
-    """A run whose teacher diagnosed two test patients (batch stage), then served."""
-    from ray import serve
-
-    serve.shutdown()  # the session's `served_app`: Serve listens on one port per cluster
-    run = tmp_path_factory.mktemp("teacher") / "run"
-    shutil.copytree(trained_run, run)
-    engine = VllmEngineConfig(batch_size=2)
-    teacher_stage(
-        "diagnose", DiagnoseConfig(engine=engine, sampling=SAMPLING, limit=2), RunStore(str(run))
-    )
-    # The LLM replica reserves 2 CPUs (its actor and the vLLM engine's bundle): the other
-    # deployments take no logical CPU so that the app fits the session's 2-CPU cluster.
-    none = {"scaling": {"num_cpus": 0}}
-    url = start_app(run, {"teacher": {}, "students": none, "baselines": none})
-    yield ServedApp(url, TOKEN, run)
-    serve.shutdown()
 
 
 def _client(app: ServedApp, token: str = TOKEN) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{app.url}/v1", api_key=token, max_retries=0, timeout=120)
 
 
-def test_the_openai_client_talks_to_the_teacher_unchanged(teacher_app: ServedApp) -> None:
-    client = _client(teacher_app)
+def test_the_openai_client_talks_to_the_teacher_unchanged(served_app: ServedApp) -> None:
+    client = _client(served_app)
     assert [m.id for m in client.models.list().data] == ["teacher"]
     messages = [{"role": "user", "content": "Name one symptom of Alzheimer's disease."}]
     chat = client.chat.completions.create(
@@ -67,13 +39,13 @@ def test_the_openai_client_talks_to_the_teacher_unchanged(teacher_app: ServedApp
     assert completion.choices[0].text
 
 
-def test_the_teacher_routes_need_the_token(teacher_app: ServedApp) -> None:
+def test_the_teacher_routes_need_the_token(served_app: ServedApp) -> None:
     with pytest.raises(openai.AuthenticationError):
-        _client(teacher_app, token="wrong-token-0123456789").models.list()
+        _client(served_app, token="wrong-token-0123456789").models.list()
 
 
-def test_served_few_shot_diagnosis_matches_the_batch_stage(teacher_app: ServedApp) -> None:
-    store = RunStore(str(teacher_app.run))
+def test_served_few_shot_diagnosis_matches_the_batch_stage(served_app: ServedApp) -> None:
+    store = RunStore(str(served_app.run))
     batch = {r["patient_id"]: r for r in read_parts(store, "predictions/teacher").to_pylist()}
     test = {r["patient_id"]: r for r in store.read_table("splits/test.parquet").to_pylist()}
     identity = read_record(store, DIAGNOSE_STAGE).fingerprint
@@ -81,7 +53,7 @@ def test_served_few_shot_diagnosis_matches_the_batch_stage(teacher_app: ServedAp
         row = test[patient_id]
         record = {c.name: row[c.name] for c in SERVED_COLUMNS if row[c.name] is not None}
         record.pop("EXAMDATE", None)
-        with teacher_app.client() as client:
+        with served_app.client() as client:
             response = client.post(
                 "/v1/diagnose",
                 json={"model": "teacher", "patient": record, "patient_id": patient_id},
