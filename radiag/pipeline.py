@@ -51,18 +51,32 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local cluster (None = all)")
 
 
-class RunConfig(StrictModel):
-    """A whole run. Each section is the config of one stage (see its class)."""
+class CohortStagesConfig(StrictModel):
+    """The stages every model of a cohort reads: cohort, MRI, descriptions + splits, and the
+    teacher's rationales (a run's, or the shared stages of an experiment)."""
 
-    run_dir: str = Field(
-        "runs/default", description="local path or s3://bucket/prefix; one run per directory"
-    )
     cohort: IngestConfig = Field(default_factory=IngestConfig)
     mri: MriConfig = Field(default_factory=MriConfig)
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     rationalize: RationalizeConfig | None = Field(
         None, description="Module I; null skips the stage"
+    )
+
+    @model_validator(mode="after")
+    def _mri_only_for_synthetic(self) -> CohortStagesConfig:
+        if self.mri.subjects and self.cohort.source != "synthetic":
+            raise ValueError(
+                "mri.subjects > 0 synthesises T1 volumes: only for the synthetic cohort"
+            )
+        return self
+
+
+class RunConfig(CohortStagesConfig):
+    """A whole run. Each section is the config of one stage (see its class)."""
+
+    run_dir: str = Field(
+        "runs/default", description="local path or s3://bucket/prefix; one run per directory"
     )
     diagnose: DiagnoseConfig | None = Field(
         None, description="Module II-1 (teacher); null skips it"
@@ -75,14 +89,6 @@ class RunConfig(StrictModel):
         None, description="metrics, rationale criteria and the HTML report; null skips it"
     )
     ray: RayConfig = Field(default_factory=RayConfig)
-
-    @model_validator(mode="after")
-    def _mri_only_for_synthetic(self) -> RunConfig:
-        if self.mri.subjects and self.cohort.source != "synthetic":
-            raise ValueError(
-                "mri.subjects > 0 synthesises T1 volumes: only for the synthetic cohort"
-            )
-        return self
 
 
 def connect_ray(cfg: RayConfig, log_to_driver: bool = False) -> None:

@@ -30,7 +30,6 @@ from radiag.store import RunStore
 from radiag.students.config import DistillConfig
 from radiag.teacher.stages import RATIONALIZE_STAGE
 
-
 # vLLM on CPU runs its model worker in a third process of its own (engine client, engine
 # core, worker), each importing torch and vLLM: about 9 s of every engine start here. The
 # tests' engines run the worker inside the engine-core process instead (vLLM's uniprocess

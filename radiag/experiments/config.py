@@ -14,14 +14,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from radiag.baseline import BaselineConfig
-from radiag.cohort.describe import DescribeConfig
-from radiag.cohort.mri import MriConfig
-from radiag.cohort.split import SplitConfig
-from radiag.cohort.stages import IngestConfig
 from radiag.config import StrictModel
-from radiag.pipeline import RayConfig, RunConfig
+from radiag.pipeline import CohortStagesConfig, RayConfig, RunConfig
 from radiag.students.config import StudentsConfig
-from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig
+from radiag.teacher.stages import DiagnoseConfig
 
 ArmKind = Literal["teacher", "student", "baseline"]
 SHARED_STAGES = ("cohort", "mri", "splits", "rationalize")
@@ -59,20 +55,13 @@ class Arm(StrictModel):
         return "student" if self.students is not None else "baseline"
 
 
-class ExperimentsConfig(StrictModel):
-    """An experiment: the shared stages (as in a run config), the arms and the reference
-    arm every other arm is compared with."""
+class ExperimentsConfig(CohortStagesConfig):
+    """An experiment: the shared stages (the sections of a run config every model reads:
+    rationales included), the arms and the reference arm every other arm is compared with."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     output_dir: str = Field(
         "experiments", description="local path or s3://...; the experiment is <output_dir>/<name>"
-    )
-    cohort: IngestConfig = Field(default_factory=IngestConfig)
-    mri: MriConfig = Field(default_factory=MriConfig)
-    describe: DescribeConfig = Field(default_factory=DescribeConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    rationalize: RationalizeConfig | None = Field(
-        None, description="the teacher's rationales every student and few-shot arm reads"
     )
     arms: list[Arm] = Field(min_length=1)
     reference: str = Field(description="the arm every other arm is compared with")
@@ -86,10 +75,6 @@ class ExperimentsConfig(StrictModel):
             raise ValueError(f"arm names repeat: {', '.join(repeated)}")
         if self.reference not in names:
             raise ValueError(f"reference {self.reference!r} is not an arm ({', '.join(names)})")
-        if self.mri.subjects and self.cohort.source != "synthetic":
-            raise ValueError(
-                "mri.subjects > 0 synthesises T1 volumes: only for the synthetic cohort"
-            )
         return self
 
     @property
@@ -110,16 +95,13 @@ class ExperimentsConfig(StrictModel):
         )
 
     def _run(self, folder: str, students: StudentsConfig, **model: object) -> RunConfig:
+        shared = {name: getattr(self, name) for name in CohortStagesConfig.model_fields}
         return RunConfig.model_validate(
             {
+                **shared,
                 "run_dir": posixpath.join(self.root, folder),
-                "cohort": self.cohort,
-                "mri": self.mri,
-                "describe": self.describe,
-                "split": self.split,
-                "rationalize": self.rationalize,
                 "students": students,
                 "ray": self.ray,
                 **model,
-            }
+            }  # fmt: skip
         )
