@@ -103,5 +103,5 @@ class ExperimentsConfig(CohortStagesConfig):
                 "students": students,
                 "ray": self.ray,
                 **model,
-            }  # fmt: skip
+            }
         )
