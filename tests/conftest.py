@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import ray
 import yaml
+from commands import RationalizeJob
 from stubs import StubTeacher
 
 from radiag.cohort.describe import DescribeConfig
@@ -110,33 +107,6 @@ def tiny_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     bundled = prepare_model(ModelSpec(), cache_dir=model_cache)  # converted: returned at once
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", bundled)
-
-
-@dataclass(frozen=True)
-class RationalizeJob:
-    """`radiag rationalize` of a prepared run, for the tests that kill or interrupt it."""
-
-    store: RunStore
-    config: Path
-
-    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """The command in a session of its own: its group holds its local Ray cluster."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "radiag.cli", "rationalize", "--config", str(self.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-
-    def part_files(self) -> dict[str, int]:
-        """Part file -> modification time, wherever the run store is."""
-        selector = pafs.FileSelector(self.store.path("rationales"), allow_not_found=True)
-        return {
-            info.base_name: info.mtime_ns
-            for info in self.store.fs.get_file_info(selector)
-            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
-        }
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RationalizeJob
+from commands import RationalizeJob
 
 from radiag.store import RunStore
 from radiag.teacher.stages import read_output
