@@ -35,7 +35,7 @@ SUMMARY = re.compile(r"^=+ (.*) in ([\d.]+)s")
 def run_pytest(*args: str) -> dict[str, Any]:
     """One pytest process: its wall time, its closing line and its slowest test phases."""
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--durations={SLOWEST}",
-               *args]  # fmt: skip
+               "-rfE", *args]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -53,6 +53,7 @@ def run_pytest(*args: str) -> dict[str, Any]:
         "pytest_seconds": float(closing[2]) if closing else None,
         "wall_seconds": round(seconds, 1),
         "slowest": slowest,
+        "failed": [line for line in lines if line.startswith(("FAILED ", "ERROR "))],
     }
 
 

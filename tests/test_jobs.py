@@ -89,13 +89,13 @@ def head(restores_current_cluster: None) -> Iterator[dict[str, str]]:
 
 
 def _stop(head_process: subprocess.Popen, temp: Path) -> None:
-    """SIGTERM to `ray start --block` and its process group, then kill what is left of
-    this cluster (its processes name the temp dir)."""
+    """SIGTERM to `ray start --block` and its process group, a few seconds to end, then kill
+    what is left of this cluster (its processes name the temp dir)."""
     import psutil
 
     os.killpg(head_process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        head_process.wait(timeout=30)
+        head_process.wait(timeout=5)  # `ray start --block` often outlives it: killed below
     for process in psutil.process_iter(["cmdline"]):
         if str(temp) in " ".join(process.info["cmdline"] or []):
             with contextlib.suppress(psutil.Error):
