@@ -23,9 +23,6 @@ class ScalingConfig(StrictModel):
     target_ongoing_requests: float = Field(2.0, gt=0, description="per replica, drives scaling")
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(10.0, ge=0)
-    look_back_period_s: float = Field(
-        30.0, gt=0, description="the window of ongoing requests each scaling decision averages"
-    )
     max_ongoing_requests: int = Field(
         32,
         ge=1,
@@ -56,7 +53,6 @@ class ScalingConfig(StrictModel):
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
-                "look_back_period_s": self.look_back_period_s,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,

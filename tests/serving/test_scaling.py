@@ -166,7 +166,6 @@ def test_the_text_student_scales_out_under_load_and_back_in_when_it_stops(deploy
         "target_ongoing_requests": 1,
         "upscale_delay_s": 0,
         "downscale_delay_s": 5,
-        "look_back_period_s": 3,  # Serve averages load over 30 s by default: a slow scale-in
         "num_cpus": 0.25,
     }
     app = deploy({"students": {"scaling": scaling}, "baselines": SMALL})
