@@ -232,5 +232,6 @@ def test_run_does_every_stage_then_resumes_without_redoing_work(
     again = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert {name: stage["identity"] for name, stage in again.items()} == identities
     # Quiet by default: one line per stage, not the engines' and Ray's logs.
-    assert len(second.stderr.splitlines()) < 40, second.stderr
+    lines = [line for line in second.stderr.splitlines() if "smoke run:" not in line]
+    assert len(lines) < 40, second.stderr  # smoke-run lines: one per model of the demo's size
     assert (run_dir / "logs" / "radiag.log").is_file() and (run_dir / "logs" / "ray").is_dir()
