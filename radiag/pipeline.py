@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
 
@@ -200,6 +200,7 @@ def run(
     fresh: bool = False,
     on_stage: Callable[[str], None] = lambda _: None,
     on_done: Callable[[StageSummary], None] = lambda _: None,
+    skip: Collection[str] = (),
 ) -> dict[str, StageSummary]:
     """Run every stage in order; returns the summary of each.
 
@@ -209,12 +210,16 @@ def run(
             (moved to `superseded/`) instead of refusing.
         on_stage: called with each stage name before it starts (progress display).
         on_done: called with each stage's summary when it ends.
+        skip: stages not to run: their outputs are already in the run (an experiment's
+            arm holds the shared stages' outputs).
     """
     store = RunStore(cfg.run_dir)
     connect_ray(cfg.ray)
     done: dict[str, StageSummary] = {}
     write_manifest(store, cfg, done)
     for name, stage in pipeline_stages(cfg):
+        if name in skip:
+            continue
         on_stage(name)
         done[name] = stage(store, fresh)
         write_manifest(store, cfg, done)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import posixpath
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pyarrow.fs as pafs
 
 from radiag.cohort.stages import COHORT_STAGE, MRI_STAGE, SPLITS_STAGE
 from radiag.contract import Stage, StageSummary
 from radiag.experiments.config import SHARED_STAGES, Arm, ExperimentsConfig
-from radiag.pipeline import RunConfig, connect_ray, pipeline_stages, write_manifest
+from radiag.pipeline import run
 from radiag.store import RunStore
 from radiag.teacher.stages import RATIONALIZE_STAGE
 
@@ -43,10 +44,10 @@ def run_experiments(
 ) -> dict[str, dict[str, StageSummary]]:
     """Run the shared stages, then each arm's; returns each run's stage summaries by
     run ("shared" or the arm's name). `fresh` as in `radiag run`, for every stage."""
-    connect_ray(cfg.ray)
     shared_cfg = cfg.shared_run()
+    shared_stage = partial(_labelled, "shared", on_stage)
+    done = {"shared": run(shared_cfg, fresh, shared_stage, on_done)}
     shared = RunStore(shared_cfg.run_dir)
-    done = {"shared": _run_stages(shared, shared_cfg, fresh, "shared", on_stage, on_done)}
     for arm in cfg.arms:
         done[arm.name] = run_arm(cfg, arm, shared, fresh, on_stage, on_done)
     return done
@@ -65,7 +66,8 @@ def run_arm(
     store = RunStore(arm_cfg.run_dir)
     link_shared(shared, store)
     start = time.perf_counter()
-    done = _run_stages(store, arm_cfg, fresh, arm.name, on_stage, on_done, skip=SHARED_STAGES)
+    arm_stage = partial(_labelled, arm.name, on_stage)
+    done = run(arm_cfg, fresh, arm_stage, on_done, skip=SHARED_STAGES)
     identities = {name: summary.identity for name, summary in done.items()}
     if store.exists(ARM_RECORD) and store.read_json(ARM_RECORD)["identities"] == identities:
         return done  # finished before: its wall time is that of the run that finished it
@@ -82,25 +84,8 @@ def run_arm(
     return done
 
 
-def _run_stages(
-    store: RunStore,
-    run_cfg: RunConfig,
-    fresh: bool,
-    label: str,
-    on_stage: Callable[[str], None],
-    on_done: Callable[[StageSummary], None],
-    skip: tuple[str, ...] = (),
-) -> dict[str, StageSummary]:
-    done: dict[str, StageSummary] = {}
-    write_manifest(store, run_cfg, done)
-    for name, stage in pipeline_stages(run_cfg):
-        if name in skip:
-            continue
-        on_stage(f"{label}: {name}")
-        done[name] = stage(store, fresh)
-        write_manifest(store, run_cfg, done)
-        on_done(done[name])
-    return done
+def _labelled(label: str, on_stage: Callable[[str], None], name: str) -> None:
+    on_stage(f"{label}: {name}")
 
 
 def link_shared(shared: RunStore, arm: RunStore) -> None:
