@@ -195,13 +195,9 @@ def paired_difference(
     a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
     lo = hi = math.nan
     if len(shared) and n_boot > 0:
-        size = len(per_subject[0])
-        draws = np.random.default_rng(seed).multinomial(size, np.full(size, 1 / size), n_boot)
-        boot = [
-            _scores((draws @ c.reshape(size, -1)).reshape(-1, *c.shape[1:]))["balanced_accuracy"]
-            for c in per_subject
-        ]
-        lo, hi = (float(v) for v in np.nanpercentile(boot[0] - boot[1], [2.5, 97.5]))
+        boot_a, boot_b = _resampled_scores(per_subject, n_boot, seed)
+        difference = boot_a["balanced_accuracy"] - boot_b["balanced_accuracy"]
+        lo, hi = (float(v) for v in np.nanpercentile(difference, [2.5, 97.5]))
     return {
         "n": len(shared),
         "difference": float(point[0] - point[1]) if len(shared) else math.nan,
@@ -383,27 +379,38 @@ def _subject_confusions(subjects: np.ndarray, y_true: np.ndarray, y_pred: np.nda
 
 
 def _bootstrap(per_subject: np.ndarray, n_boot: int, seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile CIs (2.5th, 97.5th) of SCORES over subject resamples; NaN if none.
-
-    A resample draws S of the S subjects with replacement: its confusion matrix is the sum
-    of the drawn subjects' matrices, each times the number of times it was drawn.
-    """
-    size = len(per_subject)
-    if size == 0 or n_boot <= 0:
+    """95% percentile CIs (2.5th, 97.5th) of SCORES over subject resamples; NaN if none."""
+    if len(per_subject) == 0 or n_boot <= 0:
         return {score: (math.nan, math.nan) for score in SCORES}
-    rng = np.random.default_rng(seed)
-    flat = per_subject.reshape(size, -1)
-    chunk = max(1, _BOOT_CELLS // size)
-    samples: dict[str, list[np.ndarray]] = {score: [] for score in SCORES}
-    for start in range(0, n_boot, chunk):
-        draws = rng.multinomial(size, np.full(size, 1 / size), size=min(chunk, n_boot - start))
-        confusion = (draws @ flat).reshape(-1, *per_subject.shape[1:])  # (B, K, K + 1)
-        for score, values in _scores(confusion).items():
-            samples[score].append(values)
+    (samples,) = _resampled_scores([per_subject], n_boot, seed)
     return {
-        score: tuple(float(v) for v in np.percentile(np.concatenate(values), [2.5, 97.5]))
+        score: tuple(float(v) for v in np.percentile(values, [2.5, 97.5]))
         for score, values in samples.items()
     }
+
+
+def _resampled_scores(
+    per_subject: list[np.ndarray], n_boot: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """SCORES of `n_boot` subject resamples, each drawn once for every stack in
+    `per_subject` (one (S, K, K + 1) stack per model, the same S subjects in each).
+
+    A resample draws S of the S subjects with replacement: its confusion matrix is the sum
+    of the drawn subjects' matrices, each times the number of times it was drawn. Draws are
+    made in chunks of at most _BOOT_CELLS subject counts, which bounds memory.
+    """
+    size = len(per_subject[0])
+    rng = np.random.default_rng(seed)
+    flats = [stack.reshape(size, -1) for stack in per_subject]
+    chunk = max(1, _BOOT_CELLS // size)
+    samples: list[dict[str, list[np.ndarray]]] = [{s: [] for s in SCORES} for _ in per_subject]
+    for start in range(0, n_boot, chunk):
+        draws = rng.multinomial(size, np.full(size, 1 / size), size=min(chunk, n_boot - start))
+        for stack, flat, scores in zip(per_subject, flats, samples, strict=True):
+            confusion = (draws @ flat).reshape(-1, *stack.shape[1:])  # (B, K, K + 1)
+            for score, values in _scores(confusion).items():
+                scores[score].append(values)
+    return [{s: np.concatenate(v) for s, v in scores.items()} for scores in samples]
 
 
 def _per_class(scored: pd.DataFrame) -> pd.DataFrame:
