@@ -5,12 +5,14 @@ and the plot.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import io
 import math
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 from matplotlib.figure import Figure
 
 from radiag.evaluation.report.markup import escape, fmt, html_table, p_text, td, with_ci
@@ -46,7 +48,7 @@ def write_experiment(
     if png is not None:
         out.write_bytes("forest.png", png)
     out.write_json("experiment.json", provenance(cfg, table))
-    out.write_bytes("report.html", page(cfg, table, comparisons, problems, png).encode())
+    out.write_bytes("report.html", page(cfg, shown, comparisons, problems, png).encode())
     return out.uri_of("report.html")
 
 
@@ -140,15 +142,13 @@ def provenance(cfg: ExperimentsConfig, table: pd.DataFrame) -> dict[str, Any]:
 
 def page(
     cfg: ExperimentsConfig,
-    table: pd.DataFrame,
+    shown: pd.DataFrame,
     comparisons: pd.DataFrame,
     problems: list[str],
     png: bytes | None,
 ) -> str:
-    """report.html: the table and the plot first, then the comparisons, then provenance."""
-    import base64
-
-    shown = display_table(table)
+    """report.html: the table (as `display_table` shows it) and the plot first, then the
+    comparisons, then provenance."""
     rows = [[td(str(v)) for v in row] for row in shown.itertuples(index=False)]
     plot = (
         f'<img alt="forest plot" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
@@ -162,13 +162,13 @@ def page(
         for r in comparisons.to_dict("records")
     ]  # fmt: skip
     banner = "".join(f"<li>{escape(p)}</li>" for p in problems)
-    smoke = table["smoke"].fillna("").astype(bool).sum() if len(table) else 0
+    smoke = int((shown[DISPLAY["smoke"]] != "").sum())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
 <title>radiag experiment — {escape(cfg.name)}</title><style>{CSS}</style></head>
 <body><header class="top"><h1>Experiment {escape(cfg.name)}</h1>
-<p class="muted">{len(table)} models on one test split; every CI resamples subjects
+<p class="muted">{len(shown)} models on one test split; every CI resamples subjects
 ({cfg.bootstrap} resamples). Reference arm: {escape(cfg.reference)}.</p></header>
 {f'<section class="problems"><h2>Not in the table</h2><ul>{banner}</ul></section>' if banner else ""}
 <main><section id="table"><h2>Models</h2>
@@ -189,9 +189,7 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _arrow(frame: pd.DataFrame):  # -> pa.Table
-    import pyarrow as pa
-
+def _arrow(frame: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
