@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -175,63 +172,3 @@ def test_synth_writes_an_adnimerge_shaped_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     header = out.read_text().splitlines()[0].split(",")
     assert {"RID", "PTID", "VISCODE", "DX_bl", "DX", "AGE", "Years_bl", "ABETA"} <= set(header)
-
-
-@pytest.mark.slow
-def test_run_does_every_stage_then_resumes_without_redoing_work(
-    tmp_path: Path, model_cache: Path, tiny_model: Path, stub_teacher: str
-) -> None:
-    """The demo config, smaller: the teacher is the session's OpenAI-compatible stub and
-    there is no LLM judge (the real vLLM teacher stages and judge are tests/teacher and
-    tests/evaluation/test_judge.py; the demo's own engines, tests/test_interrupt.py)."""
-    run_dir = tmp_path / "run"
-    stub = f"{{backend: openai, base_url: '{stub_teacher}', model: stub}}"
-    command = [
-        sys.executable, "-m", "radiag.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"),
-        "--set", f"run_dir={run_dir}", "--set", "cohort.synthetic.subjects=80", "--set", "mri.subjects=4",
-        "--set", f"rationalize.engine={stub}", "--set", f"diagnose.engine={stub}",
-        "--set", "rationalize.limit=6", "--set", "diagnose.limit=4", "--set", "evaluate.judge=null",
-        "--set", "students.diagnose={limit: 4, max_new_tokens: 8}",
-    ]  # fmt: skip
-    for kind in ("text", "vlm"):  # two steps of the tiny model; its random rationales get flagged
-        command += [
-            "--set", f"students.{kind}.model={{path: {tiny_model}}}",
-            "--set", f"students.{kind}.optim={{max_steps: 2, batch_size: 2}}",
-            "--set", f"students.{kind}.include_flagged=true",
-        ]  # fmt: skip
-    env = os.environ | {"RADIAG_MODEL_CACHE": str(model_cache)}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {
-        "cohort", "mri", "splits", "rationalize", "diagnose", "baseline",
-        "distill-text", "diagnose-student-text", "distill-vlm", "diagnose-student-vlm", "evaluate",
-    }  # fmt: skip
-    assert manifest["stages"]["rationalize"]["counts"]["rows"] == 6
-    assert manifest["stages"]["diagnose"]["counts"]["rows"] == 4
-    assert manifest["stages"]["distill-text"]["counts"]["steps"] == 2
-    assert manifest["stages"]["diagnose-student-text"]["counts"]["rows"] == 4
-    identities = {name: stage["identity"] for name, stage in manifest["stages"].items()}
-    assert all(len(identity) == 16 for identity in identities.values())
-    assert (run_dir / "checkpoints" / "vlm" / "final" / "mri_prefix.pt").is_file()
-    assert manifest["precision"]["auto"] in {"bfloat16", "float32"}  # the machine's, recorded
-    assert (run_dir / "reports" / "report.html").is_file()
-    assert f"report: {run_dir / 'reports' / 'report.html'}" in first.stderr.replace("\n", "")
-    assert manifest["versions"]["ray"] == "2.60.0" and manifest["seeds"]["split"] == 0
-    assert manifest["stages"]["mri"]["counts"] == {"volumes": 4, "failed": 0}
-    test_split = run_dir / "splits" / "test.parquet"
-    assert test_split.exists() and len(list((run_dir / "mri").glob("*_seg.nii.gz"))) == 4
-
-    assert len(list((run_dir / "rationales").glob("part-*.parquet"))) >= 1
-    assert len(list((run_dir / "rationales").glob("part-*.parquet"))) >= 1
-    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")} == written
-    again = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    assert {name: stage["identity"] for name, stage in again.items()} == identities
-    # Quiet by default: one line per stage, not the engines' and Ray's logs.
-    lines = [line for line in second.stderr.splitlines() if "smoke run:" not in line]
-    assert len(lines) < 40, second.stderr  # smoke-run lines: one per model of the demo's size
-    assert (run_dir / "logs" / "radiag.log").is_file() and (run_dir / "logs" / "ray").is_dir()
