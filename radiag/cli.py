@@ -103,6 +103,10 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _warn(line: str) -> None:
+    console.print(f"[yellow]waiting:[/] {line}", soft_wrap=True, highlight=False)
+
+
 def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
     try:
         return load_config(RunConfig, path, overrides)
@@ -325,8 +329,8 @@ def serve(
         connect_ray(RayConfig(address=address), log_to_driver=verbose)
         try:
             with console.status("deploying (a teacher replica takes about a minute on CPU)"):
-                url = deploy(cfg, host, port)
-        except (ConfigurationError, FileNotFoundError) as err:
+                url = deploy(cfg, host, port, on_wait=_warn)
+        except (ConfigurationError, FileNotFoundError, TimeoutError) as err:
             raise _fail(str(err)) from None
         console.print(f"[green]serving:[/] {url}  (Ctrl-C stops)", highlight=False)
         while True:

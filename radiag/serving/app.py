@@ -19,9 +19,11 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import (
@@ -42,7 +44,7 @@ from radiag.baseline import MODELS_DIR
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE, run_norm
 from radiag.contract import read_record
-from radiag.serving.config import ServeConfig
+from radiag.serving.config import ServeConfig, TeacherServeConfig, sized_to_cluster
 from radiag.serving.records import (
     SERVED_COLUMNS,
     DiagnoseRequest,
@@ -385,6 +387,15 @@ ROUTES = {
 }
 
 
+def teacher_cpus(llm_config: Any, teacher: TeacherServeConfig) -> float:
+    """CPUs the teacher's minimum replicas reserve: the placement group `ray.serve.llm`
+    gives each replica (one CPU per engine worker on CPU; the replica actor takes none)."""
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    bundles = LLMServer.get_deployment_options(llm_config).get("placement_group_bundles", [])
+    return teacher.min_replicas * sum(bundle.get("CPU", 0.0) for bundle in bundles)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application builder: `serve run radiag.serving.app:build_app run_dir=...`."""
     cfg = ServeConfig.model_validate(args)
@@ -392,6 +403,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     store = RunStore(cfg.run_dir)
     describe_config(store)  # fail now, not in a replica, if the run has no splits
     models = served_models(store, teacher=cfg.teacher is not None)
+    llm_config = None
+    if cfg.teacher is not None:
+        from radiag.serving.teacher import run_diagnose_config, teacher_llm_config
+
+        llm_config = teacher_llm_config(cfg.teacher, run_diagnose_config(store))
+    kinds = [card["kind"] for card in models.values()]
+    cfg = sized_to_cluster(
+        cfg,
+        {"students": kinds.count("student"), "baselines": int("baseline" in kinds)},
+        cluster_cpus=ray.cluster_resources().get("CPU", 0.0),
+        teacher_cpus=0.0 if llm_config is None else teacher_cpus(llm_config, cfg.teacher),
+    )
     diagnosers: dict[str, Any] = {}
     for name, card in models.items():
         if card["kind"] == "student":
@@ -404,7 +427,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                              **students.batching.model_dump()},
                 **students.scaling.deployment_options(),
             ).bind(kind, students.threads_per_replica, decoding.model_dump())  # fmt: skip
-    if any(card["kind"] == "baseline" for card in models.values()):
+    if "baseline" in kinds:
         diagnosers["baselines"] = BaselineServer.options(
             name="baselines", **cfg.baselines.scaling.deployment_options()
         ).bind(store.uri, cfg.baselines.batching.model_dump())
@@ -413,9 +436,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
         from ray.serve.llm import build_llm_deployment
 
-        from radiag.serving.teacher import TeacherServer, run_diagnose_config, teacher_llm_config
+        from radiag.serving.teacher import TeacherServer
 
-        llm_config = teacher_llm_config(cfg.teacher, run_diagnose_config(store))
         llm = build_llm_deployment(llm_config)
         llm_deployments = {cfg.teacher.model_id: llm}
         model_cards = {cfg.teacher.model_id: to_model_metadata(cfg.teacher.model_id, llm_config)}
@@ -457,10 +479,15 @@ def deploy(
     port: int = 8000,
     deployments: list[dict[str, Any]] | None = None,
     timeout_s: float = 900,
+    on_wait: Callable[[str], None] = log.warning,
 ) -> str:
     """Deploy the app as `serve deploy` does (a config, built on the cluster) and wait until
     it runs; returns its URL. Redeploying the same `cfg` with only `deployments` overrides
-    (user_config) updates the replicas in place; other `cfg` restarts them."""
+    (user_config) updates the replicas in place; other `cfg` restarts them.
+
+    A deployment whose replicas cannot be scheduled is named to `on_wait` with what it
+    needs and what the cluster has, once, as soon as Serve reports it (after about 30 s),
+    and again in the `TimeoutError` if the app never runs."""
     from ray.serve.context import _get_global_client  # the client behind `serve deploy`
     from ray.serve.schema import ServeDeploySchema
 
@@ -468,15 +495,35 @@ def deploy(
     config = ServeDeploySchema.model_validate({"applications": [application(cfg, deployments)]})
     _get_global_client().deploy_apps(config)
     deadline = time.monotonic() + timeout_s
+    waiting: dict[str, str] = {}
     while (
         status := serve.status().applications.get(APP_NAME)
     ) is None or status.status != "RUNNING":
         if status is not None and status.status == "DEPLOY_FAILED":
             raise ConfigurationError(f"the app failed to deploy: {status.message}")
+        for name, line in unschedulable(status).items():
+            if name not in waiting:
+                waiting[name] = line
+                on_wait(line)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the app was not running after {timeout_s:.0f} s")
+            raise TimeoutError(
+                f"the app was not running after {timeout_s:.0f} s"
+                + "".join(f"\n{line}" for line in waiting.values())
+            )
         time.sleep(1)
     return f"http://{host}:{port}"
+
+
+def unschedulable(status: Any) -> dict[str, str]:
+    """Deployment -> Serve's own line on its replicas waiting for resources (the line
+    names the resources one replica needs and those the cluster has free)."""
+    if status is None:
+        return {}
+    return {
+        name: f"{name} waits for resources: {deployment.message}"
+        for name, deployment in status.deployments.items()
+        if "to be scheduled" in deployment.message
+    }
 
 
 def student_swap(cfg: ServeConfig, source_run: str) -> list[dict[str, Any]]:

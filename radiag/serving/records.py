@@ -8,6 +8,7 @@ is made by the batch pipeline's own `describe` on a one-row table.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ LABEL_COLUMNS = frozenset({"label", "DX", "DX_bl"})
 SERVED_COLUMNS = tuple(
     c for c in COLUMNS if c.name not in LABEL_COLUMNS | {"mri_path", "source", "patient_id"}
 )
-_PY = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.date32(): str}
+_PY = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.date32(): datetime.date}
 
 
 def _optional(column: Column) -> tuple[Any, Any]:
@@ -77,8 +78,6 @@ def record_table(record: BaseModel, patient_id: str = "request") -> pa.Table:
     values |= {"patient_id": patient_id, "source": "request", "RID": 0, "VISCODE": "bl"}
     if values["age_at_visit"] is None and values["AGE"] is not None:
         values["age_at_visit"] = values["AGE"] + (values["Years_bl"] or 0.0)  # as ingest does
-    if values["EXAMDATE"] is not None:
-        values["EXAMDATE"] = pa.scalar(values["EXAMDATE"]).cast(pa.date32()).as_py()
     return pa.Table.from_pylist([values], schema=COHORT_SCHEMA)
 
 

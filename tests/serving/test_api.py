@@ -85,7 +85,7 @@ def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> N
     assert test.num_rows == 3
     for row in test.to_pylist():
         record = {c.name: row[c.name] for c in SERVED_COLUMNS if row[c.name] is not None}
-        record.pop("EXAMDATE", None)
+        record["EXAMDATE"] = record["EXAMDATE"].isoformat()  # JSON: an ISO date
         for model, expected in (
             ("student-text", batch),
             ("baseline-logistic-description", baseline),
@@ -125,6 +125,15 @@ def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
         ({"model": "student-text", "patient": RECORD | {"AGE": "old"}}, ["patient", "AGE"]),
         ({"model": "student-text", "patient": RECORD | {"PTGENDER": "M"}}, ["patient", "PTGENDER"]),
         ({"model": "student-text", "patient": RECORD | {"shoe_size": 9}}, ["patient", "shoe_size"]),
+        (
+            {"model": "student-text", "patient": RECORD | {"EXAMDATE": "yesterday"}},
+            ["patient", "EXAMDATE"],
+        ),
+        (
+            {"model": "student-text", "patient": RECORD | {"EXAMDATE": "2024-02-30"}},
+            ["patient", "EXAMDATE"],
+        ),
+        ({"model": "student-text", "patient": RECORD | {"EXAMDATE": ""}}, ["patient", "EXAMDATE"]),
         ({"patient": RECORD}, ["model"]),
         ({"model": "student-text", "patient": RECORD, "extra": 1}, ["extra"]),
     ],
