@@ -39,6 +39,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from starlette.routing import Match
 
 from radiag.baseline import MODELS_DIR
 from radiag.cohort.describe import DescribeConfig
@@ -149,11 +150,20 @@ LATENCY = Histogram(
 )  # fmt: skip
 
 
+def route_label(request: Request) -> str:
+    """The template of the route a request goes to (`/v1/models/{model:path}`), never its
+    raw path: a label per path would let anyone create metric series."""
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            return route.path
+    return "unmatched"
+
+
 async def authenticate_and_measure(request: Request, call_next: Any) -> Response:
     """401 without the app's token (but on /healthz); count and time every request."""
     start = time.perf_counter()
-    route = request.url.path
-    if route not in OPEN_ROUTES:
+    route = route_label(request)
+    if request.url.path not in OPEN_ROUTES:
         given, token = presented_token(request), request.app.state.token
         if given is None or not hmac.compare_digest(given.encode(), token.encode()):
             response: Response = _error(401, "missing or wrong bearer token")
@@ -273,7 +283,7 @@ class RadiagIngress(OpenAiIngress):
         except TimeoutError:
             return _error(504, f"{body.model} did not answer within the request timeout")
         except Exception:  # a model's own failure: logged here, not echoed to the client
-            log.exception("%s failed on %s", body.model, body.patient_id)
+            log.exception("%s failed on %r", body.model, body.patient_id)
             return _error(500, f"{body.model} failed on this request; see the server log")
         if "error" in answer:
             return _error(422, answer["error"])
@@ -284,7 +294,7 @@ class RadiagIngress(OpenAiIngress):
             latency_s=time.perf_counter() - start,
             **{k: v for k, v in answer.items() if k in MODEL_FIELDS},
         )
-        log.info("diagnosed %s with %s", body.patient_id, body.model)  # ids only, no data
+        log.info("diagnosed %r with %s", body.patient_id, body.model)  # ids only, no data
         return JSONResponse(response.model_dump(mode="json"))
 
     async def _ask(

@@ -47,7 +47,12 @@ class DiagnoseRequest(_Strict):
 
     model: str = Field(description="teacher, student-text, student-vlm or baseline-<...>")
     patient: PatientRecord  # type: ignore[valid-type]
-    patient_id: str = Field("request", max_length=128, description="echoed back; for your logs")
+    patient_id: str = Field(
+        "request",
+        max_length=128,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="echoed back; for your logs (no control characters: it is logged)",
+    )
     mri_uri: str | None = Field(
         None, max_length=2048, description="a T1 NIfTI under an allowed storage prefix"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -214,6 +215,20 @@ def test_readyz_and_metrics_by_route_and_model(served_app: ServedApp) -> None:
     assert 'radiag_request_seconds_count{model="student-text",route="/v1/diagnose"}' in metrics
 
 
+def test_metrics_label_routes_by_template_so_no_client_can_add_series(
+    served_app: ServedApp,
+) -> None:
+    probe = f"/probe-{uuid.uuid4().hex}"
+    with served_app.client(token=None) as anonymous:
+        assert anonymous.get(probe).status_code == 401
+        assert anonymous.get(f"/v1/models/{probe}").status_code == 401
+    with served_app.client() as client:
+        metrics = client.get("/metrics").text
+    assert probe not in metrics
+    assert 'route="unmatched",status="401"' in metrics
+    assert 'route="/v1/models/{model:path}",status="401"' in metrics
+
+
 def test_examples_are_synthetic_records_without_labels(served_app: ServedApp) -> None:
     with served_app.client() as client:
         examples = client.get("/v1/examples").json()["examples"]
@@ -231,6 +246,6 @@ def test_logs_hold_neither_the_token_nor_patient_data(served_app: ServedApp) -> 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     text = "\n".join(p.read_text(errors="ignore") for p in logs.rglob("*") if p.is_file()
                      and p.suffix in {".log", ".out", ".err"})  # fmt: skip
-    assert "log-check" in text  # the request was logged, by id
+    assert "'log-check'" in text  # the request was logged, by id (quoted, escaped)
     assert TOKEN not in text
     assert marker not in text

@@ -7,7 +7,7 @@ import datetime
 import pytest
 from pydantic import ValidationError
 
-from radiag.serving.records import PatientRecord, record_table
+from radiag.serving.records import DiagnoseRequest, PatientRecord, record_table
 
 
 @pytest.mark.parametrize("value", ["yesterday", "2024-02-30", "", "03/12/2024", 20240301])
@@ -26,3 +26,10 @@ def test_an_iso_examdate_reaches_the_cohort_table_as_a_date() -> None:
 def test_the_request_schema_documents_the_date_format() -> None:
     schema = PatientRecord.model_json_schema()["properties"]["EXAMDATE"]
     assert {"type": "string", "format": "date"} in schema["anyOf"]
+
+
+def test_a_patient_id_with_a_control_character_is_refused_so_it_cannot_forge_a_log_line() -> None:
+    forged = "s-1\n2026-12-03 INFO diagnosed 's-2' with teacher"
+    with pytest.raises(ValidationError) as refused:
+        DiagnoseRequest.model_validate({"model": "teacher", "patient": {}, "patient_id": forged})
+    assert [error["loc"] for error in refused.value.errors()] == [("patient_id",)]
