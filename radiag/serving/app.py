@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -317,15 +318,14 @@ class RadiagIngress(OpenAiIngress):
         self, request: Request
     ) -> tuple[DiagnoseRequest, bytes | None] | Response:
         """JSON body, or multipart with a `request` JSON field and an `mri` file; 413 / 422."""
-        limit = int(self.cfg.limits.max_upload_mb * 2**20)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _error(413, f"request larger than {self.cfg.limits.max_upload_mb} MB")
-        content_type = request.headers.get("content-type", "")
+        limits = self.cfg.limits
+        body_bytes = await read_at_most(request, int(limits.max_upload_mb * 2**20))
+        if body_bytes is None:  # chunked bodies declare no length: counted as they arrive
+            return _error(413, f"request larger than {limits.max_upload_mb} MB")
         nifti = None
         try:
-            if content_type.startswith("multipart/form-data"):
-                form = await request.form(max_part_size=limit)
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await Request(request.scope, _replay(body_bytes)).form()
                 raw = form.get("request")
                 if not isinstance(raw, str):
                     return _error(
@@ -334,18 +334,31 @@ class RadiagIngress(OpenAiIngress):
                 upload = form.get("mri")
                 if upload is not None and not isinstance(upload, str):
                     nifti = await upload.read()
-                    if len(nifti) > limit:
-                        return _error(413, f"upload larger than {self.cfg.limits.max_upload_mb} MB")
                 body = DiagnoseRequest.model_validate_json(raw)
             else:
-                body = DiagnoseRequest.model_validate_json(await request.body())
+                body = DiagnoseRequest.model_validate_json(body_bytes)
         except ValidationError as err:
             return _validation_error(err)
         except Exception as err:  # a malformed multipart body
             return _error(422, f"cannot read the request: {type(err).__name__}")
-        if nifti is not None and (problem := nifti_problem(nifti)):
-            return _error(422, [{"loc": ["mri"], "msg": problem, "type": "value_error"}])
+        if nifti is not None and (refused := self._refused_volume(nifti, "mri")):
+            return refused
         return body, nifti
+
+    def _refused_volume(self, data: bytes, field: str) -> Response | None:
+        """413 for a NIfTI that gunzips past `limits.max_volume_mb`, 422 for one that is not
+        a 3-D volume, None for a usable one (checked before any model sees it)."""
+        limit_mb = self.cfg.limits.max_volume_mb
+        try:
+            plain = gunzip_at_most(data, int(limit_mb * 2**20))
+        except VolumeTooLarge:
+            return _error(413, f"{field}: the NIfTI expands to more than {limit_mb} MB")
+        except zlib.error:
+            msg = "not a whole gzip file"
+            return _error(422, [{"loc": [field], "msg": msg, "type": "value_error"}])
+        if problem := nifti_problem(plain):
+            return _error(422, [{"loc": [field], "msg": problem, "type": "value_error"}])
+        return None
 
     def _read_uri(self, uri: str) -> bytes | Response:
         """A T1 from storage, only under an allowed prefix (403 otherwise)."""
@@ -363,22 +376,61 @@ class RadiagIngress(OpenAiIngress):
             )
         if len(data) > self.cfg.limits.max_upload_mb * 2**20:
             return _error(413, f"MRI larger than {self.cfg.limits.max_upload_mb} MB")
-        if problem := nifti_problem(data):
-            return _error(422, [{"loc": ["mri_uri"], "msg": problem, "type": "value_error"}])
+        return self._refused_volume(data, "mri_uri") or data
+
+
+async def read_at_most(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _replay(body: bytes) -> Callable[[], Any]:
+    """An ASGI `receive` that hands over a body already read (to parse it as a form)."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+class VolumeTooLarge(ValueError):
+    """A gzip stream that expands past its limit."""
+
+
+def gunzip_at_most(data: bytes, limit: int) -> bytes:
+    """`data` gunzipped (plain bytes pass through), never inflating more than `limit` + 1
+    bytes: a few MB of gzip can hold gigabytes of zeros."""
+    if data[:2] != b"\x1f\x8b":
         return data
+    inflater = zlib.decompressobj(wbits=31)  # 31: gzip framing
+    plain = inflater.decompress(data, limit + 1)
+    if len(plain) > limit:
+        raise VolumeTooLarge(f"expands past {limit} bytes")
+    if not inflater.eof:
+        raise zlib.error("the gzip stream ends early")
+    return plain
 
 
 def nifti_problem(data: bytes) -> str | None:
-    """Why bytes are not a usable 3-D NIfTI, or None (checked before any model sees them)."""
+    """Why plain NIfTI bytes are not a volume the MRI student can use, or None: the batch
+    stages' own check (one 3-D volume, every voxel readable and finite, a usable affine)."""
     from radiag.cohort.mri import decode_nifti_gz
+    from radiag.students.volumes import checked_voxels
 
     try:
-        image = decode_nifti_gz(data)
-        shape = image.shape
-    except Exception as err:  # gzip, nibabel: no common base class
+        checked_voxels(decode_nifti_gz(data))
+    except ValueError as err:
+        return str(err)
+    except Exception as err:  # nibabel: a header or data it cannot read
         return f"not a NIfTI file ({type(err).__name__})"
-    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
-        return f"expected one 3-D volume, got shape {shape}"
     return None
 
 

@@ -131,7 +131,14 @@ class TeacherServeConfig(StrictModel):
 class LimitsConfig(StrictModel):
     """What the ingress accepts before any model sees a request."""
 
-    max_upload_mb: float = Field(64.0, gt=0, description="largest NIfTI upload; more is 413")
+    max_upload_mb: float = Field(
+        64.0, gt=0, description="largest request body or NIfTI file; more is 413"
+    )
+    max_volume_mb: float = Field(
+        512.0,
+        gt=0,
+        description="largest NIfTI once gunzipped (a 1 mm T1 is 16-128 MB); more is 413",
+    )
     allowed_mri_prefixes: list[str] = Field(
         default_factory=list,
         description="storage URIs an `mri_uri` may point under (s3://bucket/scans/, /data/); "

@@ -4,6 +4,7 @@ every model of the run, the same answers as the batch stages, metrics and logs."
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -198,6 +199,13 @@ def test_mri_problems_are_403_413_or_422(served_app: ServedApp, tmp_path: Path) 
     corrupted = _upload(served_app, b"\x1f\x8b not really gzip")
     assert corrupted.status_code == 422 and corrupted.json()["detail"][0]["loc"] == ["mri"]
     too_large = _upload(served_app, b"\0" * (5 * 2**20))  # the fixture allows 4 MB
+    bomb = _upload(served_app, gzip.compress(b"\0" * (300 * 2**20), compresslevel=9))
+    assert bomb.status_code == 413 and "expands to more than 256" in bomb.json()["detail"]
+    with served_app.client() as client:  # chunked: no content-length to check up front
+        chunks = (b" " * 2**20 for _ in range(5))
+        chunked = client.post("/v1/diagnose", content=chunks,
+                              headers={"content-type": "application/json"})  # fmt: skip
+    assert chunked.status_code == 413
     assert too_large.status_code == 413
     with served_app.client() as client:
         no_t1 = client.post("/v1/diagnose", json={"model": "student-vlm", "patient": RECORD})
