@@ -151,6 +151,12 @@ LATENCY = Histogram(
 )  # fmt: skip
 
 
+def openai_error(status: int, message: str, code: str) -> JSONResponse:
+    """An error in OpenAI's shape (what its clients parse), with `detail` as on every route."""
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return JSONResponse({"error": error, "detail": message}, status_code=status)
+
+
 def route_label(request: Request) -> str:
     """The template of the route a request goes to (`/v1/models/{model:path}`), never its
     raw path: a label per path would let anyone create metric series."""
@@ -167,7 +173,9 @@ async def authenticate_and_measure(request: Request, call_next: Any) -> Response
     if request.url.path not in OPEN_ROUTES:
         given, token = presented_token(request), request.app.state.token
         if given is None or not hmac.compare_digest(given.encode(), token.encode()):
-            response: Response = _error(401, "missing or wrong bearer token")
+            response: Response = openai_error(
+                401, "missing or wrong bearer token", "invalid_api_key"
+            )
             response.headers["WWW-Authenticate"] = 'Basic realm="radiag"'
             REQUESTS.labels(route, "", "401").inc()
             return response
@@ -186,7 +194,54 @@ def build_fastapi(token: str) -> FastAPI:
     app = init()
     app.state.token = token
     app.middleware("http")(authenticate_and_measure)
+    app.openapi = lambda: documented_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "the app's token"},
+    "basic": {"type": "http", "scheme": "basic", "description": "any user, the token as password"},
+}
+
+
+def documented_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus what it cannot see: /v1/diagnose reads its body by hand (JSON,
+    or multipart with an `mri` upload), and every route but /healthz needs the token."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title="radiag", version="1", routes=app.routes)
+    components = schema.setdefault("components", {})
+    components["securitySchemes"] = SECURITY_SCHEMES
+    models = components.setdefault("schemas", {})
+    for model in (DiagnoseRequest, DiagnoseResponse):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        models |= body.pop("$defs", {}) | {model.__name__: body}
+    request = {"$ref": "#/components/schemas/DiagnoseRequest"}
+    multipart = {
+        "type": "object",
+        "required": ["request"],
+        "properties": {
+            "request": {"type": "string", "contentMediaType": "application/json",
+                        "description": "a DiagnoseRequest as JSON"},
+            "mri": {"type": "string", "format": "binary", "description": "a T1 NIfTI (.nii.gz)"},
+        },
+    }  # fmt: skip
+    diagnose = schema["paths"]["/v1/diagnose"]["post"]
+    diagnose["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": request},
+                    "multipart/form-data": {"schema": multipart}},
+    }  # fmt: skip
+    diagnose["responses"]["200"]["content"] = {
+        "application/json": {"schema": {"$ref": "#/components/schemas/DiagnoseResponse"}}
+    }
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            operation["security"] = [] if path in OPEN_ROUTES else [{"bearer": []}, {"basic": []}]
+    app.openapi_schema = schema
+    return schema
 
 
 class RadiagIngress(OpenAiIngress):
@@ -255,6 +310,13 @@ class RadiagIngress(OpenAiIngress):
                 for row in rows
             ]
         }
+
+    async def model_data(self, model: str) -> Any:
+        """The teacher's model card; an unknown model is a plain 404 (no internals)."""
+        card = await self.model(model)
+        if card is None:
+            return openai_error(404, f"model {model!r} is not served", "model_not_found")
+        return card
 
     # -- diagnosis ---------------------------------------------------------------------
     async def diagnose(self, request: Request) -> Response:

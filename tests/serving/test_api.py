@@ -49,6 +49,20 @@ def test_healthz_is_the_only_route_without_the_token(served_app: ServedApp) -> N
                 assert response.headers["www-authenticate"] == 'Basic realm="radiag"'
 
 
+def test_the_openapi_schema_documents_the_diagnose_bodies_and_the_token(
+    served_app: ServedApp,
+) -> None:
+    with served_app.client() as client:
+        schema = client.get("/openapi.json").json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "basic"}
+    diagnose = schema["paths"]["/v1/diagnose"]["post"]
+    assert set(diagnose["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert diagnose["security"] == [{"bearer": []}, {"basic": []}]
+    assert schema["paths"]["/healthz"]["get"]["security"] == []
+    record = schema["components"]["schemas"]["PatientRecord"]["properties"]
+    assert {"type": "string", "format": "date"} in record["EXAMDATE"]["anyOf"]
+
+
 def test_a_browser_sends_the_token_as_basic_auth_password(served_app: ServedApp) -> None:
     basic = base64.b64encode(f"clinician:{TOKEN}".encode()).decode()
     with served_app.client(token=None) as client:
