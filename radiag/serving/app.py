@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import os
@@ -46,6 +47,7 @@ from radiag.baseline import MODELS_DIR
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE, run_norm
 from radiag.contract import read_record
+from radiag.serving.admission import AdmissionLimit
 from radiag.serving.config import ServeConfig, TeacherServeConfig, sized_to_cluster
 from radiag.serving.records import (
     SERVED_COLUMNS,
@@ -66,6 +68,9 @@ log = logging.getLogger("ray.serve")  # what Serve writes to each replica's log 
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 OPEN_ROUTES = frozenset({"/healthz"})
+INGRESS_MAX_ONGOING = 256
+IDENTITY_WAIT_S = 0.5
+"""How long /v1/diagnose/models waits for a deployment to name its identity itself."""
 MODEL_FIELDS = frozenset(DiagnoseResponse.model_fields) - {"model", "patient_id", "description",
                                                          "latency_s"}  # fmt: skip
 """What a model deployment's answer may set; the ingress sets the rest itself."""
@@ -149,6 +154,12 @@ LATENCY = Histogram(
     "radiag_request_seconds", "Request latency by route and model", ["route", "model"],
     registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )  # fmt: skip
+
+
+def _busy(model: str, retry_after_s: int) -> JSONResponse:
+    response = _error(503, f"{model} is at capacity; retry shortly")
+    response.headers["Retry-After"] = str(retry_after_s)
+    return response
 
 
 def openai_error(status: int, message: str, code: str) -> JSONResponse:
@@ -264,19 +275,22 @@ class RadiagIngress(OpenAiIngress):
         self.models = served_models(self.store, teacher="teacher" in diagnosers)
         self.diagnosers = diagnosers
         self.identities: dict[str, str] = {}
+        self.admission = {name: AdmissionLimit(INGRESS_MAX_ONGOING) for name in self.models}
 
     # -- open and operational routes -------------------------------------------------
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     async def readyz(self) -> JSONResponse:
-        """Ready when every model deployment answers; names the ones that do not."""
-        waiting = []
-        for name, handle in self.diagnosers.items():
-            try:
-                await asyncio.wait_for(handle.check_ready.remote(), timeout=5)
-            except Exception as err:  # a replica still starting, or one that failed
-                waiting.append(f"{name}: {type(err).__name__}")
+        """Ready when every model deployment has a running replica; names those that do not.
+        Asks Serve's controller, not the replicas: a busy model is ready, and this answers
+        at once however long the models' queues are."""
+        deployments = await asyncio.to_thread(_running_replicas)
+        waiting = [
+            name
+            for name, handle in self.diagnosers.items()
+            if deployments.get(handle.deployment_name, 0) == 0
+        ]
         status = 503 if waiting else 200
         return JSONResponse({"ready": not waiting, "waiting": waiting}, status_code=status)
 
@@ -331,25 +345,31 @@ class RadiagIngress(OpenAiIngress):
             nifti = self._read_uri(body.mri_uri)
             if isinstance(nifti, Response):
                 return nifti
-        start = time.perf_counter()
-        described = describe_record(body.patient, self.describe_cfg, self.norm, body.patient_id)
-        description = described["description"][0].as_py()
+        limit = self.admission[body.model]
+        if not limit.try_admit():  # would wait past its deadline: refused now, not at it
+            return _busy(body.model, limit.retry_after_s)
+        start, outcome = time.perf_counter(), "failed"
         try:
+            described = describe_record(body.patient, self.describe_cfg, self.norm, body.patient_id)
+            description = described["description"][0].as_py()
             answer = await asyncio.wait_for(
                 self._ask(body.model, described, description, nifti, body.patient_id),
                 timeout=self.cfg.limits.request_timeout_s,
             )
+            outcome = "answered"
         except (BackPressureError, ActorDiedError):  # full queue, or a replica being replaced
-            response = _error(503, f"{body.model} is at capacity; retry shortly")
-            response.headers["Retry-After"] = "1"
-            return response
-        except TimeoutError:
+            return _busy(body.model, 1)
+        except TimeoutError:  # the answer is abandoned: Serve cancels the request
+            outcome = "late"
             return _error(504, f"{body.model} did not answer within the request timeout")
         except Exception:  # a model's own failure: logged here, not echoed to the client
             log.exception("%s failed on %r", body.model, body.patient_id)
             return _error(500, f"{body.model} failed on this request; see the server log")
+        finally:
+            limit.finished(time.perf_counter() - start, outcome)
         if "error" in answer:
             return _error(422, answer["error"])
+        self.identities[self._deployment_of(body.model)] = answer["identity"]
         response = DiagnoseResponse(
             model=body.model,
             patient_id=body.patient_id,
@@ -371,10 +391,19 @@ class RadiagIngress(OpenAiIngress):
         return await self.diagnosers["baselines"].remote(model, described.to_pylist()[0])
 
     async def _identity(self, name: str) -> str:
-        """The stage identity a deployment serves now (a hot swap changes a student's)."""
-        kind = self.models[name]["kind"]
-        key = "baselines" if kind == "baseline" else name
-        return await self.diagnosers[key].check_ready.remote()
+        """The stage identity a deployment serves now (a hot swap changes a student's): asked
+        with a short deadline, so that a busy model's listing does not wait for its queue;
+        then the last identity it answered with."""
+        key = self._deployment_of(name)
+        with contextlib.suppress(TimeoutError):
+            self.identities[key] = await asyncio.wait_for(
+                self.diagnosers[key].check_ready.remote(), timeout=IDENTITY_WAIT_S
+            )
+        return self.identities.get(key, "")
+
+    def _deployment_of(self, model: str) -> str:
+        """The key in `diagnosers` of the deployment that answers for `model`."""
+        return "baselines" if self.models[model]["kind"] == "baseline" else model
 
     async def _read_request(
         self, request: Request
@@ -481,6 +510,14 @@ def gunzip_at_most(data: bytes, limit: int) -> bytes:
     return plain
 
 
+def _running_replicas() -> dict[str, int]:
+    """Deployment -> RUNNING replicas of this app, from Serve's controller."""
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return {}
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+
+
 def nifti_problem(data: bytes) -> str | None:
     """Why plain NIfTI bytes are not a volume the MRI student can use, or None: the batch
     stages' own check (one 3-D volume, every voxel readable and finite, a usable affine)."""
@@ -572,7 +609,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return serve.deployment(
         ingress,
         name="ingress",
-        max_ongoing_requests=256,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=cfg.limits.request_timeout_s,
     ).bind(

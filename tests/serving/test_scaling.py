@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,3 +297,33 @@ def test_a_replica_the_cluster_cannot_hold_is_named_with_what_it_waits_for(deplo
     assert {line.split()[0] for line in waiting} == {"student-text", "student-vlm"}
     assert all("'CPU': 3" in line for line in waiting), waiting
     assert all(line in str(gave_up.value) for line in waiting)
+
+
+@pytest.mark.slow
+def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_fast(deploy):
+    """96 requests, 32 at a time, to a model slower than the request timeout (here 50 ms):
+    after the first missed deadlines the ingress refuses the excess with 503 + Retry-After
+    at once instead of letting each wait for its 504; meanwhile /readyz and the model
+    listing answer within a second."""
+    app = deploy({"limits": {"request_timeout_s": 0.05}, "baselines": SMALL})
+
+    def post(index: int) -> Answer:
+        with app.client(timeout=30) as client:
+            return post_diagnose(client, index)
+
+    probes: list[tuple[str, int, float]] = []
+    with ThreadPoolExecutor(32) as pool, app.client(timeout=10) as client:
+        posted = [pool.submit(post, i) for i in range(96)]
+        while not all(future.done() for future in posted):
+            for path in ("/readyz", "/v1/diagnose/models"):
+                start = time.perf_counter()
+                status = client.get(path).status_code
+                probes.append((path, status, time.perf_counter() - start))
+    answers = [future.result() for future in posted]
+    by_status = {s: [a for a in answers if a.status == s] for s in {503, 504}}
+    print({s: len(a) for s, a in by_status.items()}, f"probes: {len(probes)}")
+    assert len(by_status[503]) + len(by_status[504]) == 96, answers  # no 200, 500 or hang
+    assert len(by_status[503]) > 2 * len(by_status[504])  # most refused, few waited
+    assert max(a.seconds for a in by_status[503]) < 1.0
+    assert all("at capacity" in a.body["detail"] for a in by_status[503])
+    assert probes and all(status == 200 and seconds < 1.0 for _, status, seconds in probes), probes
