@@ -53,6 +53,7 @@ from radiag.serving.records import (
     SERVED_COLUMNS,
     DiagnoseRequest,
     DiagnoseResponse,
+    answer_warnings,
     describe_record,
 )
 from radiag.serving.servers import (
@@ -71,8 +72,9 @@ OPEN_ROUTES = frozenset({"/healthz"})
 INGRESS_MAX_ONGOING = 256
 IDENTITY_WAIT_S = 0.5
 """How long /v1/diagnose/models waits for a deployment to name its identity itself."""
-MODEL_FIELDS = frozenset(DiagnoseResponse.model_fields) - {"model", "patient_id", "description",
-                                                         "latency_s"}  # fmt: skip
+MODEL_FIELDS = frozenset(DiagnoseResponse.model_fields) - {
+    "model", "patient_id", "description", "argued_class", "warnings", "latency_s",
+}  # fmt: skip
 """What a model deployment's answer may set; the ingress sets the rest itself."""
 STUDENT_KINDS = ("text", "vlm")
 
@@ -370,11 +372,16 @@ class RadiagIngress(OpenAiIngress):
         if "error" in answer:
             return _error(422, answer["error"])
         self.identities[self._deployment_of(body.model)] = answer["identity"]
+        argued, warnings = answer_warnings(
+            body.patient, answer.get("rationale"), answer.get("diagnosis")
+        )
         response = DiagnoseResponse(
             model=body.model,
             patient_id=body.patient_id,
             description=description,
             latency_s=time.perf_counter() - start,
+            argued_class=argued,
+            warnings=warnings,
             **{k: v for k, v in answer.items() if k in MODEL_FIELDS},
         )
         log.info("diagnosed %r with %s", body.patient_id, body.model)  # ids only, no data

@@ -16,9 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from radiag.cohort.describe import DescribeConfig, NormativeModel, describe
 from radiag.cohort.schema import COHORT_SCHEMA, COLUMNS, Column, Label
+from radiag.teacher.parsing import parse_answer
+from radiag.teacher.prompts import FINAL
+from radiag.teacher.quality import argued_class
 
 LABEL_COLUMNS = frozenset({"label", "DX", "DX_bl"})
 """Never in a record: a diagnosis request must not carry the answer."""
+CLINICAL_FIELDS = frozenset({
+    "APOE4", "MMSE", "CDRSB", "ADAS13", "FAQ", "MOCA", "Ventricles", "Hippocampus", "WholeBrain",
+    "Entorhinal", "Fusiform", "MidTemp", "ABETA", "TAU", "PTAU", "FDG", "AV45",
+})  # fmt: skip
+"""Findings a diagnosis rests on (not demographics, dates or the intracranial volume)."""
+MIN_CLINICAL_FIELDS = 2
 SERVED_COLUMNS = tuple(
     c for c in COLUMNS if c.name not in LABEL_COLUMNS | {"mri_path", "source", "patient_id"}
 )
@@ -71,6 +80,12 @@ class DiagnoseResponse(BaseModel):
     parse_error: str | None = None
     mri_used: bool = False
     exemplar_ids: list[str] | None = None
+    argued_class: Label | None = Field(
+        None, description="the class the rationale argues for, when it is not the answer"
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="what the answer must not hide; the page shows them"
+    )
     batch_size: int | None = Field(
         None, description="requests the model answered together (students, baselines)"
     )
@@ -92,3 +107,28 @@ def describe_record(
     """The record with `description` and the graded MRI columns, as the splits stage makes them
     (`norm`: the run's, `radiag.cohort.stages.run_norm`)."""
     return describe(record_table(record, patient_id), cfg, norm)
+
+
+def answer_warnings(
+    record: BaseModel, rationale: str | None, diagnosis: str | None
+) -> tuple[str | None, list[str]]:
+    """The class a rationale argues for when it is not the answer (the QC rule the batch
+    stages flag), and warnings: that conflict, and a record too thin to diagnose."""
+    warnings = []
+    given = sorted(
+        k for k, v in record.model_dump().items() if v is not None and k in CLINICAL_FIELDS
+    )
+    if len(given) < MIN_CLINICAL_FIELDS:
+        warnings.append(
+            f"the record has {len(given)} clinical finding(s) ({', '.join(given) or 'none'}); "
+            f"a diagnosis needs at least {MIN_CLINICAL_FIELDS}: this answer is a guess"
+        )
+    argued = None
+    if rationale and diagnosis:
+        reasoning = rationale.partition(FINAL)[0]  # the served teacher's final line is forced
+        for stated in (argued_class(reasoning), parse_answer(rationale).diagnosis):
+            if stated is not None and str(stated) != diagnosis:
+                argued = str(stated)
+                warnings.append(f"the rationale argues for {argued} but the answer is {diagnosis}")
+                break
+    return argued, warnings

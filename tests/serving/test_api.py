@@ -124,6 +124,12 @@ def test_concurrent_requests_are_answered_in_batches(served_app: ServedApp) -> N
     assert {a["diagnosis"] for a in answers} == {alone["diagnosis"]}
 
 
+def test_a_record_too_thin_to_diagnose_is_answered_with_a_warning(served_app: ServedApp) -> None:
+    thin = diagnose(served_app, "baseline-logistic-tabular", {"AGE": 70, "PTGENDER": "Female"})
+    assert thin["warnings"] and "0 clinical finding(s)" in thin["warnings"][0]
+    assert diagnose(served_app, "baseline-logistic-tabular", RECORD)["warnings"] == []
+
+
 def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
     for field in ("label", "DX", "DX_bl"):
         with served_app.client() as client:

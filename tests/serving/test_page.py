@@ -29,6 +29,7 @@ def test_a_clinician_submits_an_example_and_sees_the_diagnosis(
     assert "student-text" in shown["models"] and "baseline-logistic-tabular" in shown["models"]
     assert shown["diagnosis"].split()[0] in {"AD", "MCI", "CN"}
     assert shown["description"].startswith("This patient is")
+    assert all(w.startswith("Warning: the rationale argues for") for w in shown["warnings"])
     pixels = matplotlib.image.imread(shot)
     assert pixels[..., :3].std() > 0.05  # text and the probability bars, not a blank page
 

@@ -7,7 +7,12 @@ import datetime
 import pytest
 from pydantic import ValidationError
 
-from radiag.serving.records import DiagnoseRequest, PatientRecord, record_table
+from radiag.serving.records import (
+    DiagnoseRequest,
+    PatientRecord,
+    answer_warnings,
+    record_table,
+)
 
 
 @pytest.mark.parametrize("value", ["yesterday", "2024-02-30", "", "03/12/2024", 20240301])
@@ -33,3 +38,32 @@ def test_a_patient_id_with_a_control_character_is_refused_so_it_cannot_forge_a_l
     with pytest.raises(ValidationError) as refused:
         DiagnoseRequest.model_validate({"model": "teacher", "patient": {}, "patient_id": forged})
     assert [error["loc"] for error in refused.value.errors()] == [("patient_id",)]
+
+
+def test_a_thin_record_is_answered_with_a_warning_that_names_what_it_holds() -> None:
+    _, warnings = answer_warnings(PatientRecord.model_validate({"AGE": 70, "MMSE": 22}), None, "AD")
+    assert warnings == [
+        "the record has 1 clinical finding(s) (MMSE); a diagnosis needs at least 2: "
+        "this answer is a guess"
+    ]
+    full = PatientRecord.model_validate({"AGE": 70, "MMSE": 22, "APOE4": 1})
+    assert answer_warnings(full, "The MMSE and APOE4 point to AD.", "AD") == (None, [])
+
+
+@pytest.mark.parametrize(
+    "rationale",
+    [
+        "The MMSE of 27 is near normal. These findings suggest mild cognitive impairment.\n"
+        "Final Diagnosis: (C) Normal Cognition",  # the teacher's forced final line
+        "Memory is intact.\nFinal Diagnosis: (C) Normal Cognition",  # a student's own line
+    ],
+    ids=["reasoning", "final line"],
+)
+def test_an_answer_its_rationale_argues_against_is_flagged_with_the_argued_class(
+    rationale: str,
+) -> None:
+    record = PatientRecord.model_validate({"MMSE": 27, "APOE4": 0})
+    diagnosis = "CN" if "mild cognitive" in rationale else "AD"
+    argued, warnings = answer_warnings(record, rationale, diagnosis)
+    assert argued == ("MCI" if diagnosis == "CN" else "CN")
+    assert warnings == [f"the rationale argues for {argued} but the answer is {diagnosis}"]
