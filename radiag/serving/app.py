@@ -68,8 +68,14 @@ from radiag.students.distill import stage_dir
 log = logging.getLogger("ray.serve")  # what Serve writes to each replica's log file
 
 PAGE = Path(__file__).parent / "web" / "index.html"
+SIGN_IN_PAGE = (
+    "<!doctype html><title>radiag: sign in</title><p>Not signed in: reload the page and give "
+    "any user name with the service's access token as the password.</p>"
+)
 OPEN_ROUTES = frozenset({"/healthz"})
 INGRESS_MAX_ONGOING = 256
+IDENTIFIERS = frozenset({"RID", "PTID", "VISCODE", "EXAMDATE"})
+"""Left out of the page's example records: a synthetic patient needs no identifiers."""
 IDENTITY_WAIT_S = 0.5
 """How long /v1/diagnose/models waits for a deployment to name its identity itself."""
 MODEL_FIELDS = frozenset(DiagnoseResponse.model_fields) - {
@@ -186,8 +192,10 @@ async def authenticate_and_measure(request: Request, call_next: Any) -> Response
     if request.url.path not in OPEN_ROUTES:
         given, token = presented_token(request), request.app.state.token
         if given is None or not hmac.compare_digest(given.encode(), token.encode()):
-            response: Response = openai_error(
-                401, "missing or wrong bearer token", "invalid_api_key"
+            response: Response = (
+                HTMLResponse(SIGN_IN_PAGE, status_code=401)
+                if request.url.path == "/"  # a browser after a wrong password: no raw JSON
+                else openai_error(401, "missing or wrong bearer token", "invalid_api_key")
             )
             response.headers["WWW-Authenticate"] = 'Basic realm="radiag"'
             REQUESTS.labels(route, "", "401").inc()
@@ -306,7 +314,8 @@ class RadiagIngress(OpenAiIngress):
         cards = []
         for name, card in self.models.items():
             cards.append({"name": name, **card, "identity": await self._identity(name)})
-        return {"models": cards}
+        # The page offers an MRI location only where the server may read one.
+        return {"models": cards, "mri_locations": bool(self.cfg.limits.allowed_mri_prefixes)}
 
     async def examples(self) -> dict[str, Any]:
         """A few test-split patients as records, offered only for a synthetic cohort."""
@@ -315,7 +324,7 @@ class RadiagIngress(OpenAiIngress):
         if self.cfg.limits.examples == 0 or not synthetic:
             return {"examples": []}  # never real patients' records
         table = self.store.read_table("splits/test.parquet")
-        names = [c.name for c in SERVED_COLUMNS]
+        names = [c.name for c in SERVED_COLUMNS if c.name not in IDENTIFIERS]
         rows = table.slice(0, self.cfg.limits.examples).to_pylist()
         return {
             "examples": [

@@ -74,9 +74,11 @@ def test_a_browser_sends_the_token_as_basic_auth_password(served_app: ServedApp)
 def test_every_model_of_the_run_is_listed_with_its_stage_identity(served_app: ServedApp) -> None:
     store = RunStore(str(served_app.run))
     with served_app.client() as client:
-        cards = {card["name"]: card for card in client.get("/v1/diagnose/models").json()["models"]}
+        listing = client.get("/v1/diagnose/models").json()
+    cards = {card["name"]: card for card in listing["models"]}
     baselines = {f"baseline-logistic-{f}" for f in ("tabular", "description", "tabular_cognition")}
     assert set(cards) == {"teacher", "student-text", "student-vlm", *baselines}
+    assert listing["mri_locations"] is True  # the fixture allows the run's mri/ folder
     assert cards["teacher"]["identity"] == read_record(store, DIAGNOSE_STAGE).fingerprint
     for kind in ("text", "vlm"):
         expected = read_record(store, distill_stage(kind)).fingerprint
@@ -262,7 +264,9 @@ def test_examples_are_synthetic_records_without_labels(served_app: ServedApp) ->
         examples = client.get("/v1/examples").json()["examples"]
     assert examples
     for example in examples:
-        assert not {"label", "DX", "DX_bl"} & set(example["patient"])
+        assert not {"label", "DX", "DX_bl", "PTID", "RID", "VISCODE", "EXAMDATE"} & set(
+            example["patient"]
+        )  # no answer, and no identifiers, even synthetic ones
         diagnose(served_app, "baseline-logistic-tabular", example["patient"])
 
 
