@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from radiag.cli import app
 
+pytestmark = pytest.mark.reliability
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
 

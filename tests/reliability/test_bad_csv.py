@@ -15,6 +15,8 @@ import pytest
 from radiag.cohort.readers import read_adnimerge
 from radiag.cohort.validate import CohortReadError
 
+pytestmark = pytest.mark.reliability
+
 HEADER = "RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,MMSE,APOE4\n"
 LINE_3 = "3,011_S_0003,bl,2005-09-12,MCI,MCI,81.3,Male,18,26,1"
 GOOD = "2,011_S_0002,bl,2005-09-08,CN,CN,74.3,Male,16,28,0\n"

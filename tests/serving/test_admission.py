@@ -3,7 +3,11 @@ at once (the served app under load: tests/serving/test_scaling.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from radiag.serving.admission import AdmissionLimit
+
+pytestmark = pytest.mark.reliability
 
 
 def test_missed_deadlines_halve_the_limit_so_the_excess_is_refused_at_once() -> None:

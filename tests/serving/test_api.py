@@ -39,6 +39,7 @@ def diagnose(app: ServedApp, model: str, patient: dict, **fields: object) -> dic
     return response.json()
 
 
+@pytest.mark.reliability
 def test_healthz_is_the_only_route_without_the_token(served_app: ServedApp) -> None:
     with served_app.client(token=None) as anonymous, served_app.client(token="x" * 24) as wrong:
         assert anonymous.get("/healthz").status_code == 200
@@ -126,12 +127,14 @@ def test_concurrent_requests_are_answered_in_batches(served_app: ServedApp) -> N
     assert {a["diagnosis"] for a in answers} == {alone["diagnosis"]}
 
 
+@pytest.mark.reliability
 def test_a_record_too_thin_to_diagnose_is_answered_with_a_warning(served_app: ServedApp) -> None:
     thin = diagnose(served_app, "baseline-logistic-tabular", {"AGE": 70, "PTGENDER": "Female"})
     assert thin["warnings"] and "0 clinical finding(s)" in thin["warnings"][0]
     assert diagnose(served_app, "baseline-logistic-tabular", RECORD)["warnings"] == []
 
 
+@pytest.mark.reliability
 def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
     for field in ("label", "DX", "DX_bl"):
         with served_app.client() as client:
@@ -162,6 +165,7 @@ def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
         ({"model": "student-text", "patient": RECORD, "extra": 1}, ["extra"]),
     ],
 )
+@pytest.mark.reliability
 def test_bad_fields_are_422_naming_the_field(
     served_app: ServedApp, body: dict, location: list[str]
 ) -> None:
@@ -171,6 +175,7 @@ def test_bad_fields_are_422_naming_the_field(
     assert location in [error["loc"] for error in response.json()["detail"]]
 
 
+@pytest.mark.reliability
 def test_malformed_requests_are_never_a_500(served_app: ServedApp) -> None:
     with served_app.client() as client:
         statuses = {
@@ -210,6 +215,7 @@ def test_the_mri_student_reads_an_uploaded_t1_or_one_under_an_allowed_prefix(
     assert by_uri["probabilities"] == pytest.approx(uploaded.json()["probabilities"], abs=1e-4)
 
 
+@pytest.mark.reliability
 def test_mri_problems_are_403_413_or_422(served_app: ServedApp, tmp_path: Path) -> None:
     outside = tmp_path / "t1.nii.gz"
     outside.write_bytes(_imaged(served_app).read_bytes())
@@ -245,6 +251,7 @@ def test_readyz_and_metrics_by_route_and_model(served_app: ServedApp) -> None:
     assert 'radiag_request_seconds_count{model="student-text",route="/v1/diagnose"}' in metrics
 
 
+@pytest.mark.reliability
 def test_metrics_label_routes_by_template_so_no_client_can_add_series(
     served_app: ServedApp,
 ) -> None:
@@ -270,6 +277,7 @@ def test_examples_are_synthetic_records_without_labels(served_app: ServedApp) ->
         diagnose(served_app, "baseline-logistic-tabular", example["patient"])
 
 
+@pytest.mark.reliability
 def test_logs_hold_neither_the_token_nor_patient_data(served_app: ServedApp) -> None:
     import ray
 

@@ -10,7 +10,7 @@ import schemathesis
 from conftest import TOKEN, ServedApp
 from hypothesis import HealthCheck, settings
 
-pytestmark = pytest.mark.slow  # the session's served app
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]  # the session's served app
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 schema = schemathesis.pytest.from_fixture("served_schema")
 

@@ -14,6 +14,8 @@ from radiag.serving.records import (
     record_table,
 )
 
+pytestmark = pytest.mark.reliability
+
 
 @pytest.mark.parametrize("value", ["yesterday", "2024-02-30", "", "03/12/2024", 20240301])
 def test_an_examdate_that_is_not_an_iso_date_is_refused_by_name(value: object) -> None:

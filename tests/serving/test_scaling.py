@@ -240,6 +240,7 @@ def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
         assert client.post("/v1/diagnose", json=DIAGNOSE).json()["identity"] == new
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # the first test here may also build the session's run
 def test_a_full_queue_is_answered_503_at_once_and_the_student_recovers(deploy):
@@ -284,6 +285,7 @@ def test_a_full_queue_is_answered_503_at_once_and_the_student_recovers(deploy):
     assert statuses == [200] * 5
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_a_replica_the_cluster_cannot_hold_is_named_with_what_it_waits_for(deploy):
     """Serve reports a replica waiting for resources after RAY_SERVE_SLOW_STARTUP_WARNING_S
@@ -299,6 +301,7 @@ def test_a_replica_the_cluster_cannot_hold_is_named_with_what_it_waits_for(deplo
     assert all(line in str(gave_up.value) for line in waiting)
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_fast(deploy):
     """96 requests, 32 at a time, to a model slower than the request timeout (here 50 ms):

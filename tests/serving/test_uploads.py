@@ -12,6 +12,8 @@ import pytest
 
 from radiag.serving.app import VolumeTooLarge, gunzip_at_most, nifti_problem
 
+pytestmark = pytest.mark.reliability
+
 MB = 2**20
 
 
