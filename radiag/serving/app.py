@@ -124,20 +124,28 @@ def describe_config(store: RunStore) -> DescribeConfig:
     return DescribeConfig.model_validate(record.identity.config["describe"])
 
 
-def served_models(store: RunStore, teacher: bool) -> dict[str, dict[str, Any]]:
-    """Every model of the run that /v1/diagnose can answer with: name -> card."""
-    models: dict[str, dict[str, Any]] = {}
-    if teacher:
-        models["teacher"] = {"kind": "teacher", "uses_mri": False}
+def served_models(cfg: ServeConfig, store: RunStore) -> dict[str, dict[str, Any]]:
+    """The models of the run that /v1/diagnose answers with: name -> card. All of them, or
+    those `cfg.models` names (each must be in the run)."""
+    found: dict[str, dict[str, Any]] = {}
+    if cfg.teacher is not None:
+        found["teacher"] = {"kind": "teacher", "uses_mri": False}
     for kind in STUDENT_KINDS:
         if store.exists(f"{stage_dir(kind)}/final/student.json"):
-            models[f"student-{kind}"] = {"kind": "student", "uses_mri": kind == "vlm"}
+            found[f"student-{kind}"] = {"kind": "student", "uses_mri": kind == "vlm"}
     for path in store.list_files(MODELS_DIR, ".joblib"):
-        models[path.rsplit("/", 1)[1].removesuffix(".joblib")] = {
+        found[path.rsplit("/", 1)[1].removesuffix(".joblib")] = {
             "kind": "baseline",
             "uses_mri": False,
         }
-    return models
+    if cfg.models is None:
+        return found
+    if unknown := sorted(set(cfg.models) - set(found)):
+        raise ConfigurationError(
+            f"models {', '.join(unknown)}: not served from {store.uri} (it has "
+            f"{', '.join(found)}; the teacher needs `teacher` set)"
+        )
+    return {name: card for name, card in found.items() if name in cfg.models}
 
 
 def _error(status: int, detail: Any) -> JSONResponse:
@@ -282,7 +290,7 @@ class RadiagIngress(OpenAiIngress):
         self.store = RunStore(self.cfg.run_dir)
         self.describe_cfg = describe_config(self.store)
         self.norm = run_norm(self.store, self.describe_cfg)  # read once, not per request
-        self.models = served_models(self.store, teacher="teacher" in diagnosers)
+        self.models = served_models(self.cfg, self.store)
         self.diagnosers = diagnosers
         self.identities: dict[str, str] = {}
         self.admission = {name: AdmissionLimit(INGRESS_MAX_ONGOING) for name in self.models}
@@ -579,7 +587,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     token = read_token(cfg)
     store = RunStore(cfg.run_dir)
     describe_config(store)  # fail now, not in a replica, if the run has no splits
-    models = served_models(store, teacher=cfg.teacher is not None)
+    models = served_models(cfg, store)
     llm_config = None
     if cfg.teacher is not None:
         from radiag.serving.teacher import run_diagnose_config, teacher_llm_config
@@ -708,7 +716,7 @@ def student_swap(cfg: ServeConfig, source_run: str) -> list[dict[str, Any]]:
     only their user_config changes, so each replica reloads in place (`reconfigure`)."""
     batching = cfg.students.batching.model_dump()
     kinds = [
-        k for k in STUDENT_KINDS if f"student-{k}" in served_models(RunStore(cfg.run_dir), False)
+        k for k in STUDENT_KINDS if f"student-{k}" in served_models(cfg, RunStore(cfg.run_dir))
     ]
     return [
         {"name": f"student-{kind}", "user_config": {"run_dir": source_run, **batching}}

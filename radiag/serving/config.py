@@ -157,6 +157,10 @@ class ServeConfig(StrictModel):
     teacher: TeacherServeConfig | None = Field(
         None, description="null: no LLM deployment (students and baselines only)"
     )
+    models: list[str] | None = Field(
+        None,
+        description="the run's models to serve, e.g. [student-text]; null: all of them",
+    )
     students: StudentServeConfig = Field(default_factory=StudentServeConfig)
     baselines: DeploymentConfig = Field(default_factory=DeploymentConfig)
     token_env: str = Field("RADIAG_SERVE_TOKEN", description="environment variable with the token")

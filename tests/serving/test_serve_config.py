@@ -10,8 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from radiag.cli import app
-from radiag.serving.app import ConfigurationError, build_app, read_token
+from radiag.serving.app import ConfigurationError, build_app, read_token, served_models
 from radiag.serving.config import AUTO_CPUS, ServeConfig, sized_to_cluster
+from radiag.store import RunStore
 
 SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
 
@@ -75,3 +76,12 @@ def test_explicit_cpu_requests_are_kept_and_count_against_the_rest() -> None:
          "baselines": {"scaling": {"num_cpus": 0.1}}}
     )  # fmt: skip
     assert sized_to_cluster(greedy, {"students": 1, "baselines": 1}, 2.0, 1.0) == greedy
+
+
+def test_models_to_serve_must_be_models_of_the_run(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path))
+    store.write_bytes("baselines/baseline-logistic-tabular.joblib", b"fitted")
+    chosen = ServeConfig(run_dir=str(tmp_path), models=["baseline-logistic-tabular"])
+    assert list(served_models(chosen, store)) == ["baseline-logistic-tabular"]
+    with pytest.raises(ConfigurationError, match="models student-text: not served from"):
+        served_models(chosen.model_copy(update={"models": ["student-text"]}), store)
