@@ -44,7 +44,7 @@ from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
 from radiag.pipeline import run as run_pipeline
 from radiag.precision import explain, this_machine
-from radiag.preflight import PreflightError, preflight
+from radiag.preflight import PreflightError, preflight, writable
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
 from radiag.students.distill import StudentDataError, run_distill
@@ -101,6 +101,10 @@ class StudentChoice(StrEnum):
 def _fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(2)
+
+
+def _warn(line: str) -> None:
+    console.print(f"[yellow]waiting:[/] {line}", soft_wrap=True, highlight=False)
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -223,6 +227,8 @@ def _session(
     With `ray_cfg`, the preflight of the stages in `checks` runs before Ray starts, so a
     wrong path or a dead endpoint fails in seconds, before any engine or GPU is reserved.
     """
+    if problems := writable(run_dir):  # before its logs go there: a file, no bucket, no S3
+        raise _fail(problems[0])
     store = RunStore(run_dir)
     console.print(f"[cyan]precision:[/] {explain(*this_machine())}", highlight=False)
     with _stopped_by_signals(), run_logs(store, verbose) as log_file:
@@ -325,8 +331,8 @@ def serve(
         connect_ray(RayConfig(address=address), log_to_driver=verbose)
         try:
             with console.status("deploying (a teacher replica takes about a minute on CPU)"):
-                url = deploy(cfg, host, port)
-        except (ConfigurationError, FileNotFoundError) as err:
+                url = deploy(cfg, host, port, on_wait=_warn)
+        except (ConfigurationError, FileNotFoundError, TimeoutError) as err:
             raise _fail(str(err)) from None
         console.print(f"[green]serving:[/] {url}  (Ctrl-C stops)", highlight=False)
         while True:

@@ -33,6 +33,9 @@ from radiag.teacher.stages import RATIONALIZE_STAGE
 # executor); the local Ray cluster and every command a test starts inherit this. Commands
 # users run keep vLLM's default layout.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Serve reports a replica that waits for resources after 30 s; the tests' cluster after 3.
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "3")
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "3")
 
 
 @pytest.fixture(scope="session")
@@ -265,3 +268,50 @@ def stub_teacher() -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
+
+
+# The reliability suite's table (tests/reliability/README.md): one row per module of tests
+# marked `reliability`, what it tried (its docstring's first line), its cases and how many
+# held. A run with -m or -k leaves it alone (the not-slow tier would shrink it).
+RELIABILITY_TABLE = Path(__file__).parent / "reliability" / "README.md"
+_reliability_outcomes: dict[str, dict[str, bool]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "reliability" not in report.keywords:
+        return
+    module = report.nodeid.split("::", 1)[0]
+    held = _reliability_outcomes.setdefault(module, {})
+    if report.when == "call" or not report.passed:
+        held[report.nodeid] = held.get(report.nodeid, True) and report.passed
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    options = session.config.option
+    if (
+        not _reliability_outcomes
+        or options.markexpr
+        or options.keyword
+        or getattr(options, "lf", False)
+    ):
+        return
+    rows = []
+    for module, cases in sorted(_reliability_outcomes.items()):
+        doc = session.config.rootpath / module
+        title = _docstring_title(doc)
+        rows.append(f"| `{module}` | {title} | {len(cases)} | {sum(cases.values())} |")
+    RELIABILITY_TABLE.write_text(
+        "# Reliability suite\n\n"
+        "Written by the last run of the tests without -m or -k (`make test`), not by hand: each\n"
+        "row is a module of tests marked `reliability`, what it tried, its cases, and how many\n"
+        "held.\n\n"
+        "| tests | what was tried | cases | held |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _docstring_title(module: Path) -> str:
+    """The first paragraph of a test module's docstring."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(module.read_text())) or module.stem
+    return " ".join(doc.split("\n\n")[0].split()).replace("|", "/")

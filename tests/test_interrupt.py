@@ -29,7 +29,7 @@ from commands import RationalizeJob
 from radiag.store import RunStore
 from radiag.teacher.stages import read_output
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 ROWS = 24
 MARK = "RADIAG_TEST_COMMAND"
 

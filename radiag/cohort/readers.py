@@ -17,7 +17,7 @@ from typing import IO
 import pandas as pd
 
 from radiag.cohort.mapping import ColumnMapping, bundled_mapping
-from radiag.cohort.validate import CohortReadError, IngestResult, canonicalize
+from radiag.cohort.validate import UNREADABLE_LINES, CohortReadError, IngestResult, canonicalize
 from radiag.store import filesystem_for
 
 # AIBL exports are one CSV per instrument, named like aibl_mmse_01-Jun-2018.csv.
@@ -57,14 +57,15 @@ def read_csv_rows(
         content = _s3_object(str(path))
     try:
         data = content.read() if content is not None else Path(path).read_bytes()
-        text = data.decode("utf-8-sig")
+        text = _decoded(data, path)
         sep = delimiter or _detect_delimiter(text)
         rows = pd.read_csv(
-            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True
-        )
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False,
+            skipinitialspace=True, on_bad_lines="skip",
+        )  # fmt: skip
     except FileNotFoundError:
         raise CohortReadError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CohortReadError(f"{path}: not a readable CSV ({err})") from None
     absent = [c for c in required if c not in rows.columns]
     if absent:
@@ -73,11 +74,36 @@ def read_csv_rows(
             f"{path}: missing required column(s) {', '.join(absent)} "
             f"(read with delimiter {sep!r}, columns: {found})"
         )
-    if rows.empty:
+    # pandas skips a line with too many fields and pads one with too few (with "", as an
+    # empty field): `csv` counts each line's fields, and both go to the quarantine.
+    records = _records(text, sep)
+    width = len(rows.columns)
+    ragged = {line: f"expected {width} fields, saw {n}" for line, n in records if n != width}
+    if rows.empty and not ragged:
         raise CohortReadError(f"{path}: no data rows, only a header")
     rows["_file"] = str(path)
-    rows["_row"] = _line_numbers(text, sep, len(rows))
+    rows["_row"] = [line for line, n in records if n <= width]
+    rows = rows.loc[~rows["_row"].isin(ragged)]
+    rows.attrs[UNREADABLE_LINES] = {str(path): ragged}
     return rows
+
+
+def _decoded(data: bytes, path: str | Path) -> str:
+    """The file's text: UTF-8 (a BOM is dropped), or UTF-16 when it starts with its BOM.
+    Bytes that are not UTF-8 become U+FFFD, so that only the cells holding them are
+    quarantined (`canonicalize`), not the whole file."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise CohortReadError(
+                f"{path}: not UTF-16 text after its byte order mark ({err})"
+            ) from None
+    text = data.decode("utf-8-sig", errors="replace")
+    header = text.partition("\n")[0]
+    if "\x00" in header or "\ufffd" in header:
+        raise CohortReadError(f"{path}: not a readable CSV (its header line is not UTF-8 text)")
+    return text
 
 
 def _detect_delimiter(text: str) -> str:
@@ -91,23 +117,17 @@ def _detect_delimiter(text: str) -> str:
         return ","
 
 
-def _line_numbers(text: str, sep: str, count: int) -> range | list[int]:
-    """The source line each of the `count` data rows starts on (header = line 1).
-
-    pandas numbers records, not lines: a quoted field holding a newline, or a blank
-    line it skips, shifts every later row. Only such a file is read again, with
-    `csv`, which counts the lines each record spans.
-    """
-    lines = text.count("\n") + (not text.endswith("\n"))
-    if lines == count + 1:
-        return range(2, count + 2)
+def _records(text: str, sep: str) -> list[tuple[int, int]]:
+    """(line it starts on, number of fields) of each data record, header = line 1: a
+    quoted field may hold a newline, and blank lines are no record (as for pandas)."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a huge cell is a cell
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, skipinitialspace=True)
-    starts, end = [], 0
+    found, end = [], 0
     for record in reader:
-        if len(record) > 1 or any(field.strip() for field in record):  # pandas skips blank lines
-            starts.append(end + 1)
+        if len(record) > 1 or any(field.strip() for field in record):
+            found.append((end + 1, len(record)))
         end = reader.line_num
-    return starts[1:]  # the first record is the header
+    return found[1:]  # [0]: the header
 
 
 def _s3_object(uri: str) -> IO[bytes]:

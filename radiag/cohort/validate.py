@@ -38,12 +38,18 @@ class CohortReadError(RuntimeError):
     """A cohort file that cannot be read at all; the message is for the user."""
 
 
+UNREADABLE_LINES = "unreadable_lines"
+"""`DataFrame.attrs` key of the raw rows: file -> {line: reason} of lines that are no row."""
+_NOT_UTF8 = "\ufffd"  # what the reader decodes a byte that is not UTF-8 to
+
+
 @dataclass
 class Problems:
     """Collects (row mask, column, reason) findings; one quarantine record per bad cell."""
 
     raw: pd.DataFrame
     records: list[pd.DataFrame] = field(default_factory=list)
+    lines: list[pd.DataFrame] = field(default_factory=list)  # not rows: in no mask
 
     def add(
         self,
@@ -81,7 +87,19 @@ class Problems:
             )
         )
 
+    def add_lines(self, file: str, reasons: dict[int, str]) -> None:
+        """Lines of `file` that are no row at all (`reasons`: line number -> why)."""
+        if reasons:
+            self.lines.append(pd.DataFrame({
+                "file": file, "row": list(reasons), "RID": "", "VISCODE": "",
+                "column": "(line)", "value": "", "reason": list(reasons.values()),
+            }).astype({"row": "int64"}))  # fmt: skip
+
     def table(self) -> pd.DataFrame:
+        if self.lines:
+            return pd.concat([*self.records, *self.lines], ignore_index=True).sort_values(
+                ["file", "row"], kind="stable"
+            )
         if not self.records:
             return pd.DataFrame({c: pd.Series(dtype=str) for c in QUARANTINE_COLUMNS}).astype(
                 {"row": "int64"}
@@ -270,6 +288,12 @@ def canonicalize(raw: pd.DataFrame, mapping: ColumnMapping) -> IngestResult:
     """
     frame = raw.rename(columns=mapping.columns)
     problems = Problems(frame)
+    for file, reasons in raw.attrs.get(UNREADABLE_LINES, {}).items():
+        problems.add_lines(file, reasons)
+    for column in raw.columns.drop(["_file", "_row"], errors="ignore"):
+        if pd.api.types.is_string_dtype(raw[column]):
+            undecodable = raw[column].str.contains(_NOT_UTF8, regex=False, na=False)
+            problems.add(undecodable, column, "not UTF-8 text (save the file as UTF-8)")
     missing = set(mapping.missing)
     visit, unmatched = _visit_codes(raw, mapping, missing, problems)
     if visit is not None:

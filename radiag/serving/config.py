@@ -14,6 +14,9 @@ from radiag.precision import Dtype
 from radiag.students.config import StudentDiagnoseConfig
 from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
 
+AUTO_CPUS = 0.5
+"""What a replica whose `num_cpus` is null reserves when the cluster has room for it."""
+
 
 class ScalingConfig(StrictModel):
     """Autoscaling and admission control of one deployment (Ray Serve options)."""
@@ -32,7 +35,12 @@ class ScalingConfig(StrictModel):
     max_queued_requests: int = Field(
         64, ge=1, description="waiting per caller beyond that; more is answered 503 at once"
     )
-    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica")
+    num_cpus: float | None = Field(
+        None,
+        ge=0,
+        description="CPUs reserved per replica; null: 0.5, or an equal share of what the "
+        "cluster has left when that does not fit (`sized_to_cluster`)",
+    )
     graceful_shutdown_timeout_s: float = Field(
         120.0, ge=0, description="a replica being replaced finishes its requests this long"
     )
@@ -57,7 +65,9 @@ class ScalingConfig(StrictModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": {
+                "num_cpus": AUTO_CPUS if self.num_cpus is None else self.num_cpus
+            },
         }
 
 
@@ -121,7 +131,14 @@ class TeacherServeConfig(StrictModel):
 class LimitsConfig(StrictModel):
     """What the ingress accepts before any model sees a request."""
 
-    max_upload_mb: float = Field(64.0, gt=0, description="largest NIfTI upload; more is 413")
+    max_upload_mb: float = Field(
+        64.0, gt=0, description="largest request body or NIfTI file; more is 413"
+    )
+    max_volume_mb: float = Field(
+        512.0,
+        gt=0,
+        description="largest NIfTI once gunzipped (a 1 mm T1 is 16-128 MB); more is 413",
+    )
     allowed_mri_prefixes: list[str] = Field(
         default_factory=list,
         description="storage URIs an `mri_uri` may point under (s3://bucket/scans/, /data/); "
@@ -140,10 +157,47 @@ class ServeConfig(StrictModel):
     teacher: TeacherServeConfig | None = Field(
         None, description="null: no LLM deployment (students and baselines only)"
     )
-    students: StudentServeConfig = Field(default_factory=StudentServeConfig)
-    baselines: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(scaling=ScalingConfig(num_cpus=0.1))
+    models: list[str] | None = Field(
+        None,
+        description="the run's models to serve, e.g. [student-text]; null: all of them",
     )
+    students: StudentServeConfig = Field(default_factory=StudentServeConfig)
+    baselines: DeploymentConfig = Field(default_factory=DeploymentConfig)
     token_env: str = Field("RADIAG_SERVE_TOKEN", description="environment variable with the token")
     token_file: str | None = Field(None, description="or a file holding it (first line)")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+
+def sized_to_cluster(
+    cfg: ServeConfig, replicas: dict[str, int], cluster_cpus: float, teacher_cpus: float
+) -> ServeConfig:
+    """`cfg` with every `num_cpus: null` of `students` and `baselines` made a number that fits.
+
+    `replicas` counts the deployments of each section (`{"students": 2, "baselines": 1}`);
+    each starts `min_replicas` replicas. When the teacher's reservation, the explicit
+    requests and `AUTO_CPUS` for every other replica fit `cluster_cpus`, those get
+    `AUTO_CPUS`; otherwise an equal share of what is left, down to 0 (no reservation: the
+    replicas share the CPUs), so that the default app starts on a 2-core laptop. Explicit
+    values are kept: a request the cluster cannot hold waits for the autoscaler, and
+    `deploy` says which deployment waits for what.
+    """
+    sections = {"students": cfg.students, "baselines": cfg.baselines}
+    started = {
+        name: count * sections[name].scaling.min_replicas for name, count in replicas.items()
+    }
+    auto = [name for name in started if sections[name].scaling.num_cpus is None]
+    if not auto:
+        return cfg
+    explicit = sum(
+        started[n] * (sections[n].scaling.num_cpus or 0.0) for n in started if n not in auto
+    )
+    waiting = sum(started[name] for name in auto)
+    left = cluster_cpus - teacher_cpus - explicit
+    share = AUTO_CPUS if waiting * AUTO_CPUS <= left else max(0.0, int(100 * left / waiting) / 100)
+    update = {
+        name: sections[name].model_copy(
+            update={"scaling": sections[name].scaling.model_copy(update={"num_cpus": share})}
+        )
+        for name in auto
+    }
+    return cfg.model_copy(update=update)

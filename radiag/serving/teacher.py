@@ -70,6 +70,8 @@ def teacher_llm_config(cfg: TeacherServeConfig, run: DiagnoseConfig) -> Any:
         engine_kwargs=engine_kwargs,
         runtime_env={"env_vars": cpu_environment(engine)},
         deployment_config={
+            # The replica actor only relays requests: the engine's bundle holds its CPU.
+            "ray_actor_options": {"num_cpus": 0},
             "autoscaling_config": {
                 "min_replicas": cfg.min_replicas,
                 "max_replicas": cfg.max_replicas,

@@ -113,14 +113,14 @@ def volume_transform(cfg: VolumeConfig) -> Callable[[nib.Nifti1Image], np.ndarra
     )
 
     def transform(image: nib.Nifti1Image) -> np.ndarray:
-        voxels, affine = _checked_voxels(image)  # (X, Y, Z), (4, 4)
+        voxels, affine = checked_voxels(image)  # (X, Y, Z), (4, 4)
         tensor = MetaTensor(torch.from_numpy(voxels[None]), affine=torch.from_numpy(affine))
         return pipeline(tensor).as_tensor().numpy()  # (1, D, H, W)
 
     return transform
 
 
-def _checked_voxels(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+def checked_voxels(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     """Voxels as float32 (X, Y, Z) and the affine, or ValueError for what MONAI cannot use."""
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:  # a 3-D volume stored with a time axis of one

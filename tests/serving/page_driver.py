@@ -30,7 +30,9 @@ def fill_and_submit(page_url: str, token: str, screenshot: Path, model: str | No
     when there is one, clicks Diagnose, waits up to 120 s for `body[data-state]` to become
     "done" or "error", and saves a full-page screenshot to `screenshot`.
 
-    Returns {"state", "diagnosis", "description", "rationale", "error", "models"}; `models`
+    Returns {"state", "diagnosis", "description", "rationale", "error", "model",
+    "warnings", "models"}; `model` the one submitted, `warnings` the texts of the answer's
+    warnings list; `models`
     is the list of option values of the model selector. When the page itself is refused
     (a wrong token: 401), nothing is submitted and "error" holds that status and body.
     """
@@ -50,6 +52,8 @@ def fill_and_submit(page_url: str, token: str, screenshot: Path, model: str | No
                 return dict.fromkeys(("diagnosis", "description", "rationale"), "") | {
                     "state": "error",
                     "error": error,
+                    "warnings": [],
+                    "model": "",
                     "models": [],
                 }
             page.wait_for_function(
@@ -79,6 +83,10 @@ def fill_and_submit(page_url: str, token: str, screenshot: Path, model: str | No
                 "description": _text(page, "#description"),
                 "rationale": _text(page, "#rationale"),
                 "error": _text(page, "#error"),
+                "model": page.eval_on_selector("#model", "select => select.value"),
+                "warnings": page.eval_on_selector_all(
+                    "#warnings li", "items => items.map(i => i.textContent)"
+                ),
                 "models": models,
             }
         finally:

@@ -4,7 +4,9 @@ every model of the run, the same answers as the batch stages, metrics and logs."
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def diagnose(app: ServedApp, model: str, patient: dict, **fields: object) -> dic
     return response.json()
 
 
+@pytest.mark.reliability
 def test_healthz_is_the_only_route_without_the_token(served_app: ServedApp) -> None:
     with served_app.client(token=None) as anonymous, served_app.client(token="x" * 24) as wrong:
         assert anonymous.get("/healthz").status_code == 200
@@ -45,6 +48,20 @@ def test_healthz_is_the_only_route_without_the_token(served_app: ServedApp) -> N
                 response = client.request(method, path, json={})
                 assert response.status_code == 401, (method, path)
                 assert response.headers["www-authenticate"] == 'Basic realm="radiag"'
+
+
+def test_the_openapi_schema_documents_the_diagnose_bodies_and_the_token(
+    served_app: ServedApp,
+) -> None:
+    with served_app.client() as client:
+        schema = client.get("/openapi.json").json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "basic"}
+    diagnose = schema["paths"]["/v1/diagnose"]["post"]
+    assert set(diagnose["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert diagnose["security"] == [{"bearer": []}, {"basic": []}]
+    assert schema["paths"]["/healthz"]["get"]["security"] == []
+    record = schema["components"]["schemas"]["PatientRecord"]["properties"]
+    assert {"type": "string", "format": "date"} in record["EXAMDATE"]["anyOf"]
 
 
 def test_a_browser_sends_the_token_as_basic_auth_password(served_app: ServedApp) -> None:
@@ -58,9 +75,11 @@ def test_a_browser_sends_the_token_as_basic_auth_password(served_app: ServedApp)
 def test_every_model_of_the_run_is_listed_with_its_stage_identity(served_app: ServedApp) -> None:
     store = RunStore(str(served_app.run))
     with served_app.client() as client:
-        cards = {card["name"]: card for card in client.get("/v1/diagnose/models").json()["models"]}
+        listing = client.get("/v1/diagnose/models").json()
+    cards = {card["name"]: card for card in listing["models"]}
     baselines = {f"baseline-logistic-{f}" for f in ("tabular", "description", "tabular_cognition")}
     assert set(cards) == {"teacher", "student-text", "student-vlm", *baselines}
+    assert listing["mri_locations"] is True  # the fixture allows the run's mri/ folder
     assert cards["teacher"]["identity"] == read_record(store, DIAGNOSE_STAGE).fingerprint
     for kind in ("text", "vlm"):
         expected = read_record(store, distill_stage(kind)).fingerprint
@@ -85,7 +104,7 @@ def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> N
     assert test.num_rows == 3
     for row in test.to_pylist():
         record = {c.name: row[c.name] for c in SERVED_COLUMNS if row[c.name] is not None}
-        record.pop("EXAMDATE", None)
+        record["EXAMDATE"] = record["EXAMDATE"].isoformat()  # JSON: an ISO date
         for model, expected in (
             ("student-text", batch),
             ("baseline-logistic-description", baseline),
@@ -108,6 +127,14 @@ def test_concurrent_requests_are_answered_in_batches(served_app: ServedApp) -> N
     assert {a["diagnosis"] for a in answers} == {alone["diagnosis"]}
 
 
+@pytest.mark.reliability
+def test_a_record_too_thin_to_diagnose_is_answered_with_a_warning(served_app: ServedApp) -> None:
+    thin = diagnose(served_app, "baseline-logistic-tabular", {"AGE": 70, "PTGENDER": "Female"})
+    assert thin["warnings"] and "0 clinical finding(s)" in thin["warnings"][0]
+    assert diagnose(served_app, "baseline-logistic-tabular", RECORD)["warnings"] == []
+
+
+@pytest.mark.reliability
 def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
     for field in ("label", "DX", "DX_bl"):
         with served_app.client() as client:
@@ -125,10 +152,20 @@ def test_a_label_in_the_record_is_refused(served_app: ServedApp) -> None:
         ({"model": "student-text", "patient": RECORD | {"AGE": "old"}}, ["patient", "AGE"]),
         ({"model": "student-text", "patient": RECORD | {"PTGENDER": "M"}}, ["patient", "PTGENDER"]),
         ({"model": "student-text", "patient": RECORD | {"shoe_size": 9}}, ["patient", "shoe_size"]),
+        (
+            {"model": "student-text", "patient": RECORD | {"EXAMDATE": "yesterday"}},
+            ["patient", "EXAMDATE"],
+        ),
+        (
+            {"model": "student-text", "patient": RECORD | {"EXAMDATE": "2024-02-30"}},
+            ["patient", "EXAMDATE"],
+        ),
+        ({"model": "student-text", "patient": RECORD | {"EXAMDATE": ""}}, ["patient", "EXAMDATE"]),
         ({"patient": RECORD}, ["model"]),
         ({"model": "student-text", "patient": RECORD, "extra": 1}, ["extra"]),
     ],
 )
+@pytest.mark.reliability
 def test_bad_fields_are_422_naming_the_field(
     served_app: ServedApp, body: dict, location: list[str]
 ) -> None:
@@ -138,6 +175,7 @@ def test_bad_fields_are_422_naming_the_field(
     assert location in [error["loc"] for error in response.json()["detail"]]
 
 
+@pytest.mark.reliability
 def test_malformed_requests_are_never_a_500(served_app: ServedApp) -> None:
     with served_app.client() as client:
         statuses = {
@@ -177,6 +215,7 @@ def test_the_mri_student_reads_an_uploaded_t1_or_one_under_an_allowed_prefix(
     assert by_uri["probabilities"] == pytest.approx(uploaded.json()["probabilities"], abs=1e-4)
 
 
+@pytest.mark.reliability
 def test_mri_problems_are_403_413_or_422(served_app: ServedApp, tmp_path: Path) -> None:
     outside = tmp_path / "t1.nii.gz"
     outside.write_bytes(_imaged(served_app).read_bytes())
@@ -188,6 +227,13 @@ def test_mri_problems_are_403_413_or_422(served_app: ServedApp, tmp_path: Path) 
     corrupted = _upload(served_app, b"\x1f\x8b not really gzip")
     assert corrupted.status_code == 422 and corrupted.json()["detail"][0]["loc"] == ["mri"]
     too_large = _upload(served_app, b"\0" * (5 * 2**20))  # the fixture allows 4 MB
+    bomb = _upload(served_app, gzip.compress(b"\0" * (300 * 2**20), compresslevel=9))
+    assert bomb.status_code == 413 and "expands to more than 256" in bomb.json()["detail"]
+    with served_app.client() as client:  # chunked: no content-length to check up front
+        chunks = (b" " * 2**20 for _ in range(5))
+        chunked = client.post("/v1/diagnose", content=chunks,
+                              headers={"content-type": "application/json"})  # fmt: skip
+    assert chunked.status_code == 413
     assert too_large.status_code == 413
     with served_app.client() as client:
         no_t1 = client.post("/v1/diagnose", json={"model": "student-vlm", "patient": RECORD})
@@ -205,15 +251,33 @@ def test_readyz_and_metrics_by_route_and_model(served_app: ServedApp) -> None:
     assert 'radiag_request_seconds_count{model="student-text",route="/v1/diagnose"}' in metrics
 
 
+@pytest.mark.reliability
+def test_metrics_label_routes_by_template_so_no_client_can_add_series(
+    served_app: ServedApp,
+) -> None:
+    probe = f"/probe-{uuid.uuid4().hex}"
+    with served_app.client(token=None) as anonymous:
+        assert anonymous.get(probe).status_code == 401
+        assert anonymous.get(f"/v1/models/{probe}").status_code == 401
+    with served_app.client() as client:
+        metrics = client.get("/metrics").text
+    assert probe not in metrics
+    assert 'route="unmatched",status="401"' in metrics
+    assert 'route="/v1/models/{model:path}",status="401"' in metrics
+
+
 def test_examples_are_synthetic_records_without_labels(served_app: ServedApp) -> None:
     with served_app.client() as client:
         examples = client.get("/v1/examples").json()["examples"]
     assert examples
     for example in examples:
-        assert not {"label", "DX", "DX_bl"} & set(example["patient"])
+        assert not {"label", "DX", "DX_bl", "PTID", "RID", "VISCODE", "EXAMDATE"} & set(
+            example["patient"]
+        )  # no answer, and no identifiers, even synthetic ones
         diagnose(served_app, "baseline-logistic-tabular", example["patient"])
 
 
+@pytest.mark.reliability
 def test_logs_hold_neither_the_token_nor_patient_data(served_app: ServedApp) -> None:
     import ray
 
@@ -222,6 +286,6 @@ def test_logs_hold_neither_the_token_nor_patient_data(served_app: ServedApp) -> 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     text = "\n".join(p.read_text(errors="ignore") for p in logs.rglob("*") if p.is_file()
                      and p.suffix in {".log", ".out", ".err"})  # fmt: skip
-    assert "log-check" in text  # the request was logged, by id
+    assert "'log-check'" in text  # the request was logged, by id (quoted, escaped)
     assert TOKEN not in text
     assert marker not in text

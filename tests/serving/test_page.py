@@ -24,11 +24,13 @@ def test_a_clinician_submits_an_example_and_sees_the_diagnosis(
     from page_driver import fill_and_submit
 
     shot = tmp_path / "page.png"
-    shown = fill_and_submit(served_app.url + "/", served_app.token, shot, model="student-text")
+    shown = fill_and_submit(served_app.url + "/", served_app.token, shot)
     assert shown["state"] == "done", shown["error"]
+    assert shown["model"] == "student-text"  # the default: the quickest that explains itself
     assert "student-text" in shown["models"] and "baseline-logistic-tabular" in shown["models"]
     assert shown["diagnosis"].split()[0] in {"AD", "MCI", "CN"}
     assert shown["description"].startswith("This patient is")
+    assert all(w.startswith("Warning: the rationale argues for") for w in shown["warnings"])
     pixels = matplotlib.image.imread(shot)
     assert pixels[..., :3].std() > 0.05  # text and the probability bars, not a blank page
 
@@ -38,4 +40,5 @@ def test_the_page_shows_nothing_without_the_token(served_app: ServedApp, tmp_pat
 
     shown = fill_and_submit(served_app.url + "/", "wrong-token-0123456789", tmp_path / "p.png")
     assert shown["state"] == "error" and "401" in shown["error"]
+    assert "Not signed in" in shown["error"] and "{" not in shown["error"]  # no raw JSON
     assert shown["diagnosis"] == ""

@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from radiag.students.distill import distill_stage
 
 APP = "radiag"
 DIAGNOSE = {"model": "student-text", "patient": {"AGE": 70, "MMSE": 25}}
-SMALL = {"scaling": {"num_cpus": 0.1}}  # the baselines: out of the students' way
+TEXT_ONLY = ["student-text"]  # the other models of the run are not deployed: quicker deploys
 
 
 def running_replicas(deployment: str = "student-text") -> int:
@@ -134,10 +135,10 @@ def deploy(trained_run: Path) -> Iterator[Callable[..., ServedApp]]:
     serve.shutdown()
     started = False
 
-    def _deploy(args: dict[str, Any], run: Path = trained_run) -> ServedApp:
+    def _deploy(args: dict[str, Any], run: Path = trained_run, **options: Any) -> ServedApp:
         nonlocal started
         started = True
-        return ServedApp(start_app(run, args), TOKEN, run)
+        return ServedApp(start_app(run, args, **options), TOKEN, run)
 
     yield _deploy
     if started:
@@ -168,7 +169,7 @@ def test_the_text_student_scales_out_under_load_and_back_in_when_it_stops(deploy
         "downscale_delay_s": 5,
         "num_cpus": 0.25,
     }
-    app = deploy({"students": {"scaling": scaling}, "baselines": SMALL})
+    app = deploy({"models": TEXT_ONLY, "students": {"scaling": scaling}})
     assert running_replicas() == 1
 
     with Load(app, threads=8) as load:
@@ -199,7 +200,7 @@ def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
 
     old, new = text_identity(RunStore(str(trained_run))), text_identity(RunStore(str(newer_run)))
     assert old != new
-    args = {"students": {"scaling": {"max_replicas": 1, "num_cpus": 0.25}}, "baselines": SMALL}
+    args = {"models": TEXT_ONLY, "students": {"scaling": {"max_replicas": 1, "num_cpus": 0.25}}}
     app = deploy(args)
     with app.client() as client:
         assert client.post("/v1/diagnose", json=DIAGNOSE).json()["identity"] == old
@@ -239,6 +240,7 @@ def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
         assert client.post("/v1/diagnose", json=DIAGNOSE).json()["identity"] == new
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # the first test here may also build the session's run
 def test_a_full_queue_is_answered_503_at_once_and_the_student_recovers(deploy):
@@ -249,7 +251,7 @@ def test_a_full_queue_is_answered_503_at_once_and_the_student_recovers(deploy):
         "max_queued_requests": 1,
         "num_cpus": 0.25,
     }
-    app = deploy({"students": {"scaling": scaling}, "baselines": SMALL})
+    app = deploy({"models": TEXT_ONLY, "students": {"scaling": scaling}})
     with app.client() as client:  # the replica answers before the burst
         assert client.post("/v1/diagnose", json=DIAGNOSE).status_code == 200
 
@@ -281,3 +283,50 @@ def test_a_full_queue_is_answered_503_at_once_and_the_student_recovers(deploy):
     with app.client() as client:  # the burst is over: every request is answered again
         statuses = [client.post("/v1/diagnose", json=DIAGNOSE).status_code for _ in range(5)]
     assert statuses == [200] * 5
+
+
+@pytest.mark.reliability
+@pytest.mark.slow
+def test_a_replica_the_cluster_cannot_hold_is_named_with_what_it_waits_for(deploy):
+    """Serve reports a replica waiting for resources after RAY_SERVE_SLOW_STARTUP_WARNING_S
+    (30 s by default, 3 s in the tests' cluster): `deploy` relays that at once and names
+    it again when it gives up."""
+    waiting: list[str] = []
+    greedy = {"models": TEXT_ONLY, "students": {"scaling": {"num_cpus": 3}}}  # the cluster has 2
+    with pytest.raises(TimeoutError) as gave_up:
+        deploy(greedy, timeout_s=20, on_wait=waiting.append)
+    assert waiting and all(" waits for resources: " in line for line in waiting)
+    assert [line.split()[0] for line in waiting] == ["student-text"]
+    assert all("'CPU': 3" in line for line in waiting), waiting
+    assert all(line in str(gave_up.value) for line in waiting)
+
+
+@pytest.mark.reliability
+@pytest.mark.slow
+def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_fast(deploy):
+    """96 requests, 32 at a time, to a model slower than the request timeout (here 50 ms):
+    after the first missed deadlines the ingress refuses the excess with 503 + Retry-After
+    at once instead of letting each wait for its 504; meanwhile /readyz and the model
+    listing answer within a second."""
+    app = deploy({"models": TEXT_ONLY, "limits": {"request_timeout_s": 0.05}})
+
+    def post(index: int) -> Answer:
+        with app.client(timeout=30) as client:
+            return post_diagnose(client, index)
+
+    probes: list[tuple[str, int, float]] = []
+    with ThreadPoolExecutor(32) as pool, app.client(timeout=10) as client:
+        posted = [pool.submit(post, i) for i in range(96)]
+        while not all(future.done() for future in posted):
+            for path in ("/readyz", "/v1/diagnose/models"):
+                start = time.perf_counter()
+                status = client.get(path).status_code
+                probes.append((path, status, time.perf_counter() - start))
+    answers = [future.result() for future in posted]
+    by_status = {s: [a for a in answers if a.status == s] for s in {503, 504}}
+    print({s: len(a) for s, a in by_status.items()}, f"probes: {len(probes)}")
+    assert len(by_status[503]) + len(by_status[504]) == 96, answers  # no 200, 500 or hang
+    assert len(by_status[503]) > 2 * len(by_status[504])  # most refused, few waited
+    assert max(a.seconds for a in by_status[503]) < 1.0
+    assert all("at capacity" in a.body["detail"] for a in by_status[503])
+    assert probes and all(status == 200 and seconds < 1.0 for _, status, seconds in probes), probes

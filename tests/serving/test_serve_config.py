@@ -10,8 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from radiag.cli import app
-from radiag.serving.app import ConfigurationError, build_app, read_token
-from radiag.serving.config import ServeConfig
+from radiag.serving.app import ConfigurationError, build_app, read_token, served_models
+from radiag.serving.config import AUTO_CPUS, ServeConfig, sized_to_cluster
+from radiag.store import RunStore
 
 SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
 
@@ -50,3 +51,37 @@ def test_radiag_serve_without_a_token_is_one_line_and_exit_2(
     result = CliRunner().invoke(app, ["serve", "--run", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "no serving token" in result.output
+
+
+def test_unset_cpu_requests_fit_a_two_core_machine_beside_the_teacher() -> None:
+    defaults = ServeConfig(run_dir="x")
+    sized = sized_to_cluster(defaults, {"students": 2, "baselines": 1}, 2.0, teacher_cpus=1.0)
+    cpus = [sized.students.scaling.num_cpus, sized.baselines.scaling.num_cpus]
+    assert cpus == [0.33, 0.33]  # the one CPU the teacher leaves, shared by three replicas
+    alone = sized_to_cluster(defaults, {"students": 2, "baselines": 1}, 2.0, teacher_cpus=0.0)
+    assert alone.students.scaling.num_cpus == alone.baselines.scaling.num_cpus == AUTO_CPUS
+    crowded = sized_to_cluster(defaults, {"students": 2, "baselines": 1}, 1.0, teacher_cpus=1.0)
+    assert crowded.students.scaling.num_cpus == 0.0  # no reservation rather than no replica
+
+
+def test_explicit_cpu_requests_are_kept_and_count_against_the_rest() -> None:
+    cfg = ServeConfig.model_validate(
+        {"run_dir": "x", "baselines": {"scaling": {"num_cpus": 0.1, "min_replicas": 2}}}
+    )
+    sized = sized_to_cluster(cfg, {"students": 1, "baselines": 1}, 2.0, teacher_cpus=1.0)
+    assert sized.baselines.scaling.num_cpus == 0.1
+    assert sized.students.scaling.num_cpus == AUTO_CPUS  # 1 + 2 x 0.1 + 0.5 <= 2
+    greedy = ServeConfig.model_validate(
+        {"run_dir": "x", "students": {"scaling": {"num_cpus": 4}},
+         "baselines": {"scaling": {"num_cpus": 0.1}}}
+    )  # fmt: skip
+    assert sized_to_cluster(greedy, {"students": 1, "baselines": 1}, 2.0, 1.0) == greedy
+
+
+def test_models_to_serve_must_be_models_of_the_run(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path))
+    store.write_bytes("baselines/baseline-logistic-tabular.joblib", b"fitted")
+    chosen = ServeConfig(run_dir=str(tmp_path), models=["baseline-logistic-tabular"])
+    assert list(served_models(chosen, store)) == ["baseline-logistic-tabular"]
+    with pytest.raises(ConfigurationError, match="models student-text: not served from"):
+        served_models(chosen.model_copy(update={"models": ["student-text"]}), store)

@@ -39,9 +39,21 @@ def test_the_openai_client_talks_to_the_teacher_unchanged(served_app: ServedApp)
     assert completion.choices[0].text
 
 
-def test_the_teacher_routes_need_the_token(served_app: ServedApp) -> None:
-    with pytest.raises(openai.AuthenticationError):
+def test_the_teacher_routes_need_the_token_and_refuse_in_openais_error_shape(
+    served_app: ServedApp,
+) -> None:
+    with pytest.raises(openai.AuthenticationError) as refused:
         _client(served_app, token="wrong-token-0123456789").models.list()
+    assert refused.value.code == "invalid_api_key"
+
+
+def test_an_unknown_model_is_a_plain_404_and_the_teacher_has_a_card(served_app: ServedApp) -> None:
+    client = _client(served_app)
+    assert client.models.retrieve("teacher").id == "teacher"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-9")
+    assert missing.value.code == "model_not_found"
+    assert "Ray" not in str(missing.value.body) and "Exception" not in str(missing.value.body)
 
 
 def test_served_few_shot_diagnosis_matches_the_batch_stage(served_app: ServedApp) -> None:

@@ -22,7 +22,7 @@ import yaml
 
 from radiag.store import RunStore
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 STEPS = 8
 
 
