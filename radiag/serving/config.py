@@ -135,9 +135,9 @@ class LimitsConfig(StrictModel):
         64.0, gt=0, description="largest request body or NIfTI file; more is 413"
     )
     max_volume_mb: float = Field(
-        512.0,
+        256.0,
         gt=0,
-        description="largest NIfTI once gunzipped (a 1 mm T1 is 16-128 MB); more is 413",
+        description="largest NIfTI once gunzipped (a 1 mm T1 is 16-64 MB); more is 413",
     )
     allowed_mri_prefixes: list[str] = Field(
         default_factory=list,
