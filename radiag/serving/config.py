@@ -185,7 +185,7 @@ def sized_to_cluster(
     started = {
         name: count * sections[name].scaling.min_replicas for name, count in replicas.items()
     }
-    auto = [name for name in started if sections[name].scaling.num_cpus is None]
+    auto = [name for name, n in started.items() if n and sections[name].scaling.num_cpus is None]
     if not auto:
         return cfg
     explicit = sum(

@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from conftest import TOKEN, ServedApp
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]  # the session's served app
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-schema = schemathesis.pytest.from_fixture("served_schema")
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +20,21 @@ def served_schema(served_app: ServedApp) -> schemathesis.BaseSchema:
     return loaded.exclude(path_regex="^/v1/(chat/)?completions$")
 
 
-@schema.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_input_is_a_server_error_and_every_refusal_names_the_problem(case) -> None:
-    response = case.call(headers=AUTH, timeout=60)
-    assert response.status_code < 500, (case.method, case.path, response.text[:500])
-    if response.status_code >= 400:
-        body = response.json()
-        detail = body["detail"]
-        assert detail, body
-        if response.status_code == 422 and isinstance(detail, list):
-            assert all(error["loc"] and error["msg"] for error in detail), detail
+def test_no_input_is_a_server_error_and_every_refusal_names_the_problem(
+    served_schema: schemathesis.BaseSchema,
+) -> None:
+    """300 cases drawn over every operation of the schema, the same ones on every run."""
+
+    @given(case=served_schema.as_strategy())
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def answers(case: schemathesis.Case) -> None:
+        response = case.call(headers=AUTH, timeout=60)
+        assert response.status_code < 500, (case.method, case.path, response.text[:500])
+        if response.status_code >= 400:
+            detail = response.json()["detail"]
+            assert detail, response.text
+            if response.status_code == 422 and isinstance(detail, list):
+                assert all(error["loc"] and error["msg"] for error in detail), detail
+
+    answers()

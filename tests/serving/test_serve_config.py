@@ -85,3 +85,9 @@ def test_models_to_serve_must_be_models_of_the_run(tmp_path: Path) -> None:
     assert list(served_models(chosen, store)) == ["baseline-logistic-tabular"]
     with pytest.raises(ConfigurationError, match="models student-text: not served from"):
         served_models(chosen.model_copy(update={"models": ["student-text"]}), store)
+
+
+def test_a_section_with_no_deployment_is_not_sized() -> None:
+    greedy = ServeConfig.model_validate({"run_dir": "x", "students": {"scaling": {"num_cpus": 3}}})
+    sized = sized_to_cluster(greedy, {"students": 1, "baselines": 0}, 2.0, teacher_cpus=0.0)
+    assert sized.baselines.scaling.num_cpus is None and sized.students.scaling.num_cpus == 3
