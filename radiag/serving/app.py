@@ -154,8 +154,8 @@ def _error(status: int, detail: Any) -> JSONResponse:
 
 def _validation_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> JSONResponse:
     """422 naming each bad field by its path (`patient.MMSE`), without echoing the input."""
-    detail = [
-        {"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+    detail = [  # an error of the whole body (not JSON, empty) is the body's: loc ["body"]
+        {"loc": [*prefix, *map(str, e["loc"])] or ["body"], "msg": e["msg"], "type": e["type"]}
         for e in err.errors()
     ]
     return _error(422, detail)
@@ -672,7 +672,7 @@ def deploy(
 
     A deployment whose replicas cannot be scheduled is named to `on_wait` with what it
     needs and what the cluster has, once, as soon as Serve reports it (after about 30 s),
-    and again in the `TimeoutError` if the app never runs."""
+    and again in the `TimeoutError` if the app never runs; the app is then removed."""
     from ray.serve.context import _get_global_client  # the client behind `serve deploy`
     from ray.serve.schema import ServeDeploySchema
 
@@ -691,10 +691,9 @@ def deploy(
                 waiting[name] = line
                 on_wait(line)
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"the app was not running after {timeout_s:.0f} s"
-                + "".join(f"\n{line}" for line in waiting.values())
-            )
+            serve.delete(APP_NAME)  # nothing half-deployed keeps holding the cluster
+            waits = "".join(f"\n{line}" for line in waiting.values())
+            raise TimeoutError(f"the app was not running after {timeout_s:.0f} s; removed{waits}")
         time.sleep(1)
     return f"http://{host}:{port}"
 
