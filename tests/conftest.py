@@ -33,10 +33,6 @@ from radiag.teacher.stages import RATIONALIZE_STAGE
 # executor); the local Ray cluster and every command a test starts inherit this. Commands
 # users run keep vLLM's default layout.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-# Serve reports a replica that waits for resources after 30 s; the tests' cluster after 10
-# (less would also name replicas whose worker process is merely slow to start).
-os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "10")
-os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "10")
 
 
 @pytest.fixture(scope="session")

@@ -691,7 +691,7 @@ def deploy(
                 waiting[name] = line
                 on_wait(line)
         if time.monotonic() > deadline:
-            serve.delete(APP_NAME)  # nothing half-deployed keeps holding the cluster
+            serve.delete(APP_NAME, _blocking=False)  # nothing half-deployed holds the cluster
             waits = "".join(f"\n{line}" for line in waiting.values())
             raise TimeoutError(f"the app was not running after {timeout_s:.0f} s; removed{waits}")
         time.sleep(1)

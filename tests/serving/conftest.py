@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -36,10 +35,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(run: Path, args: dict | None = None, **deploy_options: Any) -> str:
+def start_app(run: Path, args: dict | None = None) -> str:
     """The app deployed as `serve deploy` does, on a fresh port; returns its base URL. The
-    token is a file, as on a cluster: the app is built in a Ray task, not in this process.
-    `deploy_options` go to `radiag.serving.app.deploy` (`timeout_s`, `on_wait`)."""
+    token is a file, as on a cluster: the app is built in a Ray task, not in this process."""
     from radiag.serving.app import deploy
     from radiag.serving.config import ServeConfig
 
@@ -47,7 +45,7 @@ def start_app(run: Path, args: dict | None = None, **deploy_options: Any) -> str
     token_file.write_text(TOKEN + "\n")
     cfg = ServeConfig.model_validate({"run_dir": str(run), "token_file": str(token_file)}
                                      | (args or {}))  # fmt: skip
-    return deploy(cfg, port=free_port(), **deploy_options)
+    return deploy(cfg, port=free_port())
 
 
 @pytest.fixture(scope="session")

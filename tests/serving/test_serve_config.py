@@ -10,7 +10,13 @@ import yaml
 from typer.testing import CliRunner
 
 from radiag.cli import app
-from radiag.serving.app import ConfigurationError, build_app, read_token, served_models
+from radiag.serving.app import (
+    ConfigurationError,
+    build_app,
+    read_token,
+    served_models,
+    unschedulable,
+)
 from radiag.serving.config import AUTO_CPUS, ServeConfig, sized_to_cluster
 from radiag.store import RunStore
 
@@ -91,3 +97,31 @@ def test_a_section_with_no_deployment_is_not_sized() -> None:
     greedy = ServeConfig.model_validate({"run_dir": "x", "students": {"scaling": {"num_cpus": 3}}})
     sized = sized_to_cluster(greedy, {"students": 1, "baselines": 0}, 2.0, teacher_cpus=0.0)
     assert sized.baselines.scaling.num_cpus is None and sized.students.scaling.num_cpus == 3
+
+
+def test_a_deployment_waiting_for_resources_is_named_with_serves_own_line() -> None:
+    """What `deploy` relays from `serve.status()` while the app is not running (Serve's
+    status types, as Serve fills them for a replica it cannot place)."""
+    from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatusOverview,
+    )
+
+    waiting = (
+        "Deployment 'student-text' in application 'radiag' has 1 replicas that have taken "
+        'more than 30s to be scheduled. ... Resources required for each replica: {"CPU": 3.0}, '
+        'total resources available: {"CPU": 2.0}.'
+    )
+    deployments = {
+        "student-text": DeploymentStatusOverview(
+            DeploymentStatus.UPDATING, DeploymentStatusTrigger.CONFIG_UPDATE_STARTED, {}, waiting
+        ),
+        "ingress": DeploymentStatusOverview(
+            DeploymentStatus.HEALTHY, DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED, {}, ""
+        ),
+    }
+    status = ApplicationStatusOverview(ApplicationStatus.DEPLOYING, "", 0.0, deployments)
+    assert unschedulable(status) == {"student-text": f"student-text waits for resources: {waiting}"}
+    assert unschedulable(None) == {}
