@@ -96,17 +96,12 @@ class Problems:
             }).astype({"row": "int64"}))  # fmt: skip
 
     def table(self) -> pd.DataFrame:
-        if self.lines:
-            return pd.concat([*self.records, *self.lines], ignore_index=True).sort_values(
-                ["file", "row"], kind="stable"
-            )
-        if not self.records:
+        found = [*self.records, *self.lines]
+        if not found:
             return pd.DataFrame({c: pd.Series(dtype=str) for c in QUARANTINE_COLUMNS}).astype(
                 {"row": "int64"}
             )
-        return pd.concat(self.records, ignore_index=True).sort_values(
-            ["file", "row"], kind="stable"
-        )
+        return pd.concat(found, ignore_index=True).sort_values(["file", "row"], kind="stable")
 
     def bad_rows(self) -> np.ndarray:
         bad = np.zeros(len(self.raw), dtype=bool)
