@@ -29,6 +29,7 @@ from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synth
 from radiag.config import StrictModel
 from radiag.contract import StageSummary
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
+from radiag.mri_only import MriOnlyConfig, run_mri_only
 from radiag.precision import explain, this_machine
 from radiag.store import RunStore
 from radiag.students.config import StudentsConfig
@@ -83,6 +84,9 @@ class RunConfig(CohortStagesConfig):
     )
     baseline: BaselineConfig | None = Field(
         None, description="classical classifiers on the tabular features; null skips them"
+    )
+    mri_only: MriOnlyConfig | None = Field(
+        None, description="the 3-D encoder with a linear head on the T1 alone; null skips it"
     )
     students: StudentsConfig = Field(default_factory=StudentsConfig)
     evaluate: EvaluateConfig | None = Field(
@@ -185,6 +189,8 @@ def pipeline_stages(cfg: RunConfig) -> list[tuple[str, Stage]]:
         stages.append(("diagnose", partial(teacher_stage, "diagnose", cfg.diagnose)))
     if cfg.baseline is not None:
         stages.append(("baseline", partial(run_baseline, cfg.baseline)))
+    if cfg.mri_only is not None:
+        stages.append(("mri-only", partial(run_mri_only, cfg.mri_only)))
     for kind, distill_cfg in (("text", cfg.students.text), ("vlm", cfg.students.vlm)):
         if distill_cfg is not None:
             stages.append((f"distill-{kind}", partial(run_distill, kind, distill_cfg)))

@@ -26,6 +26,7 @@ from radiag.config import load_config
 from radiag.evaluation.metrics import paired_difference
 from radiag.experiments.config import ExperimentsConfig
 from radiag.experiments.runner import link_shared
+from radiag.pipeline import pipeline_stages
 from radiag.store import RunStore
 from radiag.teacher.prompts import FINAL, Shot, diagnose_messages
 
@@ -47,15 +48,24 @@ def test_an_arm_is_one_model_on_the_shared_sections() -> None:
         assert run.run_dir.endswith(f"ci/arms/{arm.name}")
         for section in ("cohort", "mri", "describe", "split", "rationalize"):
             assert getattr(run, section) == getattr(shared, section), (arm.name, section)
-        made = [run.diagnose, run.baseline, run.students.text, run.students.vlm]
+        made = [run.diagnose, run.baseline, run.mri_only, run.students.text, run.students.vlm]
         assert sum(m is not None for m in made) == 1, arm.name
-    assert shared.diagnose is shared.baseline is shared.students.text is None
+    assert shared.diagnose is shared.baseline is shared.mri_only is shared.students.text is None
+
+
+def test_an_mri_only_arm_runs_the_encoder_with_a_linear_head_as_kind_mri() -> None:
+    cfg = load_config(ExperimentsConfig, ROOT / "configs" / "experiments" / "cpu.yaml")
+    (arm,) = [arm for arm in cfg.arms if arm.mri_only is not None]
+    assert arm.kind == "mri"
+    run = cfg.arm_run(arm)
+    assert run.mri_only == arm.mri_only and run.students.vlm is run.students.text is None
+    assert ("mri-only", "mri-only") in [(n, n) for n, _ in pipeline_stages(run)]
 
 
 def test_an_arm_with_two_models_or_none_is_refused() -> None:
     tree = yaml.safe_load(PRESET.read_text())
     tree["arms"][0]["baseline"] = {"classifiers": ["logistic"]}
-    with pytest.raises(ValueError, match="exactly one of diagnose, students, baseline"):
+    with pytest.raises(ValueError, match="exactly one of diagnose, students, baseline, mri_only"):
         ExperimentsConfig.model_validate(tree)
     tree = yaml.safe_load(PRESET.read_text()) | {"reference": "nobody"}
     with pytest.raises(ValueError, match="reference 'nobody' is not an arm"):

@@ -15,31 +15,37 @@ from pydantic import Field, model_validator
 
 from radiag.baseline import BaselineConfig
 from radiag.config import StrictModel
+from radiag.mri_only import MriOnlyConfig
 from radiag.pipeline import CohortStagesConfig, RayConfig, RunConfig
 from radiag.students.config import StudentsConfig
 from radiag.teacher.stages import DiagnoseConfig
 
-ArmKind = Literal["teacher", "student", "baseline"]
+ArmKind = Literal["teacher", "student", "baseline", "mri"]
+ARM_KINDS: dict[str, ArmKind] = {
+    "diagnose": "teacher", "students": "student", "baseline": "baseline", "mri_only": "mri",
+}  # fmt: skip
+"""An arm's model is exactly one of these sections; each makes one kind of model."""
 SHARED_STAGES = ("cohort", "mri", "splits", "rationalize")
 """Stages every arm reads and none redoes: they run once, in the experiment's shared run."""
 
 
 class Arm(StrictModel):
     """One model of the comparison: exactly one of `diagnose` (the teacher), `students`
-    (one student: `text` or `vlm`) or `baseline`."""
+    (one student: `text` or `vlm`), `baseline` or `mri_only`."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="its folder and table row")
     description: str = Field("", description="what the arm tests, for the table and report")
     diagnose: DiagnoseConfig | None = None
     students: StudentsConfig | None = None
     baseline: BaselineConfig | None = None
+    mri_only: MriOnlyConfig | None = None
 
     @model_validator(mode="after")
     def _one_model(self) -> Arm:
-        given = [s for s in ("diagnose", "students", "baseline") if getattr(self, s) is not None]
+        given = [s for s in ARM_KINDS if getattr(self, s) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"arm {self.name!r}: give exactly one of diagnose, students, baseline "
+                f"arm {self.name!r}: give exactly one of {', '.join(ARM_KINDS)} "
                 f"(got {', '.join(given) or 'none'})"
             )
         if self.students is not None and (self.students.text is None) == (
@@ -50,9 +56,9 @@ class Arm(StrictModel):
 
     @property
     def kind(self) -> ArmKind:
-        if self.diagnose is not None:
-            return "teacher"
-        return "student" if self.students is not None else "baseline"
+        return next(
+            kind for section, kind in ARM_KINDS.items() if getattr(self, section) is not None
+        )
 
 
 class ExperimentsConfig(CohortStagesConfig):
@@ -92,6 +98,7 @@ class ExperimentsConfig(CohortStagesConfig):
             arm.students or StudentsConfig(),
             diagnose=arm.diagnose,
             baseline=arm.baseline,
+            mri_only=arm.mri_only,
         )
 
     def _run(self, folder: str, students: StudentsConfig, **model: object) -> RunConfig:
