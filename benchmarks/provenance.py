@@ -73,3 +73,18 @@ def provenance(load_at_start: float) -> dict[str, Any]:
         "git_commit": git_commit(),
         "machine": machine() | {"load_1min": {"start": load_at_start, "end": load_1min()}},
     }
+
+
+def cpu_and_precision() -> dict[str, Any]:
+    """The CPU model, its bf16 and AVX flags and the precision `auto` resolves to on it: a
+    CPU without native bf16 runs the models in fp32, at another speed."""
+    from radiag.precision import NATIVE_BF16_FLAGS, explain, this_cpu, this_machine
+
+    cpu = this_cpu()
+    return {
+        "cpu_model": cpu.name,
+        "native_bf16_flags": sorted(cpu.cpu_flags & NATIVE_BF16_FLAGS),
+        "avx2": "avx2" in cpu.cpu_flags,
+        "avx512f": "avx512f" in cpu.cpu_flags,
+        "precision": explain(*this_machine()),
+    }

@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import ROOT, load_1min, provenance
-
-from radiag.precision import NATIVE_BF16_FLAGS, explain, this_cpu, this_machine
+from provenance import ROOT, cpu_and_precision, load_1min, provenance
 
 RESULTS = Path(__file__).parent / "results" / "test_suite.json"
 GOAL_SECONDS, GOAL_NOT_SLOW_SECONDS = 25 * 60, 8 * 60
@@ -59,7 +57,6 @@ def run_pytest(*args: str) -> dict[str, Any]:
 
 def main(out: Annotated[Path, typer.Option(help="results file")] = RESULTS) -> None:
     started = load_1min()
-    cpu = this_cpu()
     whole = run_pytest()
     not_slow = run_pytest("-m", "not slow")
     report = {
@@ -76,13 +73,7 @@ def main(out: Annotated[Path, typer.Option(help="results file")] = RESULTS) -> N
         "not_slow": not_slow,
         **provenance(started),
     }
-    report["machine"] |= {
-        "cpu_model": cpu.name,
-        "native_bf16_flags": sorted(cpu.cpu_flags & NATIVE_BF16_FLAGS),
-        "avx2": "avx2" in cpu.cpu_flags,
-        "avx512f": "avx512f" in cpu.cpu_flags,
-        "precision": explain(*this_machine()),
-    }
+    report["machine"] |= cpu_and_precision()
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("pytest_seconds", "slow_deselected_seconds",
                                               "goal_met")}))  # fmt: skip
