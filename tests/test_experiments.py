@@ -1,6 +1,6 @@
-"""`radiag experiments`: the shared stages once, each arm under the stage contract, a table
-with one row per model, comparisons with the reference arm, and a rerun after a kill that
-redoes nothing finished.
+"""`radiag experiments`: the shared stages once, each arm under the stage contract (and on
+an external cohort), a table with one row per model, comparisons with the reference arm,
+and a rerun after a kill that redoes nothing finished.
 
 The CI preset runs with the session's stub teacher (an OpenAI-compatible endpoint; the real
 vLLM teacher stages are tests/teacher) and the tiny student, so its numbers are smoke tests
@@ -118,6 +118,7 @@ def test_the_ci_preset_writes_the_table_and_a_killed_arm_resumes_without_redoing
     stub = {"backend": "openai", "base_url": stub_teacher, "model": "stub"}
     tree["output_dir"] = str(tmp_path)
     tree["rationalize"]["engine"] = stub
+    tree["external"]["cohort"] = str(ROOT / tree["external"]["cohort"])
     for arm in tree["arms"]:
         if "diagnose" in arm:
             arm["diagnose"]["engine"] = stub
@@ -163,6 +164,10 @@ def test_the_ci_preset_writes_the_table_and_a_killed_arm_resumes_without_redoing
     assert table["smoke"].str.contains("test patients").all()  # 16 test visits: no result
     assert table.loc[table["kind"] == "baseline", "tokens"].fillna(0).eq(0).all()  # no LM
     assert table.loc[table["kind"] == "teacher", "tokens"].gt(0).all()
+    # Every arm's model also diagnosed the second site's 60 baseline visits.
+    assert table["external_n"].eq(60).all()
+    assert table["external_balanced_accuracy"].between(0, 1).all()
+    assert table["external_balanced_accuracy_lo"].le(table["external_balanced_accuracy"]).all()
     comparisons = pd.read_csv(root / "comparisons.csv")
     assert set(comparisons["name"]) == set(table["name"]) - {"student-label"}
     assert (comparisons["reference"] == "student-label").all()

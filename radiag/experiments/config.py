@@ -61,6 +61,17 @@ class Arm(StrictModel):
         )
 
 
+class ExternalCohort(StrictModel):
+    """Another cohort every arm's models also diagnose, as `radiag transfer` does (the
+    paper: ADNI -> AIBL); the MRI-only model is not carried over (transfer has no path
+    for it), and its table row says so by an empty external column."""
+
+    cohort: str = Field(description="the other cohort's ingest YAML (as `radiag transfer`)")
+    shared_features_only: bool = Field(
+        True, description="refit a baseline on the features both cohorts measure"
+    )
+
+
 class ExperimentsConfig(CohortStagesConfig):
     """An experiment: the shared stages (the sections of a run config every model reads:
     rationales included), the arms and the reference arm every other arm is compared with."""
@@ -70,6 +81,9 @@ class ExperimentsConfig(CohortStagesConfig):
         "experiments", description="local path or s3://...; the experiment is <output_dir>/<name>"
     )
     arms: list[Arm] = Field(min_length=1)
+    external: ExternalCohort | None = Field(
+        None, description="another cohort every arm is also scored on; null: none"
+    )
     reference: str = Field(description="the arm every other arm is compared with")
     bootstrap: int = Field(1000, ge=0, description="subject resamples for every CI")
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -86,6 +100,10 @@ class ExperimentsConfig(CohortStagesConfig):
     @property
     def root(self) -> str:
         return posixpath.join(self.output_dir.rstrip("/"), self.name)
+
+    def external_dir(self, arm: Arm) -> str:
+        """The external cohort's run for one arm's models (`radiag transfer`'s run_dir)."""
+        return posixpath.join(self.root, "external", arm.name)
 
     def shared_run(self) -> RunConfig:
         """The run of the shared stages: cohort, MRI, splits and rationales, nothing else."""

@@ -15,7 +15,16 @@ import pandas as pd
 import pyarrow as pa
 from matplotlib.figure import Figure
 
-from radiag.evaluation.report.markup import escape, fmt, html_table, p_text, td, with_ci
+from radiag.evaluation.report.markup import (
+    DASH,
+    escape,
+    fmt,
+    html_table,
+    is_missing,
+    p_text,
+    td,
+    with_ci,
+)
 from radiag.evaluation.report.page import CSS
 from radiag.experiments.config import ExperimentsConfig
 from radiag.experiments.runner import ARM_RECORD
@@ -27,7 +36,8 @@ DISPLAY = {
     "name": "arm", "kind": "kind", "n": "n", "balanced_accuracy": "balanced accuracy [95% CI]",
     "macro_f1": "macro-F1 [95% CI]", "mauc": "mAUC", "coverage": "coverage",
     "consistency": "consistency", "specificity": "specificity", "epochs": "epochs",
-    "wall_seconds": "wall s", "tokens": "tokens", "smoke": "smoke test",
+    "wall_seconds": "wall s", "tokens": "tokens",
+    "external_balanced_accuracy": "external: n, balanced accuracy [95% CI]", "smoke": "smoke test",
 }  # fmt: skip
 
 
@@ -69,10 +79,19 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
                 },
                 "wall_seconds": fmt(row["wall_seconds"], 0),
                 "tokens": fmt(row["tokens"], 0),
+                "external_balanced_accuracy": _external(row),
                 "smoke": row["smoke"] or "",
             }
         )
     return pd.DataFrame(rows, columns=list(DISPLAY)).rename(columns=DISPLAY)
+
+
+def _external(row: dict[str, Any]) -> str:
+    """n and balanced accuracy on the external cohort; a dash where the arm has none."""
+    if is_missing(row["external_n"]):
+        return DASH
+    scores = (row[f"external_balanced_accuracy{s}"] for s in ("", "_lo", "_hi"))
+    return f"{fmt(row['external_n'])}: {with_ci(*scores)}"
 
 
 def markdown(frame: pd.DataFrame) -> str:

@@ -9,6 +9,8 @@ Layout of `<output_dir>/<name>/`:
   stages see finished upstream stages of the same identity and read them as in any run.
 - `arm.json` in each arm: its stage identities and the wall time of the invocation
   that finished it; the table reads it.
+- `external/<arm>/`: with an `external` cohort, the `radiag transfer` run of the arm's
+  models on it (its own stages, under the stage contract too).
 - the table, comparisons and report (`radiag.experiments.table`, `.report`).
 
 Run again, nothing finished is redone: the shared stages and every finished arm are
@@ -24,6 +26,7 @@ from functools import partial
 
 import pyarrow.fs as pafs
 
+from radiag import transfer
 from radiag.cohort.stages import COHORT_STAGE, MRI_STAGE, SPLITS_STAGE
 from radiag.contract import Stage, StageSummary
 from radiag.experiments.config import SHARED_STAGES, Arm, ExperimentsConfig
@@ -50,7 +53,29 @@ def run_experiments(
     shared = RunStore(shared_cfg.run_dir)
     for arm in cfg.arms:
         done[arm.name] = run_arm(cfg, arm, shared, fresh, on_stage, on_done)
+        if cfg.external is not None and arm.mri_only is None:
+            done[f"{arm.name} external"] = run_external(cfg, arm, fresh, on_stage, on_done)
     return done
+
+
+def run_external(
+    cfg: ExperimentsConfig,
+    arm: Arm,
+    fresh: bool = False,
+    on_stage: Callable[[str], None] = lambda _: None,
+    on_done: Callable[[StageSummary], None] = lambda _: None,
+) -> dict[str, StageSummary]:
+    """The arm's models on the external cohort: `radiag transfer` from the arm's run."""
+    assert cfg.external is not None
+    overrides = [
+        f"shared_features_only={str(cfg.external.shared_features_only).lower()}",
+        f"bootstrap={cfg.bootstrap}",
+    ]
+    external = transfer.transfer_config(
+        cfg.arm_run(arm).run_dir, cfg.external.cohort, cfg.external_dir(arm), overrides
+    )
+    external_stage = partial(_labelled, f"{arm.name} (external)", on_stage)
+    return transfer.run(external, fresh, external_stage, on_done)
 
 
 def run_arm(

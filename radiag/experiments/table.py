@@ -15,15 +15,18 @@ import pandas as pd
 from radiag.evaluation.criteria import score_rationales
 from radiag.evaluation.metrics import evaluate_model, paired_difference, smoke_reason
 from radiag.evaluation.predictions import load_predictions, test_labels
-from radiag.experiments.config import ExperimentsConfig
+from radiag.experiments.config import Arm, ExperimentsConfig
 from radiag.experiments.runner import ARM_RECORD
 from radiag.store import RunStore
+from radiag.transfer import SHARED
 
 TABLE_COLUMNS = [
     "name", "arm", "model", "kind", "n", "coverage",
     "balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi",
     "macro_f1", "macro_f1_lo", "macro_f1_hi", "mauc",
-    "consistency", "specificity", "epochs", "wall_seconds", "tokens", "smoke", "description",
+    "consistency", "specificity", "epochs", "wall_seconds", "tokens",
+    "external_n", "external_balanced_accuracy", "external_balanced_accuracy_lo",
+    "external_balanced_accuracy_hi", "smoke", "description",
 ]  # fmt: skip
 COMPARISON_COLUMNS = [
     "name", "reference", "n", "difference", "difference_lo", "difference_hi",
@@ -46,6 +49,7 @@ def experiment_tables(cfg: ExperimentsConfig) -> tuple[pd.DataFrame, pd.DataFram
         record = store.read_json(ARM_RECORD)
         models, unloadable = load_predictions(store)
         problems += unloadable
+        external = _external_scores(cfg, arm)
         for model, frame in models.items():
             name = arm.name if len(models) == 1 else f"{arm.name}/{model}"
             frames[name] = frame
@@ -61,12 +65,33 @@ def experiment_tables(cfg: ExperimentsConfig) -> tuple[pd.DataFrame, pd.DataFram
                     "epochs": _epochs(record),
                     "wall_seconds": record["wall_seconds"],
                     "tokens": _tokens(frame),
+                    **external.get(model, {}),
                     "description": arm.description,
                 }
             )
     table = pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
     table["smoke"] = [smoke_reason(n, e) for n, e in zip(table["n"], table["epochs"], strict=True)]
     return table, _comparisons(cfg, frames, truth, table), problems
+
+
+def _external_scores(cfg: ExperimentsConfig, arm: Arm) -> dict[str, dict[str, float]]:
+    """model -> its n and balanced accuracy (95% CI) on the external cohort, where the arm's
+    models diagnosed one (a baseline refitted on the shared features counts as itself)."""
+    if cfg.external is None:
+        return {}
+    store = RunStore(cfg.external_dir(arm))
+    if not store.exists("splits/test.parquet"):
+        return {}  # not run yet: the columns stay empty
+    truth = test_labels(store)
+    models, _ = load_predictions(store)
+    scores = {}
+    for model, frame in models.items():
+        metrics = evaluate_model(model, frame, truth, n_boot=cfg.bootstrap).metrics
+        scores[model.removesuffix(SHARED)] = {
+            f"external_{key}": metrics[key]
+            for key in ("n", "balanced_accuracy", "balanced_accuracy_lo", "balanced_accuracy_hi")
+        }
+    return scores
 
 
 def _criteria(frame: pd.DataFrame, records: pd.DataFrame) -> dict[str, float]:
