@@ -6,6 +6,7 @@ reported the same way everywhere: one line per problem, naming the field path.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -46,6 +47,17 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(raw_value)
 
 
+_UNION_MEMBER = re.compile(r"^(literal|function-(after|before|wrap|plain))\[")
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the dotted path a user writes, without the names
+    pydantic gives the members of a union (`labels.map.HC`, not
+    `labels.function-after[_maps_something(), LabelMap].map.HC`)."""
+    parts = [str(p) for p in loc if not _UNION_MEMBER.match(str(p))]
+    return ".".join(parts) or "<root>"
+
+
 def load_config(
     model: type[ConfigT],
     path: str | Path | None = None,
@@ -75,7 +87,5 @@ def load_config(
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        problems = [
-            f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-        ]
+        problems = [f"  {field_path(e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"{origin}: invalid config\n" + "\n".join(problems)) from None

@@ -3,7 +3,7 @@
 A cluster job that fails an hour in, on a bucket name typo, wastes the hour and the GPUs.
 `preflight(cfg, stages)` checks, for the stages about to run: the run directory can be
 written (on S3: the bucket exists and the credentials work), every input file and folder
-exists and can be read, every model directory holds a loadable config (or its GGUF /
+exists and can be read, a column mapping validates, every model directory holds a loadable config (or its GGUF /
 bundling package exists), and every OpenAI-compatible endpoint answers `/models` with its
 key. All problems are reported together, one line each.
 """
@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import pyarrow.fs as pafs
 
+from radiag.cohort.mapping import load_mapping
+from radiag.config import ConfigError
 from radiag.models import ModelError, ModelSpec, bundled_file
 from radiag.pipeline import RunConfig
 from radiag.store import filesystem_for
@@ -46,8 +48,11 @@ def preflight(cfg: RunConfig, stages: Iterable[str] | None = None) -> None:
 
     problems = [*writable(cfg.run_dir)]
     if runs("cohort"):
-        problems += [p for path in (cfg.cohort.path, cfg.cohort.mapping) if path
-                     for p in readable(path)]  # fmt: skip
+        unread = [p for path in (cfg.cohort.path, cfg.cohort.mapping) if path
+                  for p in readable(path)]  # fmt: skip
+        problems += unread
+        if cfg.cohort.mapping and not unread:
+            problems += mapping_problems(cfg.cohort.mapping)
     engines = [
         (name, section.engine)
         for name, section in (("rationalize", cfg.rationalize), ("diagnose", cfg.diagnose))
@@ -83,6 +88,16 @@ def writable(uri: str) -> list[str]:
         fs.delete_file(probe)
     except OSError as err:
         return [f"run_dir {uri}: cannot write there ({_short(err)})"]
+    return []
+
+
+def mapping_problems(path: str) -> list[str]:
+    """A column-mapping YAML that does not validate: its file and every bad field named
+    (an expression that is not arithmetic is refused here, long before any row is read)."""
+    try:
+        load_mapping(path)
+    except ConfigError as err:
+        return [f"cohort.mapping: {err}"]
     return []
 
 

@@ -1,11 +1,13 @@
-"""A command given a bad config or run directory: one red line that names the field or the
-path and the problem, exit code 2, before anything is written or Ray starts."""
+"""A command given a bad config, column mapping or run directory: one red line that names
+the field (and the file) and the problem, exit code 2, before anything is written or Ray
+starts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from radiag.cli import app
@@ -66,3 +68,48 @@ def test_an_s3_run_dir_that_cannot_be_reached_is_refused_in_one_line(
     assert result.exit_code == 2, result.output
     assert "run_dir s3://radiag/unreachable: cannot write there" in result.output
     assert "Traceback" not in result.output
+
+
+EXAMPLE_MAPPING = yaml.safe_load((ROOT / "configs" / "mappings" / "example.yaml").read_text())
+MAPPING_CASES = {  # case: (a change to the example mapping, what the refusal must say)
+    "an unknown key": ({"colums": {"age": "AGE"}}, "colums: Extra inputs are not permitted"),
+    "an expression that does not parse": ({"derived": {"Hippocampus": "hippocampus_cm3 *"}},
+                                          "is not an arithmetic expression"),
+    "a function call in an expression": (
+        {"derived": {"Hippocampus": "__import__('os').system('touch PWNED')"}},
+        "Call is not allowed"),
+    "an attribute in an expression": ({"derived": {"Hippocampus": "hippocampus_cm3.real"}},
+                                      "Attribute is not allowed"),
+    "text in an expression": ({"derived": {"Hippocampus": "'1000' * 2"}}, "'1000' is not a number"),
+    "a recode to text on a number": ({"values": {"MMSE": {"high": "thirty"}}},
+                                     "values.MMSE: recodes to numbers, got ['thirty']"),
+    "a recode to a number on text": ({"values": {"PTGENDER": {"M": 1, "F": 2}}},
+                                     "values.PTGENDER: recodes to text, got [2.0, 1.0]"),
+    "two columns for one target": ({"columns": {"mmse_total": "MMSE", "mmse_again": "MMSE"}},
+                                   "more than one source for ['MMSE']"),
+    "a target that is not canonical": ({"columns": {"colour": "FAVOURITE_COLOUR"}},
+                                       "not canonical columns read from a file: ['FAVOURITE_COLOUR']"),
+    "units on a text column": ({"units": {"PTGENDER": 10}}, "not numeric canonical columns: ['PTGENDER']"),
+    "a range upside down": ({"ranges": {"AGE": [90, 40]}}, "ranges.AGE: low 90 is above high 40"),
+    "labels with neither map nor thresholds": ({"labels": {"column": "diagnosis"}},
+                                               "labels needs `map` or `at_least`"),
+    "a label that is not a diagnosis": ({"labels": {"column": "diagnosis", "map": {"HC": "healthy"}}},
+                                        "labels.map.HC: Input should be 'AD', 'MCI' or 'CN'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "message"), MAPPING_CASES.values(), ids=MAPPING_CASES)
+def test_a_bad_column_mapping_is_refused_at_preflight_naming_its_file_and_field(
+    tmp_path: Path, change: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where an executed expression would leave its file
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(yaml.safe_dump(EXAMPLE_MAPPING | change))
+    cohort = ["cohort.source=csv", f"cohort.path={ROOT / 'tests/fixtures/memoryclinic.csv'}",
+              f"cohort.mapping={mapping}", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    result = runner.invoke(app, ["run", *(a for c in cohort for a in ("--set", c))])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert f"cohort.mapping: {mapping}: invalid config" in said and message in said, said
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "cohort").exists() and not (tmp_path / "PWNED").exists()
