@@ -10,6 +10,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -48,6 +49,44 @@ def test_healthz_is_the_only_route_without_the_token(served_app: ServedApp) -> N
                 response = client.request(method, path, json={})
                 assert response.status_code == 401, (method, path)
                 assert response.headers["www-authenticate"] == 'Basic realm="radiag"'
+
+
+BYPASSES = {  # an attempt to reach a protected route without the token in a header
+    "token in the query string": ("GET", f"/v1/models?token={TOKEN}&access_token={TOKEN}"),
+    "token as Basic user name": ("GET", "/v1/models"),
+    "Basic with a wrong password": ("GET", "/v1/models"),
+    "Bearer with an empty token": ("GET", "/v1/models"),
+    "a doubled slash": ("GET", "//v1/models"),
+    "a dot segment through healthz": ("GET", "/healthz/../v1/models"),
+    "an encoded dot segment": ("GET", "/healthz/%2e%2e/v1/models"),
+    "an encoded slash": ("GET", "/v1%2Fmodels"),
+    "upper case": ("GET", "/V1/MODELS"),
+    "a trailing slash": ("POST", "/v1/diagnose/"),
+    "healthz with a protected path after it": ("GET", "/healthz;/v1/models"),
+}  # fmt: skip
+BYPASS_HEADERS = {
+    "token as Basic user name": {"Authorization": "Basic " + base64.b64encode(f"{TOKEN}:x".encode()).decode()},
+    "Basic with a wrong password": {"Authorization": "Basic " + base64.b64encode(b"clinician:guess").decode()},
+    "Bearer with an empty token": {"Authorization": "Bearer "},
+}  # fmt: skip
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("method", "path"), BYPASSES.values(), ids=BYPASSES)
+def test_no_way_around_the_token_reaches_a_protected_route(
+    served_app: ServedApp, method: str, path: str, request: pytest.FixtureRequest
+) -> None:
+    case = request.node.callspec.id
+    with served_app.client(token=None) as anonymous:
+        healthz = anonymous.get("/healthz")
+        raw = httpx.Request(method, served_app.url + path, headers=BYPASS_HEADERS.get(case, {}))
+        raw.url = raw.url.copy_with(raw_path=path.encode())  # as written: no client normalising
+        response = anonymous.send(raw)
+    if response.status_code == 200:  # only healthz answers without the token
+        assert response.content == healthz.content, (case, response.text[:200])
+    else:
+        assert response.status_code in {401, 403, 404}, (case, response.status_code)
+        assert '"data"' not in response.text  # no model list, no answer
 
 
 def test_the_openapi_schema_documents_the_diagnose_bodies_and_the_token(
