@@ -1,7 +1,7 @@
 """A generating `radiag` command, stopped, resumes: one Ctrl-C stops it within seconds
 (exit code 130, the part files written before it kept, no Ray worker or vLLM engine left
-behind); a SIGKILL of its driver later leaves only whole part files; the last run generates
-exactly the rows that are missing, each once.
+behind); a SIGKILL of its driver later leaves only whole part files and no engine process
+(radiag/reaper.py); the last run generates exactly the rows that are missing, each once.
 
 A real signal can only be sent to a process of its own, so the command runs as a
 subprocess; like a user's command, it starts its own local Ray cluster and vLLM engine
@@ -95,12 +95,18 @@ def test_a_generating_command_stopped_by_ctrl_c_then_killed_resumes_without_redo
     assert 0 < len(done) < ROWS and len(done) == len(set(done))
 
     before = len(job.part_files())
-    second = job.start()
+    token = uuid.uuid4().hex
+    second = job.start(env=os.environ | {MARK: token})
     wait_for_parts(job, second, more_than=before)
     os.kill(second.pid, signal.SIGKILL)  # the driver, mid-run
     second.wait()
     time.sleep(2)
-    os.killpg(second.pid, signal.SIGKILL)  # then what the driver left behind (Ray, engine)
+    os.killpg(second.pid, signal.SIGKILL)  # then the local Ray it started, in its group
+    orphans = {p: c for p, c in left_after(token, seconds=30).items() if "EngineCore" in c}
+    for pid in processes_of(token):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert orphans == {}  # the engine core, in a group of its own, was reaped
     written = job.part_files()
     done = read_output(store, "rationalize")["patient_id"].to_pylist()
     assert 0 < len(done) < ROWS and len(done) == len(set(done))

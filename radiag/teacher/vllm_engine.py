@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from radiag.models import ModelSpec, prepare_model
 from radiag.precision import resolve_for
+from radiag.reaper import reap_children_on_exit
 from radiag.teacher.engines import (
     FINAL_LINE_MAX_TOKENS,
     AsyncEngine,
@@ -134,6 +135,7 @@ class VllmEngine(AsyncEngine):
         self.model = describe_model(cfg.model)
         configure_cpu_environment(cfg)
         self.llm = self.run_on_loop(self._start())  # its output handler runs on our loop
+        reap_children_on_exit()  # the engine core process dies with this one, even by SIGKILL
         self.tokenizer = self.llm.get_tokenizer()
 
     async def _start(self):  # -> vllm.v1.engine.async_llm.AsyncLLM
