@@ -15,6 +15,11 @@ All in one run, on one machine, so the ratios compare like with like:
                exported student served by vLLM zero-shot, and our transformers predictor)
                on the same test patients: end to end, and apart from it start-up vs steady
                throughput, in patients/s and output tokens/s on every side.
+  roofline     each text run's tokens/s times the FLOPs a token costs (LoRA: forward plus
+               activation gradients, ~4 x the transformer's parameters; the tied
+               embeddings cost nothing), over the matmul peak measured here with the same
+               threads and dtype (`text_training_roofline_fraction`: the best run; goal
+               >= 0.4).
 Training throughput is the median of the steps after `--warmup` (the first steps include
 start-up). Training rationales are fixed-length template text: content does not change
 the cost of a step. Ray is a local cluster of its own (2 logical CPUs), never one
@@ -133,6 +138,65 @@ def train(
         "step_seconds": round(statistics.median(m["step_seconds"] for m in steady), 3),
         "end_to_end_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def matmul_peak(threads: int, dtype: str, seconds: float = 3.0) -> float:
+    """GFLOP/s of the best (512 x 576) @ (576 x 1536) matmul with `threads` torch threads:
+    the shape of the student's MLP projections over one batch."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.randn(512, 576, dtype=getattr(torch, dtype))
+    b = torch.randn(576, 1536, dtype=getattr(torch, dtype))
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        best = max(best, 10 * 2 * 512 * 576 * 1536 / (time.perf_counter() - start) / 1e9)
+    torch.set_num_threads(previous)
+    return round(best, 1)
+
+
+def lora_flops_per_token() -> float:
+    """~4 x the parameters a token passes through (forward 2x, activation gradients 2x; the
+    frozen weights get no gradient): the bundled SmolLM2-135M without its (tied) embedding."""
+    from transformers import AutoConfig
+
+    from radiag.models import ModelSpec, prepare_model
+
+    config = AutoConfig.from_pretrained(prepare_model(ModelSpec()))
+    h, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inner  # q, o; k, v; gate, up, down
+    return 4.0 * layers * per_layer
+
+
+def roofline(runs: dict[str, dict[str, Any]], dtype: str) -> dict[str, Any]:
+    """Each run's share of the matmul peak of the cores it used."""
+    flops = lora_flops_per_token()
+    peaks = {n: matmul_peak(n, dtype) for n in (1, 2)}
+    fractions = {
+        name: round(
+            run["tokens_per_s"] * flops / 1e9 / peaks[run["workers"] * run["threads_per_worker"]], 3
+        )
+        for name, run in runs.items()
+    }
+    return {
+        "dtype": dtype,
+        "flops_per_token": flops,
+        "matmul_peak_gflops_by_threads": peaks,
+        "fraction_by_run": fractions,
+        "best": max(fractions.values()),
+    }
+
+
+def training_dtype() -> str:
+    """The dtype of the training matmuls: the default `precision: auto` resolved here."""
+    from radiag.students.config import DistillConfig
+
+    return "bfloat16" if DistillConfig().resolved().precision == "bf16-mixed" else "float32"
 
 
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -298,7 +362,10 @@ def main(
     text["1x2"] = train(run_dir, "text", 1, steps, warmup, threads=2, batch_size=2 * BATCH["text"])
     text["2x1"] = train(run_dir, "text", 2, steps, warmup)  # last: its student is the one inferred
     vlm = {n: train(run_dir, "vlm", n, steps, warmup) for n in (1, 2)}
+    text_roofline = roofline(text, training_dtype())
     results = {
+        "text_training_roofline_fraction": text_roofline["best"],
+        "goal_text_training_roofline_fraction": 0.4,
         "distributed_efficiency_equal_cores": ratio(text["2x1"], text["1x2"]),
         "goal_distributed_efficiency_equal_cores": 0.9,
         "scaling_one_thread_per_worker": ratio(text["2x1"], text["1x1"]),
@@ -306,6 +373,7 @@ def main(
         "text_student": {
             "model": "SmolLM2-135M-Instruct + LoRA r16",
             "runs": text,
+            "roofline": text_roofline,
             "note": "runs named workers x threads; 1x2 takes 4 sequences a step, as 2x1 "
             "does (2 per worker), so the equal-cores pair does the same work a step",
         },
