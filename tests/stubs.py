@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from http.server import BaseHTTPRequestHandler
 
 
@@ -41,3 +42,14 @@ class StubTeacher(JsonEndpoint):
                  "role": "assistant", "content": f"The MMSE is {mmse}.\nFinal Diagnosis: ({letter})"}}],
              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         )  # fmt: skip
+
+
+class SlowStubTeacher(StubTeacher):
+    """`StubTeacher` taking `delay_s` per answer, so a command is still generating when a
+    test kills it at a random moment."""
+
+    delay_s = 0.25
+
+    def do_POST(self) -> None:
+        time.sleep(self.delay_s)
+        super().do_POST()
