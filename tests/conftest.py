@@ -231,8 +231,9 @@ def split_run(
 def trained_run(
     split_run: Path, tmp_path_factory: pytest.TempPathFactory, tiny_student: StudentFactory
 ) -> Path:
-    """`split_run` with logistic baselines, both tiny students (2 steps each) and the text
-    student's batch diagnosis of three test patients: a finished run to serve or carry over."""
+    """`split_run` with logistic baselines, both tiny students (2 steps each) and both
+    students' batch diagnosis of three test patients (imaged ones first): a finished run to
+    serve or carry over."""
     import shutil
 
     from radiag.baseline import BaselineConfig, run_baseline
@@ -249,7 +250,8 @@ def trained_run(
     # Short rationales: the served students answer with this config too, so load tests
     # measure the app, not 160 tokens of a random model per request.
     diagnose = StudentDiagnoseConfig(limit=3, batch_size=1, max_new_tokens=16)
-    run_student_diagnose("text", diagnose, store)
+    for kind in ("text", "vlm"):  # the served answers are compared with these
+        run_student_diagnose(kind, diagnose, store)
     return root
 
 

@@ -156,6 +156,32 @@ def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> N
                 assert answer["probabilities"][label] == pytest.approx(want[column], abs=1e-4)
 
 
+@pytest.mark.reliability
+def test_the_served_mri_student_answers_as_its_batch_stage_for_the_same_record_and_t1(
+    served_app: ServedApp,
+) -> None:
+    store = RunStore(str(served_app.run))
+    batch = {r["patient_id"]: r for r in read_parts(store, "predictions/student-vlm").to_pylist()}
+    test = store.read_table("splits/test.parquet").to_pylist()
+    imaged = [r for r in test if r["patient_id"] in batch and r["mri_path"]]
+    assert len(imaged) >= 2
+    for row in imaged:
+        record = {c.name: row[c.name] for c in SERVED_COLUMNS if row[c.name] is not None}
+        record["EXAMDATE"] = record["EXAMDATE"].isoformat()
+        request = {"model": "student-vlm", "patient": record, "patient_id": row["patient_id"]}
+        with served_app.client() as client:
+            response = client.post(
+                "/v1/diagnose",
+                data={"request": json.dumps(request)},
+                files={"mri": ("t1.nii.gz", Path(row["mri_path"]).read_bytes())},
+            )
+        assert response.status_code == 200, response.text
+        answer, want = response.json(), batch[row["patient_id"]]
+        assert answer["diagnosis"] == want["diagnosis"], row["patient_id"]
+        for label, column in PROBABILITY_COLUMNS.items():
+            assert answer["probabilities"][label] == pytest.approx(want[column], abs=1e-4)
+
+
 def test_concurrent_requests_are_answered_in_batches(served_app: ServedApp) -> None:
     """`@serve.batch`: requests that arrive together share one generate call, and a
     batched answer is the answer the patient gets alone (greedy)."""
