@@ -1,6 +1,6 @@
-"""A generating command SIGKILLed at random moments (three seeds), then run to the end:
-every row generated exactly once, none lost, and no part file finished before a kill
-rewritten.
+"""Faults while a teacher stage generates: its command SIGKILLed at random moments (three
+seeds) then run to the end, or its engine actor killed: every row generated exactly once,
+none lost, and no part file finished before a kill rewritten.
 
 The command joins the session's Ray cluster (a kill then costs its driver, not a cluster
 start) and asks a slow stub teacher (0.25 s an answer, one at a time), so each kill lands
@@ -28,8 +28,10 @@ from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
+from radiag.config import load_config
+from radiag.pipeline import RunConfig
 from radiag.store import RunStore
-from radiag.teacher.stages import read_output
+from radiag.teacher.stages import read_output, teacher_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 ROWS = 40
@@ -92,3 +94,31 @@ def test_random_kills_lose_nothing_duplicate_nothing_and_redo_nothing(
     final = generated(job)
     assert len(final) == len(set(final)) == ROWS and set(done) <= set(final)
     assert job.part_files().items() >= finished.items()
+
+
+def test_a_killed_engine_actor_is_replaced_and_every_row_written_once(job: RationalizeJob) -> None:
+    """The engine's Ray actor SIGKILLed mid-stage (a crash, an OOM kill): Ray Data starts
+    another and hands it the unfinished batches; the stage ends with every row once."""
+    from ray.util.state import list_actors
+
+    cfg = load_config(RunConfig, job.config).rationalize
+    assert cfg is not None
+    outcome: dict[str, object] = {}
+    stage = threading.Thread(
+        target=lambda: outcome.update(summary=teacher_stage("rationalize", cfg, job.store))
+    )
+    stage.start()
+    deadline = time.monotonic() + 120
+    while not job.part_files():
+        assert stage.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    (engine,) = [
+        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TeacherWorker" in a.class_name
+    ]
+    os.kill(engine.pid, signal.SIGKILL)
+    stage.join(timeout=300)
+
+    summary = outcome["summary"]
+    final = generated(job)
+    assert len(final) == len(set(final)) == ROWS
+    assert summary.counts["errors"] == 0 and summary.counts["generated_now"] == ROWS
