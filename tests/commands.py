@@ -32,8 +32,12 @@ class RationalizeJob:
     def part_files(self) -> dict[str, int]:
         """Part file -> modification time, wherever the run store is."""
         selector = pafs.FileSelector(self.store.path("rationales"), allow_not_found=True)
+        try:
+            found = self.store.fs.get_file_info(selector)
+        except FileNotFoundError:  # the stage is (re)creating its folder right now
+            return {}
         return {
             info.base_name: info.mtime_ns
-            for info in self.store.fs.get_file_info(selector)
+            for info in found
             if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
         }

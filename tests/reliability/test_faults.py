@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import yaml
@@ -99,8 +100,6 @@ def test_random_kills_lose_nothing_duplicate_nothing_and_redo_nothing(
 def test_a_killed_engine_actor_is_replaced_and_every_row_written_once(job: RationalizeJob) -> None:
     """The engine's Ray actor SIGKILLed mid-stage (a crash, an OOM kill): Ray Data starts
     another and hands it the unfinished batches; the stage ends with every row once."""
-    from ray.util.state import list_actors
-
     cfg = load_config(RunConfig, job.config).rationalize
     assert cfg is not None
     outcome: dict[str, object] = {}
@@ -112,8 +111,10 @@ def test_a_killed_engine_actor_is_replaced_and_every_row_written_once(job: Ratio
     while not job.part_files():
         assert stage.is_alive() and time.monotonic() < deadline
         time.sleep(0.05)
-    (engine,) = [
-        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TeacherWorker" in a.class_name
+    (engine,) = [  # Ray names the actor's process after its class
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "TeacherWorker" in " ".join(p.info["cmdline"] or [])
     ]
     os.kill(engine.pid, signal.SIGKILL)
     stage.join(timeout=300)
