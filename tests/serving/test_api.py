@@ -67,7 +67,7 @@ BYPASSES = {  # an attempt to reach a protected route without the token in a hea
 BYPASS_HEADERS = {
     "token as Basic user name": {"Authorization": "Basic " + base64.b64encode(f"{TOKEN}:x".encode()).decode()},
     "Basic with a wrong password": {"Authorization": "Basic " + base64.b64encode(b"clinician:guess").decode()},
-    "Bearer with an empty token": {"Authorization": "Bearer "},
+    "Bearer with an empty token": {"Authorization": "Bearer"},
 }  # fmt: skip
 
 
