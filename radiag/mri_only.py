@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import logging
 import time
 from typing import Any
 
@@ -36,8 +35,6 @@ from radiag.store import RunStore
 from radiag.students.config import OptimSettings
 from radiag.students.modeling import EncoderName, build_encoder
 from radiag.students.volumes import VolumeConfig, load_volume, prepare_volumes
-
-log = logging.getLogger(__name__)
 
 MRI_ONLY_MODEL = "mri-only"
 MRI_ONLY_STAGE = Stage("mri-only", "mri_only", also=(predictions_dir(MRI_ONLY_MODEL),))
@@ -102,8 +99,9 @@ def _fit(cfg: MriOnlyConfig, store: RunStore) -> StageSummary:
     test = imaged_rows(store, "test", ["patient_id"])  # test labels stay unread
     both = pa.concat_tables([train.select(["patient_id", "mri_path"]), test])
     prepared = prepare_volumes(both, cfg.volumes, store).table
-    volume_of = {r["patient_id"]: r["volume_path"] for r in prepared.to_pylist()}
-    error_of = {r["patient_id"]: r["error"] for r in prepared.to_pylist()}
+    volumes = prepared.to_pylist()  # one row per visit: a volume or an error
+    volume_of = {r["patient_id"]: r["volume_path"] for r in volumes}
+    error_of = {r["patient_id"]: r["error"] for r in volumes}
     examples = [
         (volume_of[r["patient_id"]], CLASSES.index(Label(r["label"])))
         for r in train.to_pylist()

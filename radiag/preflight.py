@@ -3,9 +3,9 @@
 A cluster job that fails an hour in, on a bucket name typo, wastes the hour and the GPUs.
 `preflight(cfg, stages)` checks, for the stages about to run: the run directory can be
 written (on S3: the bucket exists and the credentials work), every input file and folder
-exists and can be read, a column mapping validates, every model directory holds a loadable config (or its GGUF /
-bundling package exists), and every OpenAI-compatible endpoint answers `/models` with its
-key. All problems are reported together, one line each.
+exists and can be read, a column mapping validates, every model directory holds a loadable
+config (or its GGUF / bundling package exists), and every OpenAI-compatible endpoint
+answers `/models` with its key. All problems are reported together, one line each.
 """
 
 from __future__ import annotations

@@ -241,8 +241,8 @@ class ExemplarPool:
         """k exemplars for each query description, most similar (or in seeded order) first.
 
         "fixed" gives every query the same exemplars; "random" a seeded draw keyed by the
-        query's patient_id (its description when no ids are given); "similar" ranks the pool by cosine
-        similarity, all queries in one matrix product per block of 1024. With `balanced`,
+        query's patient_id (its description when no ids are given); "similar" ranks the
+        pool by cosine similarity, all queries in one matrix product per block of 1024. With `balanced`,
         round r takes the r-th best of each class, the classes in the order of their
         candidates' scores, so k=3 gives one AD, one MCI and one CN. A class with no
         (remaining) pool row is skipped and the others fill its places; fewer than k
