@@ -76,8 +76,9 @@ OPEN_ROUTES = frozenset({"/healthz"})
 INGRESS_MAX_ONGOING = 256
 IDENTIFIERS = frozenset({"RID", "PTID", "VISCODE", "EXAMDATE"})
 """Left out of the page's example records: a synthetic patient needs no identifiers."""
-IDENTITY_WAIT_S = 0.5
-"""How long /v1/diagnose/models waits for a deployment to name its identity itself."""
+IDENTITY_WAIT_S = 0.25
+"""How long /v1/diagnose/models waits for the deployments (all at once) to name their
+identities themselves."""
 MODEL_FIELDS = frozenset(DiagnoseResponse.model_fields) - {
     "model", "patient_id", "description", "argued_class", "warnings", "latency_s",
 }  # fmt: skip
@@ -319,9 +320,11 @@ class RadiagIngress(OpenAiIngress):
         return HTMLResponse(PAGE.read_text())
 
     async def diagnose_models(self) -> dict[str, Any]:
-        cards = []
-        for name, card in self.models.items():
-            cards.append({"name": name, **card, "identity": await self._identity(name)})
+        identities = await asyncio.gather(*(self._identity(name) for name in self.models))
+        cards = [
+            {"name": name, **card, "identity": identity}
+            for (name, card), identity in zip(self.models.items(), identities, strict=True)
+        ]
         # The page offers an MRI location only where the server may read one.
         return {"models": cards, "mri_locations": bool(self.cfg.limits.allowed_mri_prefixes)}
 

@@ -291,7 +291,9 @@ def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_
     """96 requests, 32 at a time, to a model slower than the request timeout (here 50 ms):
     after the first missed deadlines the ingress refuses the excess with 503 + Retry-After
     at once instead of letting each wait for its 504; meanwhile /readyz and the model
-    listing answer within a second."""
+    listing keep answering (the listing waits at most 0.25 s for a busy model's identity;
+    the bound here leaves room for a loaded 2-core runner, the figure is in
+    benchmarks/serving.py)."""
     app = deploy({"models": TEXT_ONLY, "limits": {"request_timeout_s": 0.05}})
 
     def post(index: int) -> Answer:
@@ -315,4 +317,4 @@ def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_
     assert len(by_status[503]) > len(by_status[504])
     assert max(a.seconds for a in by_status[503]) < 1.0
     assert all("at capacity" in a.body["detail"] for a in by_status[503])
-    assert probes and all(status == 200 and seconds < 1.0 for _, status, seconds in probes), probes
+    assert probes and all(status == 200 and seconds < 2.0 for _, status, seconds in probes), probes
