@@ -318,3 +318,51 @@ def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_
     assert max(a.seconds for a in by_status[503]) < 1.0
     assert all("at capacity" in a.body["detail"] for a in by_status[503])
     assert probes and all(status == 200 and seconds < 2.0 for _, status, seconds in probes), probes
+
+
+def ongoing_requests(deployment: str = "student-text") -> int:
+    """Requests a deployment's (single) replica holds now, queued or running, as the replica
+    itself counts them (asked on its control thread, so a running batch does not delay it)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()["applications"][APP]["deployments"]
+    (replica,) = details[deployment]["replicas"]
+    actor = ray.get_actor(replica["actor_name"], namespace="serve")
+    return ray.get(actor.get_num_ongoing_requests.remote(), timeout=10)
+
+
+@pytest.mark.reliability
+@pytest.mark.slow
+def test_a_request_whose_client_is_gone_stops_its_work_and_frees_its_batch_slot(deploy):
+    """16 clients post to a one-replica student that answers one request at a time and give
+    up after 0.3 s (they disconnect). Their requests are cancelled all the way to the
+    student: within seconds the replica holds none of them, where working through them
+    would keep it busy for 16 answers' time, and the next request is answered."""
+    scaling = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
+    students = {
+        "scaling": scaling,
+        "batching": {"max_batch_size": 1},
+        "diagnose": {"max_new_tokens": 400},  # long answers: the queue takes a while to serve
+    }
+    app = deploy({"models": TEXT_ONLY, "students": students})
+    with app.client() as client:
+        start = time.perf_counter()
+        assert client.post("/v1/diagnose", json=DIAGNOSE).status_code == 200
+        one_answer_s = time.perf_counter() - start
+
+    def post(index: int) -> Answer:
+        with app.client(timeout=0.3) as client:
+            return post_diagnose(client, index)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post, range(16)))
+    assert all(a.status == 0 for a in answers), answers  # every client gave up
+
+    gone_after = wait_until(lambda: ongoing_requests() == 0, 30, "the abandoned requests")
+    print(f"one answer: {one_answer_s:.2f} s; the replica was idle {gone_after:.1f} s later")
+    # Serving the 15 queued requests would take about 15 answers' time; cancelled, they are
+    # dropped at once and only the answer already running finishes.
+    assert gone_after < max(2.0, 5 * one_answer_s)
+    with app.client() as client:
+        assert client.post("/v1/diagnose", json=DIAGNOSE).status_code == 200
