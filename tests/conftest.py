@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import yaml
 from commands import RationalizeJob
-from stubs import StubTeacher
+from stubs import SlowStubTeacher, StubTeacher
 
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.split import SplitConfig
@@ -58,36 +62,79 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class S3Server:
+    """A real S3-compatible HTTP server on loopback (moto). Its buckets live in this
+    process, so `restart` brings it back on the same port with everything it held: what a
+    user sees when MinIO or a proxy in front of S3 goes away for a while."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = self._start()
+
+    def _start(self) -> Any:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        return server
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def restart(self, down_s: float) -> None:
+        """Down for `down_s` seconds (connections refused), then up again."""
+        self.stop()
+        time.sleep(down_s)
+        self._server = self._start()
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible HTTP server on loopback (moto), with a `radiag` bucket.
+def s3_server() -> Iterator[S3Server]:
+    """The session's S3 server, with a `radiag` bucket.
 
     Sets AWS_ENDPOINT_URL and dummy credentials, which is how a user points the run
     store at MinIO or any other S3-compatible service.
     """
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server = S3Server()
     env = {
-        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": server.endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="radiag")
-    yield endpoint
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="radiag")
+    yield server
     server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server: S3Server) -> str:
+    return s3_server.endpoint
+
+
+def _serve_stub(handler: type[StubTeacher]) -> Iterator[str]:
+    """A stub teacher on loopback, in a thread, for the session; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def slow_teacher() -> Iterator[str]:
+    """An OpenAI-style teacher that takes 0.25 s an answer: a stage is still generating
+    whenever a test breaks something under it."""
+    yield from _serve_stub(SlowStubTeacher)
 
 
 @pytest.fixture(scope="session")
@@ -260,13 +307,7 @@ def stub_teacher() -> Iterator[str]:
     """The base URL of a `StubTeacher` on loopback: the teacher stages' OpenAI backend where
     a test is about the pipeline around the teacher, not about the engine (tests/teacher
     runs the real one)."""
-    import threading
-    from http.server import ThreadingHTTPServer
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    yield from _serve_stub(StubTeacher)
 
 
 # The reliability suite's table (tests/reliability/README.md): one row per module of tests

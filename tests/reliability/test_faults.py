@@ -14,56 +14,37 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
 import pytest
 import ray
-import yaml
-from commands import RationalizeJob
-from stubs import SlowStubTeacher
+from commands import RationalizeJob, prepare_rationalize_job
+from conftest import S3Server
 
-from radiag.cohort.describe import DescribeConfig
-from radiag.cohort.split import SplitConfig
-from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
-from radiag.cohort.synthetic import SynthConfig
 from radiag.config import load_config
+from radiag.contract import StageSummary
 from radiag.pipeline import RunConfig
-from radiag.store import RunStore
 from radiag.teacher.stages import read_output, teacher_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 ROWS = 40
 
 
-@pytest.fixture(scope="module")
-def slow_teacher() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowStubTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+def prepare_job(run_dir: str, tmp_path: Path, slow_teacher: str) -> RationalizeJob:
+    """The job's command joins the session's cluster: a kill costs its driver only."""
+    ray_settings = {"address": ray.get_runtime_context().gcs_address}
+    return prepare_rationalize_job(run_dir, tmp_path / "run.yaml", slow_teacher, ROWS, ray_settings)
 
 
 @pytest.fixture
 def job(tmp_path: Path, slow_teacher: str, ray_cluster: None) -> RationalizeJob:
-    store = RunStore(str(tmp_path / "run"))
-    ingest(IngestConfig(synthetic=SynthConfig(subjects=60, max_visits=1)), store)
-    describe_and_split(DescribeConfig(), SplitConfig(), store)
-    engine = {"backend": "openai", "base_url": slow_teacher, "model": "stub",
-              "batch_size": 2, "batches_in_flight": 1, "max_concurrency": 1}  # fmt: skip
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run_dir": store.uri,
-                "rationalize": {"engine": engine, "regeneration_attempts": 0, "limit": ROWS},
-                "ray": {"address": ray.get_runtime_context().gcs_address},
-            }
-        )
-    )
-    return RationalizeJob(store, config)
+    return prepare_job(str(tmp_path / "run"), tmp_path, slow_teacher)
+
+
+@pytest.fixture
+def s3_job(tmp_path: Path, slow_teacher: str, ray_cluster: None) -> RationalizeJob:
+    return prepare_job(f"s3://radiag/faults-{tmp_path.name}", tmp_path, slow_teacher)
 
 
 def generated(job: RationalizeJob) -> list[str]:
@@ -97,29 +78,79 @@ def test_random_kills_lose_nothing_duplicate_nothing_and_redo_nothing(
     assert job.part_files().items() >= finished.items()
 
 
+class StageThread(threading.Thread):
+    """The job's rationalize stage run in this process, in a thread, so that the test can
+    break something under it; `result()` is its summary or raises what it raised."""
+
+    def __init__(self, job: RationalizeJob) -> None:
+        super().__init__()
+        self.job, self.summary, self.error = job, None, None
+
+    def run(self) -> None:
+        cfg = load_config(RunConfig, self.job.config).rationalize
+        assert cfg is not None
+        try:
+            self.summary = teacher_stage("rationalize", cfg, self.job.store)
+        except Exception as err:  # the test decides what is allowed
+            self.error = err
+
+    def wait_for_first_part(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.job.part_files():
+            assert self.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def result(self) -> StageSummary:
+        self.join(timeout=300)
+        assert not self.is_alive(), "the stage did not end"
+        if self.error is not None:
+            raise self.error
+        assert self.summary is not None
+        return self.summary
+
+
 def test_a_killed_engine_actor_is_replaced_and_every_row_written_once(job: RationalizeJob) -> None:
     """The engine's Ray actor SIGKILLed mid-stage (a crash, an OOM kill): Ray Data starts
     another and hands it the unfinished batches; the stage ends with every row once."""
-    cfg = load_config(RunConfig, job.config).rationalize
-    assert cfg is not None
-    outcome: dict[str, object] = {}
-    stage = threading.Thread(
-        target=lambda: outcome.update(summary=teacher_stage("rationalize", cfg, job.store))
-    )
+    stage = StageThread(job)
     stage.start()
-    deadline = time.monotonic() + 120
-    while not job.part_files():
-        assert stage.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
+    stage.wait_for_first_part()
     (engine,) = [  # Ray names the actor's process after its class
         p
         for p in psutil.process_iter(["cmdline"])
         if "TeacherWorker" in " ".join(p.info["cmdline"] or [])
     ]
     os.kill(engine.pid, signal.SIGKILL)
-    stage.join(timeout=300)
 
-    summary = outcome["summary"]
+    summary = stage.result()
     final = generated(job)
     assert len(final) == len(set(final)) == ROWS
     assert summary.counts["errors"] == 0 and summary.counts["generated_now"] == ROWS
+
+
+def test_an_s3_outage_mid_stage_loses_and_duplicates_nothing(
+    s3_job: RationalizeJob, s3_server: S3Server
+) -> None:
+    """The S3 server holding the run goes away for 5 s mid-stage and comes back. The stage
+    either rides it out (the S3 client retries) or stops with the error; run again, it
+    writes only the missing rows: every row once, no finished part file rewritten."""
+    stage = StageThread(s3_job)
+    stage.start()
+    stage.wait_for_first_part()
+    s3_server.restart(down_s=5)
+    before = s3_job.part_files()
+    try:
+        first = stage.result()
+        print("rode out the outage:", first.counts)
+    except Exception as err:  # stopping with the error is allowed too
+        print("stopped by the outage:", type(err).__name__, str(err)[:300])
+    done = generated(s3_job)
+    assert len(done) == len(set(done))
+
+    again = StageThread(s3_job)
+    again.start()
+    summary = again.result()
+    final = generated(s3_job)
+    assert len(final) == len(set(final)) == ROWS
+    assert summary.counts["generated_now"] == ROWS - len(done)
+    assert s3_job.part_files().items() >= before.items()  # none rewritten
