@@ -29,10 +29,17 @@ from rich.table import Table
 
 from radiag.baseline import BaselineConfig, BaselineInputError, run_baseline
 from radiag.cohort.readers import CohortReadError
-from radiag.cohort.stages import describe_and_split, ingest, synthetic_mri
+from radiag.cohort.stages import (
+    COHORT_STAGE,
+    MRI_STAGE,
+    SPLITS_STAGE,
+    describe_and_split,
+    ingest,
+    synthetic_mri,
+)
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
-from radiag.contract import StageConflict, StageNotReady, StageSummary
+from radiag.contract import StageConflict, StageNotReady, StageSummary, read_record
 from radiag.evaluation.predictions import EvaluationInputError
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
 from radiag.experiments.config import SHARED_STAGES, ExperimentsConfig
@@ -281,6 +288,24 @@ def _stage(action: Callable[[], StageSummary], label: str) -> None:
     _show(summary, time.perf_counter() - start)
 
 
+COHORT_STAGES = {"cohort": COHORT_STAGE, "mri": MRI_STAGE, "splits": SPLITS_STAGE}
+"""What every later stage reads; a stage command on a new run runs them first."""
+
+
+def _cohort_first(cfg: RunConfig, store: RunStore) -> None:
+    """The cohort stages this run has not finished, run first, each saying so: a stage
+    command (or job) on a new run directory then works on its own. Finished ones are
+    left alone; the later stages' own inputs (rationales for a student) are not run."""
+    for name, stage in pipeline_stages(cfg):
+        record = read_record(store, COHORT_STAGES[name]) if name in COHORT_STAGES else None
+        if name not in COHORT_STAGES or (record is not None and record.status == "complete"):
+            continue
+        console.print(f"[cyan]first:[/] stage {name} has not run in this run yet", highlight=False)
+        if name == "mri":
+            connect_ray(cfg.ray)  # the T1 volumes are made with Ray Data
+        _show(stage(store, False))
+
+
 @app.command()
 def run(
     config: ConfigOption = None, set_: SetOption = None, fresh: FreshOption = False,
@@ -362,6 +387,7 @@ def rationalize(
     cfg = _config(config, set_)
     stage_cfg = cfg.rationalize or RationalizeConfig()
     with _session(cfg.run_dir, verbose, cfg, ["rationalize"]) as store:
+        _cohort_first(cfg, store)
         _show(teacher_stage("rationalize", stage_cfg, store, fresh))
 
 
@@ -380,6 +406,7 @@ def diagnose(
     checks = ["diagnose"] if model is DiagnosingModel.teacher else []
     with _session(cfg.run_dir, verbose, cfg, checks) as store:
         if model is DiagnosingModel.teacher:
+            _cohort_first(cfg, store)
             _show(teacher_stage("diagnose", cfg.diagnose or DiagnoseConfig(), store, fresh))
         else:
             kind = model.value
@@ -402,6 +429,7 @@ def distill(
     kind = student.value
     distill_cfg = getattr(cfg.students, kind) or DistillConfig()
     with _session(cfg.run_dir, verbose, cfg, [f"distill-{kind}"]) as store:
+        _cohort_first(cfg, store)
         _stage(lambda: run_distill(kind, distill_cfg, store, fresh), f"training the {kind} student")
 
 
@@ -413,6 +441,7 @@ def baseline(
     """Classical classifiers (scikit-learn) on the tabular features of the same splits."""
     cfg = _config(config, set_)
     with _session(cfg.run_dir, verbose) as store:
+        _cohort_first(cfg, store)
         _stage(lambda: run_baseline(cfg.baseline or BaselineConfig(), store, fresh), "baselines")
 
 

@@ -2,16 +2,19 @@
 
 A cluster job that fails an hour in, on a bucket name typo, wastes the hour and the GPUs.
 `preflight(cfg, stages)` checks, for the stages about to run: the run directory can be
-written (on S3: the bucket exists and the credentials work), every input file and folder
-exists and can be read, a column mapping validates, every model directory holds a loadable
-config (or its GGUF / bundling package exists), and every OpenAI-compatible endpoint
-answers `/models` with its key. All problems are reported together, one line each.
+written (on S3: the bucket exists and the credentials work; in a Ray job: it is not a
+relative local path, which would land in Ray's temporary copy of the working dir), every
+input file and folder exists and can be read, a column mapping validates, every model
+directory holds a loadable config (or its GGUF / bundling package exists, and the model
+cache it is converted into can be written), and every OpenAI-compatible endpoint answers
+`/models` with its key. All problems are reported together, one line each.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable
 
@@ -19,7 +22,8 @@ import pyarrow.fs as pafs
 
 from radiag.cohort.mapping import load_mapping
 from radiag.config import ConfigError
-from radiag.models import ModelError, ModelSpec, bundled_file
+from radiag.logs import RAY_JOB_CONFIG_ENV
+from radiag.models import ModelError, ModelSpec, bundled_file, model_cache_dir
 from radiag.pipeline import RunConfig
 from radiag.store import filesystem_for
 from radiag.teacher.engines import OpenAIEngineConfig, VllmEngineConfig
@@ -60,21 +64,33 @@ def preflight(cfg: RunConfig, stages: Iterable[str] | None = None) -> None:
     ]
     if cfg.evaluate is not None and cfg.evaluate.judge is not None and runs("evaluate"):
         engines.append(("evaluate.judge", cfg.evaluate.judge.engine))
+    models: list[ModelSpec] = []
     for name, engine in engines:
         if isinstance(engine, OpenAIEngineConfig):
             problems += [f"{name}: {p}" for p in endpoint_answers(engine)]
         elif isinstance(engine, VllmEngineConfig):
             problems += [f"{name}: {p}" for p in model_loadable(engine.model)]
+            models.append(engine.model)
     for kind in ("text", "vlm"):
         student = getattr(cfg.students, kind)
         if student is not None and runs(f"distill-{kind}"):
             problems += [f"students.{kind}: {p}" for p in model_loadable(student.model)]
+            models.append(student.model)
+    if any(spec.path is None for spec in models):  # a GGUF or bundled model is converted
+        problems += model_cache_writable()
     if problems:
         raise PreflightError("preflight found problems:\n  " + "\n  ".join(problems))
 
 
 def writable(uri: str) -> list[str]:
-    """A run directory we can create and write a file in (removed again)."""
+    """A run directory we can create and write a file in (removed again), and that outlives
+    the command: a Ray job runs in a copy of its working dir that Ray deletes later."""
+    if RAY_JOB_CONFIG_ENV in os.environ and "://" not in uri and not os.path.isabs(uri):
+        return [
+            f"run_dir {uri}: a relative path in a Ray job would write the run into Ray's "
+            f"temporary copy of the working dir ({os.getcwd()}), which Ray deletes later; "
+            "give an absolute path that the job's nodes share, or an s3:// URI"
+        ]
     try:
         fs, path = filesystem_for(uri)
         if uri.startswith("s3://"):
@@ -88,6 +104,22 @@ def writable(uri: str) -> list[str]:
         fs.delete_file(probe)
     except OSError as err:
         return [f"run_dir {uri}: cannot write there ({_short(err)})"]
+    return []
+
+
+def model_cache_writable() -> list[str]:
+    """The folder GGUF and bundled models are converted into can be created and written."""
+    cache = model_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".preflight-"):
+            pass
+    except OSError as err:
+        return [
+            f"model cache {cache} (RADIAG_MODEL_CACHE): cannot write there ({_short(err)}); "
+            "set RADIAG_MODEL_CACHE to a folder this user can write (on a cluster: one "
+            "every node mounts, so a model is converted once)"
+        ]
     return []
 
 

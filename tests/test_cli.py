@@ -172,3 +172,21 @@ def test_synth_writes_an_adnimerge_shaped_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     header = out.read_text().splitlines()[0].split(",")
     assert {"RID", "PTID", "VISCODE", "DX_bl", "DX", "AGE", "Years_bl", "ABETA"} <= set(header)
+
+
+def test_a_stage_command_on_a_new_run_runs_the_cohort_stages_first_and_only_once(
+    tmp_path: Path,
+) -> None:
+    """`radiag baseline` (as `python -m jobs.baseline`) on an empty run directory: the
+    cohort and its splits are made first, each saying so; the next command finds them."""
+    run = ["--set", f"run_dir={tmp_path / 'run'}", "--set", "cohort.synthetic.subjects=60",
+           "--set", "mri.subjects=0", "--set", "baseline.classifiers=[logistic]"]  # fmt: skip
+    first = runner.invoke(app, ["baseline", *run])
+    assert first.exit_code == 0, first.output
+    assert "first: stage cohort has not run" in first.output
+    assert "first: stage splits has not run" in first.output
+    assert (tmp_path / "run" / "splits" / "test.parquet").is_file()
+
+    again = runner.invoke(app, ["baseline", *run])
+    assert again.exit_code == 0, again.output
+    assert "first:" not in again.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -131,6 +132,23 @@ def test_the_pipeline_runs_as_a_job_submitted_with_the_cli(
     assert (run_dir / "manifest.json").is_file() and (run_dir / "reports" / "report.html").is_file()
 
 
+def test_a_relative_run_dir_is_refused_before_the_job_writes_anything(
+    head: dict[str, str], tmp_path: Path
+) -> None:
+    """`runs/x` in a job would land in Ray's temporary copy of the working dir (deleted
+    later): the job stops in preflight with exit code 2 and says what to give instead."""
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": "runs/job-relative", **SMALL_RUN}))
+    submitted = _ray(
+        "job", "submit", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+        "python", "-m", "jobs.run", "--config", str(config), env=head, timeout=300,
+    )  # fmt: skip
+    assert submitted.returncode != 0
+    assert "a relative path in a Ray job" in submitted.stdout, submitted.stdout[-3000:]
+    assert "job finished: radiag run exit code 2" in submitted.stdout
+    assert not (ROOT / "runs" / "job-relative").exists()
+
+
 SDK_SCRIPT = """
 import json, sys, time
 from ray.job_submission import JobSubmissionClient
@@ -167,3 +185,54 @@ def test_a_stage_job_from_job_submission_client_reports_status_and_logs(
     assert status == "FAILED"  # preflight: exit code 2, before any engine starts
     assert "preflight found problems" in logs and "does not answer" in logs
     assert "job finished: radiag rationalize exit code 2" in logs
+
+
+@pytest.mark.reliability
+def test_a_stopped_job_says_so_and_a_resubmitted_one_resumes_without_duplicates(
+    head: dict[str, str], tmp_path: Path, slow_teacher: str
+) -> None:
+    """`ray job stop` while the rationalize job generates, then the same job submitted
+    again: the first ends STOPPED and says what a resubmit does, the second writes only the
+    missing rows, every row once, no finished part file rewritten. The run keeps these two
+    jobs' Ray logs, fetched through Ray's log API, and none of the other jobs this head
+    ran before them."""
+    from commands import prepare_rationalize_job
+
+    from radiag.teacher.stages import read_output
+
+    rows = 40
+    job = prepare_rationalize_job(str(tmp_path / "run"), tmp_path / "job.yaml", slow_teacher, rows)
+    submit = ("job", "submit", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml")
+    entry = ("--", "python", "-m", "jobs.rationalize", "--config", str(job.config))
+    started = _ray(*submit, "--no-wait", *entry, env=head)
+    assert started.returncode == 0, started.stderr[-3000:]
+    (job_id,) = re.findall(r"raysubmit_\w+", started.stdout)[:1]
+
+    deadline = time.monotonic() + 300
+    while not job.part_files():
+        assert time.monotonic() < deadline, _ray("job", "logs", job_id, env=head).stdout[-3000:]
+        time.sleep(0.2)
+    assert _ray("job", "stop", job_id, env=head).returncode == 0
+    assert "STOPPED" in _ray("job", "status", job_id, env=head).stdout
+    stopped_logs = _ray("job", "logs", job_id, env=head).stdout
+    assert "job stopped: radiag rationalize ended by SIGTERM" in stopped_logs, stopped_logs[-3000:]
+    assert "resumes from them" in stopped_logs
+    finished = job.part_files()
+    done = read_output(job.store, "rationalize")["patient_id"].to_pylist()
+    assert len(done) == len(set(done)) < rows
+
+    again = _ray(*submit, *entry, env=head, timeout=420)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"generated_now={rows - len(done)} " in again.stdout
+    assert f"skipped_done={len(done)} " in again.stdout
+    final = read_output(job.store, "rationalize")["patient_id"].to_pylist()
+    assert len(final) == len(set(final)) == rows
+    assert job.part_files().items() >= finished.items()
+
+    ray_logs = tmp_path / "run" / "logs" / "ray" / "127.0.0.1"  # one folder per node
+    submissions = {job_id, *re.findall(r"raysubmit_\w+", again.stdout)}
+    drivers = {p.name.removeprefix("job-driver-").removesuffix(".log")
+               for p in ray_logs.glob("job-driver-*.log")}  # fmt: skip
+    assert drivers and drivers <= submissions, drivers
+    workers_of_jobs = {p.name.split("-")[2] for p in ray_logs.glob("worker-*")}
+    assert 1 <= len(workers_of_jobs) <= 2, workers_of_jobs  # these two jobs' ids only

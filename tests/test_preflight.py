@@ -13,8 +13,9 @@ from stubs import JsonEndpoint
 from typer.testing import CliRunner
 
 from radiag.cli import app
+from radiag.logs import RAY_JOB_CONFIG_ENV
 from radiag.pipeline import RunConfig
-from radiag.preflight import PreflightError, preflight
+from radiag.preflight import PreflightError, preflight, writable
 
 KEY = "sk-preflight-test"
 
@@ -99,3 +100,37 @@ def test_a_stage_command_fails_in_preflight_with_exit_2(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "preflight found problems" in result.output and "does not answer" in result.output
+
+
+def test_a_relative_run_dir_is_refused_in_a_ray_job_and_absolute_ones_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job runs in Ray's temporary copy of its working dir: `runs/x` would be deleted
+    with it. Ray's job supervisor marks a job's environment with RAY_JOB_CONFIG_ENV."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RAY_JOB_CONFIG_ENV, "{}")
+    (problem,) = writable("runs/x")
+    assert problem.startswith("run_dir runs/x: a relative path in a Ray job")
+    assert str(tmp_path) in problem and "s3://" in problem
+    assert writable(str(tmp_path / "runs" / "x")) == []
+
+    monkeypatch.delenv(RAY_JOB_CONFIG_ENV)  # outside a job, relative is relative to where you are
+    assert writable("runs/x") == []
+
+
+def test_a_model_cache_that_cannot_be_written_is_named_with_the_variable_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundled teacher is converted into the model cache: a cache under a file (as
+    unwritable as another user's /models) is refused before Ray starts."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("RADIAG_MODEL_CACHE", str(blocker / "cache"))
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "rationalize": {}})
+    with pytest.raises(PreflightError) as refused:
+        preflight(cfg, ["rationalize"])
+    (line,) = [p for p in str(refused.value).splitlines() if "model cache" in p]
+    assert str(blocker / "cache") in line and "set RADIAG_MODEL_CACHE" in line
+
+    monkeypatch.setenv("RADIAG_MODEL_CACHE", str(tmp_path / "cache"))
+    preflight(cfg, ["rationalize"])  # a writable cache passes
