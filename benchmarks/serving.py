@@ -11,6 +11,9 @@ like with like (the machine is shared and noisy: compare within this file, not a
              requests/s, status counts;
   overload   one replica with max_ongoing_requests 1 and max_queued_requests 2 under a
              burst of 64 at once: only 200 and 503, then sequential requests all 200;
+  admission  the request timeout set to one unloaded answer's time, 96 requests 32 at
+             a time: how many are refused at once (503) and how fast, what a 504 costs,
+             and /readyz and /v1/diagnose/models latency all along;
   failover   two replicas under load at c=8; one replica actor is killed (`ray.kill`):
              failed requests, the longest gap without an answer, the time until the
              controller has two running replicas again, and requests after that;
@@ -380,7 +383,80 @@ def overload(run: Path, url: str, payloads: list[dict], recovery: int) -> dict[s
     }
 
 
-# -- 3. failover --------------------------------------------------------------------------
+# -- 3. admission ------------------------------------------------------------------------
+async def probe_while(
+    url: str, busy: asyncio.Future, paths: tuple[str, ...]
+) -> dict[str, list[tuple[int, float]]]:
+    """GET each of `paths` in turn until `busy` is done: (status, seconds) per probe."""
+    import httpx
+
+    probes: dict[str, list[tuple[int, float]]] = {path: [] for path in paths}
+    async with httpx.AsyncClient(base_url=url, headers=auth(), timeout=30) as client:
+        while not busy.done():
+            for path in paths:
+                start = time.perf_counter()
+                status = (await client.get(path)).status_code
+                probes[path].append((status, time.perf_counter() - start))
+            await asyncio.sleep(0.05)
+    return probes
+
+
+async def burst_with_probes(
+    url: str, payloads: list[dict], requests: int, concurrency: int
+) -> tuple[list[tuple[str, float]], dict[str, list[tuple[int, float]]]]:
+    """`requests` posts, `concurrency` at a time, while /readyz and the model listing are
+    probed: (status, seconds) of every post, and the probes."""
+    answers: list[tuple[str, float]] = []
+    order = iter(range(requests))
+    async with client_for(url, concurrency) as client:
+
+        async def worker() -> None:
+            for i in order:
+                status, start, end, _ = await send(client, payloads[i % len(payloads)])
+                answers.append((status, end - start))
+
+        busy = asyncio.gather(*(worker() for _ in range(concurrency)))
+        probes = await probe_while(url, busy, ("/readyz", "/v1/diagnose/models"))
+        await busy
+    return answers, probes
+
+
+def admission(run: Path, url: str, payloads: list[dict], requests: int) -> dict[str, Any]:
+    """The request timeout set to one unloaded answer's time, then `requests` posts 32 at a
+    time: queued requests would each wait that whole timeout for a 504; the ingress's
+    deadline-aware admission refuses the excess at once (503 + Retry-After) instead. Health
+    and the model listing are probed all along."""
+    args: dict[str, Any] = {"models": [STUDENT], **student_args({"min_replicas": 1,
+                                                                 "max_replicas": 1})}  # fmt: skip
+    deploy(run, url, args)
+    unloaded = asyncio.run(load(url, payloads, 8, 1))
+    timeout_s = round(unloaded["p50_ms"] / 1000, 3)
+    args["limits"] = {"request_timeout_s": timeout_s}
+    deploy(run, url, args)
+    answers, probes = asyncio.run(burst_with_probes(url, payloads, requests, 32))
+    by_status: dict[str, list[float]] = {}
+    for status, seconds in answers:
+        by_status.setdefault(status, []).append(1000 * seconds)
+
+    def ms(values: list[float]) -> dict[str, Any]:
+        return {"n": len(values), "p50_ms": round(percentile(values, 0.5), 1),
+                "max_ms": round(max(values), 1)}  # fmt: skip
+
+    return {
+        "args": args,
+        "unloaded_answer_p50_ms": unloaded["p50_ms"],
+        "request_timeout_s": timeout_s,
+        "requests": requests,
+        "concurrency": 32,
+        "by_status": {s: ms(v) for s, v in sorted(by_status.items())},
+        "probes": {
+            path: {**ms([1000 * t for _, t in got]), "all_200": all(s == 200 for s, _ in got)}
+            for path, got in probes.items()
+        },
+    }
+
+
+# -- 4. failover --------------------------------------------------------------------------
 def replica_actors() -> list[str]:
     """Names of the student's replica actors (named actors: no dashboard needed)."""
     import ray
@@ -479,7 +555,7 @@ def failover(
     }
 
 
-# -- 4. teacher -----------------------------------------------------------------------------
+# -- 5. teacher -----------------------------------------------------------------------------
 def chat_prompts(run: Path, n: int) -> list[list[dict[str, str]]]:
     from radiag.store import RunStore
 
@@ -737,7 +813,7 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{key}: {value}")
 
 
-SECTIONS = ("batching", "overload", "failover", "teacher")
+SECTIONS = ("batching", "overload", "admission", "failover", "teacher")
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -756,6 +832,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     if overloaded := results.get("overload"):
         keys["overload_only_200_and_503"] = overloaded["only_200_and_503"]
         keys["overload_recovered"] = overloaded["recovered"]
+    if admitted := results.get("admission"):
+        statuses = admitted["by_status"]
+        keys["admission_refused_503"] = statuses.get("503", {}).get("n", 0)
+        keys["admission_503_max_ms"] = statuses.get("503", {}).get("max_ms")
+        keys["admission_504_p50_ms"] = statuses.get("504", {}).get("p50_ms")
+        keys["admission_probe_max_ms"] = max(p["max_ms"] for p in admitted["probes"].values())
+        keys["goal_admission_probe_max_ms"] = 1000
     if fo := results.get("failover"):
         keys["failover_failed_requests"] = fo["failed_requests"]
         keys["failover_gap_s"] = fo["longest_gap_without_answer_s"]
@@ -782,7 +865,7 @@ def main(
         str | None,
         typer.Option(
             help="re-measure only these sections (comma-separated: batching, overload, "
-            "failover, teacher) into the existing file"
+            "admission, failover, teacher) into the existing file"
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="results file")] = RESULTS,
@@ -879,6 +962,8 @@ def main(
                                      **batching(run, url, payloads, requests, rounds)})  # fmt: skip
     if "overload" in sections:
         measure("overload", lambda: overload(run, url, payloads, recovery))
+    if "admission" in sections:
+        measure("admission", lambda: admission(run, url, payloads, 96))
     if "failover" in sections:
 
         def failover_section() -> dict[str, Any]:
