@@ -187,26 +187,45 @@ def test_a_stage_job_from_job_submission_client_reports_status_and_logs(
     assert "job finished: radiag rationalize exit code 2" in logs
 
 
+def _submitted_id(output: str) -> str:
+    return re.findall(r"raysubmit_\w+", output)[0]
+
+
+def _logs_of_run(run: Path) -> tuple[set[str], set[str]]:
+    """The submission ids of the job driver logs in a run's `logs/ray/` and the Ray job ids
+    its worker logs name (`worker-<worker id>-<job id>-<pid>.out`), from the head's folder
+    (`<node ip>/`: fetched through Ray's log API)."""
+    folder = run / "logs" / "ray" / "127.0.0.1"
+    drivers = {p.name.removeprefix("job-driver-").removesuffix(".log")
+               for p in folder.glob("job-driver-*.log")}  # fmt: skip
+    return drivers, {p.name.split("-")[2] for p in folder.glob("worker-*")}
+
+
 @pytest.mark.reliability
-def test_a_stopped_job_says_so_and_a_resubmitted_one_resumes_without_duplicates(
+def test_a_stopped_job_says_so_a_resubmitted_one_resumes_and_concurrent_jobs_logs_stay_apart(
     head: dict[str, str], tmp_path: Path, slow_teacher: str
 ) -> None:
-    """`ray job stop` while the rationalize job generates, then the same job submitted
-    again: the first ends STOPPED and says what a resubmit does, the second writes only the
-    missing rows, every row once, no finished part file rewritten. The run keeps these two
-    jobs' Ray logs, fetched through Ray's log API, and none of the other jobs this head
-    ran before them."""
+    """Two rationalize jobs on two runs at once; `ray job stop` on the first while it
+    generates, then the same job submitted again. The stopped job ends STOPPED and says what
+    a resubmit does; the resubmit writes only the missing rows, every row once, no finished
+    part file rewritten. Each run keeps its own jobs' Ray logs and none of the other's (nor
+    of the jobs this head ran before)."""
     from commands import prepare_rationalize_job
 
     from radiag.teacher.stages import read_output
 
     rows = 40
-    job = prepare_rationalize_job(str(tmp_path / "run"), tmp_path / "job.yaml", slow_teacher, rows)
+    job = prepare_rationalize_job(str(tmp_path / "a"), tmp_path / "a.yaml", slow_teacher, rows)
+    other = prepare_rationalize_job(str(tmp_path / "b"), tmp_path / "b.yaml", slow_teacher, 8)
     submit = ("job", "submit", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml")
-    entry = ("--", "python", "-m", "jobs.rationalize", "--config", str(job.config))
-    started = _ray(*submit, "--no-wait", *entry, env=head)
-    assert started.returncode == 0, started.stderr[-3000:]
-    (job_id,) = re.findall(r"raysubmit_\w+", started.stdout)[:1]
+
+    def entry(config: Path) -> tuple[str, ...]:
+        return ("--", "python", "-m", "jobs.rationalize", "--config", str(config))
+
+    started = _ray(*submit, "--no-wait", *entry(job.config), env=head)
+    beside = _ray(*submit, "--no-wait", *entry(other.config), env=head)
+    assert started.returncode == beside.returncode == 0, started.stderr + beside.stderr
+    job_id, other_id = _submitted_id(started.stdout), _submitted_id(beside.stdout)
 
     deadline = time.monotonic() + 300
     while not job.part_files():
@@ -221,7 +240,7 @@ def test_a_stopped_job_says_so_and_a_resubmitted_one_resumes_without_duplicates(
     done = read_output(job.store, "rationalize")["patient_id"].to_pylist()
     assert len(done) == len(set(done)) < rows
 
-    again = _ray(*submit, *entry, env=head, timeout=420)
+    again = _ray(*submit, *entry(job.config), env=head, timeout=420)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"generated_now={rows - len(done)} " in again.stdout
     assert f"skipped_done={len(done)} " in again.stdout
@@ -229,10 +248,11 @@ def test_a_stopped_job_says_so_and_a_resubmitted_one_resumes_without_duplicates(
     assert len(final) == len(set(final)) == rows
     assert job.part_files().items() >= finished.items()
 
-    ray_logs = tmp_path / "run" / "logs" / "ray" / "127.0.0.1"  # one folder per node
-    submissions = {job_id, *re.findall(r"raysubmit_\w+", again.stdout)}
-    drivers = {p.name.removeprefix("job-driver-").removesuffix(".log")
-               for p in ray_logs.glob("job-driver-*.log")}  # fmt: skip
-    assert drivers and drivers <= submissions, drivers
-    workers_of_jobs = {p.name.split("-")[2] for p in ray_logs.glob("worker-*")}
-    assert 1 <= len(workers_of_jobs) <= 2, workers_of_jobs  # these two jobs' ids only
+    while "SUCCEEDED" not in _ray("job", "status", other_id, env=head).stdout:
+        assert time.monotonic() < deadline + 300, "the job beside it did not finish"
+        time.sleep(1)
+    drivers, job_ids = _logs_of_run(tmp_path / "a")
+    other_drivers, other_job_ids = _logs_of_run(tmp_path / "b")
+    assert drivers and drivers <= {job_id, _submitted_id(again.stdout)}, drivers
+    assert other_drivers == {other_id}
+    assert job_ids and other_job_ids and not job_ids & other_job_ids, (job_ids, other_job_ids)
