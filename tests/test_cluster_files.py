@@ -549,6 +549,31 @@ def _serve_config_v2() -> dict[str, Any]:
     return yaml.safe_load(serve_config)
 
 
+def kuberay_services(document: dict[str, Any]) -> list[str]:
+    """The Services KubeRay makes for a resource: a RayCluster's head Service, a
+    RayService's head and serve Services (a RayJob's cluster has a generated name)."""
+    name = document["metadata"]["name"]
+    return {"RayCluster": [f"{name}-head-svc"],
+            "RayService": [f"{name}-head-svc", f"{name}-serve-svc"]}.get(document["kind"], [])  # fmt: skip
+
+
+def test_every_resource_and_service_name_is_unique_in_one_namespace() -> None:
+    """cluster/README applies every manifest into one namespace: no two resources of a kind,
+    and no two Services KubeRay makes for them, may share a name."""
+    documents = [doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in _documents(path)]
+    names = [(doc["kind"], doc["metadata"]["name"]) for doc in documents]
+    assert len(names) == len(set(names)), names
+    services = [svc for doc in documents for svc in kuberay_services(doc)]
+    assert len(services) == len(set(services)), services
+
+
+def test_the_served_teacher_takes_the_runs_context_length() -> None:
+    """A fixed max_model_len below the run's would refuse its own few-shot prompts."""
+    for config in (_documents(SERVE_CONFIG)[0], _serve_config_v2()):
+        (application,) = config["applications"]
+        assert application["args"]["teacher"]["max_model_len"] is None
+
+
 def test_rayservice_uses_kuberay_v1_fields() -> None:
     service = _one(RAYSERVICE, "RayService")
     assert service["apiVersion"] == "ray.io/v1"
