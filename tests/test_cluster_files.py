@@ -229,8 +229,7 @@ def test_rayjob_runs_jobs_run_with_an_existing_config() -> None:
     assert spec["shutdownAfterJobFinishes"] is True
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.run"]
-    config = argv[argv.index("--config") + 1]
-    assert config.startswith("configs/") and (ROOT / config).is_file(), config
+    _repo_file(Path(argv[argv.index("--config") + 1]), "config")
     _check_cluster_spec(spec["rayClusterSpec"])
 
 
@@ -272,11 +271,28 @@ def _parse(name: str) -> tuple[str, dict[str, Any]]:
     return command_name, command.make_context(command_name, list(args)).params
 
 
+def configmap_files() -> dict[str, Path]:
+    """The radiag-configs ConfigMap as cluster/README.md creates it: key -> repository file."""
+    readme = (ROOT / "cluster" / "README.md").read_text().splitlines()
+    (command,) = [
+        line for line in readme if line.startswith("kubectl create configmap radiag-configs")
+    ]
+    files = {}
+    for arg in shlex.split(command):
+        if arg.startswith("--from-file="):
+            key, _, path = arg.removeprefix("--from-file=").rpartition("=")
+            files[key or Path(path).name] = ROOT / path
+    return files
+
+
 def _repo_file(path: Path | None, what: str) -> Path:
-    """A file an entrypoint names: relative to the uploaded working dir, in configs/."""
+    """A file an entrypoint names: in the radiag-configs ConfigMap, mounted at /config."""
     assert path is not None, f"every job names its {what}"
-    assert str(path).startswith("configs/") and (ROOT / path).is_file(), f"{what}: {path}"
-    return ROOT / path
+    assert str(path).startswith("/config/"), f"{what} {path}: not from the radiag-configs ConfigMap"
+    files = configmap_files()
+    key = str(path).removeprefix("/config/")
+    assert key in files and files[key].is_file(), f"{what} {path}: not in the ConfigMap"
+    return files[key]
 
 
 def _job_config(name: str) -> tuple[str, dict[str, Any], JobConfig]:
@@ -472,6 +488,43 @@ def _demands(command_name: str, params: dict[str, Any], cfg: JobConfig) -> list[
     else:
         demands = _run_demands(command_name, params, cfg)
     return [d for d in demands if d is not None]
+
+
+def _mounts(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath -> the volume mounted there, for every container of a pod."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {
+        mount["mountPath"]: volumes[mount["name"]]
+        for container in pod["containers"]
+        for mount in container.get("volumeMounts", [])
+    }
+
+
+def _local_paths(value: Any) -> list[str]:
+    """Every string in a config that names a local file or folder (absolute, or relative
+    with a file suffix); s3:// URIs are remote, any node reads them."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _local_paths(v)]
+    if isinstance(value, list | tuple):
+        return [p for v in value for p in _local_paths(v)]
+    local = isinstance(value, str) and "://" not in value
+    if local and (value.startswith("/") or Path(value).suffix in {".yaml", ".csv", ".parquet"}):
+        return [value]
+    return []
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_every_path_a_rayjob_reads_is_mounted_where_it_is_read_or_remote(name: str) -> None:
+    """The config comes from the radiag-configs ConfigMap on the head (the driver reads
+    it); every local path in it is on a volume every pod mounts (the models); data is
+    s3://. A path no pod mounts would fail the job and be retried on new clusters."""
+    job = _one(KUBERAY / name, "RayJob")
+    pods = _pods(job["spec"]["rayClusterSpec"])
+    assert _mounts(pods[0])["/config"]["configMap"]["name"] == "radiag-configs"
+    _, _, cfg = _job_config(name)
+    shared = set.intersection(*(set(_mounts(pod)) for pod in pods))
+    for path in _local_paths(cfg.model_dump(mode="json")):
+        assert any(path.startswith(f"{mount}/") for mount in shared), f"{name}: {path}"
 
 
 @pytest.mark.parametrize("name", RAYJOBS)
