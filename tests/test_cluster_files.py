@@ -160,6 +160,16 @@ def test_aws_config_has_what_the_launcher_needs() -> None:
     assert {"g5.xlarge", "p4d.24xlarge"} <= set(instance_types.values())
 
 
+def test_every_aws_node_can_write_to_s3_and_runs_the_projects_image() -> None:
+    """Workers write part files and checkpoints to S3: every node type has an instance
+    profile. Nodes run the image the README builds and install nothing at boot."""
+    cfg = _documents(AWS)[0]
+    for name, node in cfg["available_node_types"].items():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    assert cfg["docker"]["image"].rsplit("/", 1)[-1] == "radiag:latest"
+    assert not cfg["setup_commands"] and not cfg.get("file_mounts")
+
+
 def test_aws_config_passes_the_ray_launcher_schema() -> None:
     # What `ray up` does before it calls AWS: merge the provider defaults, then validate
     # against ray/autoscaler/ray-schema.json (rejects unknown or misspelt keys).
