@@ -620,6 +620,19 @@ def kuberay_services(document: dict[str, Any]) -> list[str]:
             "RayService": [f"{name}-head-svc", f"{name}-serve-svc"]}.get(document["kind"], [])  # fmt: skip
 
 
+def test_every_pod_runs_as_the_service_account_the_readme_creates() -> None:
+    """The ServiceAccount carries the pods' AWS role (IRSA): without it, no pod that writes
+    to S3 has credentials unless the optional radiag-aws Secret exists."""
+    assert "kubectl create serviceaccount radiag" in CLUSTER_README.read_text()
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        (doc,) = _documents(path)
+        spec = (
+            doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+        )
+        for pod in _pods(spec):
+            assert pod.get("serviceAccountName") == "radiag", path.name
+
+
 def test_every_resource_and_service_name_is_unique_in_one_namespace() -> None:
     """cluster/README applies every manifest into one namespace: no two resources of a kind,
     and no two Services KubeRay makes for them, may share a name."""
