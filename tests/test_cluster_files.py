@@ -782,6 +782,20 @@ def test_dockerfile_installs_the_pyproject_extra_of_each_flavor() -> None:
     assert teacher in install and teacher in (ROOT / "Makefile").read_text()
 
 
+def test_dockerfile_installs_the_dependencies_before_it_copies_the_code() -> None:
+    """A code change must not rebuild the multi-GB dependency layer: only the files that
+    decide the dependencies are copied before the install, the repository after it."""
+    instructions = _dockerfile()
+    install = instructions.index(("RUN", _install_run()))
+    copied = [(i, shlex.split(args)) for i, (keyword, args) in enumerate(instructions)
+              if keyword == "COPY"]  # fmt: skip
+    sources = [source for i, argv in copied if i < install for source in argv[:-1]
+               if not source.startswith("--")]  # fmt: skip
+    assert set(sources) <= {"pyproject.toml", "constraints-cpu.txt", "requirements/"}, sources
+    (code,) = [i for i, argv in copied if argv[-2:] == [".", "/home/ray/radiag"]]
+    assert code > install
+
+
 def test_dockerfile_converts_the_bundled_model_into_the_image() -> None:
     instructions = _dockerfile()
     runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
