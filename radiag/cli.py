@@ -10,6 +10,7 @@ signal: 143 for SIGTERM) within seconds, with finished batches kept for a rerun 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ from radiag.experiments.config import SHARED_STAGES, ExperimentsConfig
 from radiag.experiments.report import display_table, write_experiment
 from radiag.experiments.runner import run_experiments
 from radiag.experiments.table import experiment_tables
+from radiag.export import export_dataset
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
@@ -57,6 +59,7 @@ from radiag.students.config import DistillConfig
 from radiag.students.distill import StudentDataError, run_distill
 from radiag.students.predict import run_student_diagnose
 from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.imports import RationaleImportError, batch_file, import_rationales
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, teacher_stage
 from radiag.transfer import METRIC_HEADER, metric_cells, transfer_config
 from radiag.transfer import run as run_transfer
@@ -66,14 +69,20 @@ cohort_app = typer.Typer(
     help="Cohort stages: synthesise, ingest, MRI, describe + split.", no_args_is_help=True
 )
 models_app = typer.Typer(help="Local model directories (no hub at run time).", no_args_is_help=True)
+rationales_app = typer.Typer(
+    help="Rationales made elsewhere: a Batch API input file, and importing the results.",
+    no_args_is_help=True,
+)
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(models_app, name="models")
+app.add_typer(rationales_app, name="rationales")
 console = Console(stderr=True)
 log = logging.getLogger("radiag")
 
 USER_ERRORS = (
     ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
     BaselineInputError, StudentDataError, EvaluationInputError, PreflightError,
+    RationaleImportError,
 )  # fmt: skip
 """Errors whose message tells the user what to do: one red line, exit code 2."""
 
@@ -514,6 +523,27 @@ def _show_experiment(shown: pd.DataFrame, problems: list[str]) -> None:
 
 
 @app.command()
+def export(
+    run_dir: Annotated[str, typer.Option("--run", help="the run whose data set is exported")],
+    to: Annotated[str, typer.Option(help="a local folder or an s3:// prefix")],
+    include_descriptions: Annotated[bool, typer.Option(
+        help="a non-synthetic cohort's descriptions too (they restate the records)")] = False,
+    verbose: VerboseOption = False,
+) -> None:  # fmt: skip
+    """The augmented data set as Hugging Face datasets (Parquet splits and a DatasetDict),
+    chat-format JSONL and a dataset card; what a data-use agreement keeps out is named."""
+    if problems := writable(to):
+        raise _fail(problems[0].replace("run_dir", "--to", 1))
+    with _session(run_dir, verbose) as store, console.status("exporting"):
+        exported = export_dataset(store, to, include_descriptions)
+    rows = ", ".join(f"{name} {n}" for name, n in exported.rows.items())
+    console.print(f"[green]exported:[/] {exported.uri} ({rows}; chat {exported.chat_rows})",
+                  soft_wrap=True, highlight=False)  # fmt: skip
+    for line in exported.left_out:
+        console.print(f"  [yellow]left out:[/] {line}", soft_wrap=True, highlight=False)
+
+
+@app.command()
 def transfer(
     source: Annotated[str, typer.Option("--from", help="the trained run whose models are carried over")],
     cohort: Annotated[Path, typer.Option(help="YAML of the other cohort: an ingest config (source, path, mapping)")],
@@ -562,6 +592,37 @@ def _config_of_run(run_dir: str, overrides: list[str] | None) -> RunConfig:
         return load_config(RunConfig, overrides=overrides, base=recorded)
     except ConfigError as err:
         raise _fail(str(err)) from None
+
+
+@rationales_app.command("import")
+def rationales_import(
+    file: Annotated[Path, typer.Argument(help="Parquet or JSONL (patient_id, rationale[, "
+                                         "diagnosis, model]) or an OpenAI Batch API output")],
+    run_dir: Annotated[str, typer.Option("--run", help="the run whose training split it explains")],
+    fresh: FreshOption = False, verbose: VerboseOption = False,
+) -> None:  # fmt: skip
+    """Bring rationales made elsewhere into a run as its rationalize stage: refused rows are
+    named by file, line and patient; QC runs on the rest as on generated ones."""
+    with _session(run_dir, verbose) as store:
+        summary = import_rationales(store, file, fresh)
+        _show(summary)
+        for line in summary.details.get("refused") or []:
+            console.print(f"  [yellow]refused:[/] {line}", soft_wrap=True, highlight=False)
+
+
+@rationales_app.command("batch-file")
+def rationales_batch_file(
+    run_dir: Annotated[str, typer.Option("--run", help="the run whose training split to explain")],
+    model: Annotated[str, typer.Option(help="the hosted model the Batch API runs")],
+    out: Annotated[Path, typer.Option(help="the JSONL file to write")] = Path("batch-input.jsonl"),
+    max_tokens: Annotated[int, typer.Option(help="per rationale")] = 512,
+) -> None:  # fmt: skip
+    """Write an OpenAI Batch API input file: one chat request per labelled training patient
+    (custom_id = patient id), the messages the rationalize stage sends."""
+    with _session(run_dir, False) as store:
+        requests = batch_file(store, model, max_tokens)
+        out.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    console.print(f"[green]wrote[/] {len(requests)} requests to {out}", highlight=False)
 
 
 @cohort_app.command("synth")

@@ -395,7 +395,7 @@ def test_the_transfer_rayjob_diagnoses_the_other_cohort_as_the_trained_run_did()
 JOB_ENTRIES = {
     "run": "--config", "rationalize": "--config", "distill": "--config", "diagnose": "--config",
     "baseline": "--config", "evaluate": "--config", "transfer": "--from",
-    "experiments": "--config",
+    "experiments": "--config", "export": "--run",
 }  # fmt: skip
 RUN_EACH_ENTRY = """
 import contextlib, io, json, runpy, sys

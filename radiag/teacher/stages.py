@@ -255,17 +255,9 @@ class TeacherWorker:
         return result
 
     def _check(self, row: dict[str, Any], result: dict) -> dict:
-        """Rule-based QC: flag rationales that argue for another class or contradict the record."""
         result["label_shown"] = row["label"]
         if result["error"] is None:
-            report = check_rationale(
-                result["rationale"], {c: row.get(c) for c in RECORD_COLUMNS}, row["label"]
-            )
-            reasons = list(report.reasons)
-            if result["diagnosis"] is not None and result["diagnosis"] != row["label"]:
-                reasons.append(
-                    f"final answer {result['diagnosis']} differs from the label {row['label']}"
-                )
+            reasons = rationale_qc(row, result["rationale"], result["diagnosis"])
             result["qc_flagged"], result["qc_reasons"] = bool(reasons), reasons
         return result
 
@@ -289,6 +281,18 @@ class TeacherWorker:
         for result, chosen in zip(results, shots, strict=True):
             result["exemplar_ids"] = [s.patient_id for s in chosen]
         return list(results)
+
+
+def rationale_qc(row: dict[str, Any], rationale: str, diagnosis: str | None) -> list[str]:
+    """Rule-based QC of one rationale for a training row (its record and label): why it
+    argues for another class or contradicts the record; empty when it passes. The same
+    rules for generated and imported rationales."""
+    reasons = list(
+        check_rationale(rationale, {c: row.get(c) for c in RECORD_COLUMNS}, row["label"]).reasons
+    )
+    if diagnosis is not None and diagnosis != row["label"]:
+        reasons.append(f"final answer {diagnosis} differs from the label {row['label']}")
+    return reasons
 
 
 def _inputs(store: RunStore, task: str, split: str, limit: int | None) -> pa.Table:

@@ -1,0 +1,142 @@
+"""Rationales made elsewhere: the Batch API input file, and importing its output (or a
+partner's Parquet / JSONL) as the run's rationalize stage."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from radiag.cli import app
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+from radiag.cohort.synthetic import SynthConfig
+from radiag.contract import read_record, upstream_digest
+from radiag.store import RunStore
+from radiag.teacher.prompts import ANSWERS, rationalize_messages
+from radiag.teacher.stages import RATIONALIZE_STAGE, read_output
+
+runner = CliRunner()
+SHOWN = re.compile(r"The correct diagnosis is (\([ABC]\) [^.]+)\.")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A split synthetic run with no rationales yet."""
+    root = tmp_path / "run"
+    store = RunStore(str(root))
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=40, max_visits=1)), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    return root
+
+
+def hosted_model_output(request: dict, status: int = 200, answer: str | None = None) -> dict:
+    """What the Batch API writes for one request: a model that explains the label it is
+    shown (or `answer`), one output line per input line."""
+    shown = SHOWN.search(request["body"]["messages"][-1]["content"]).group(1)
+    text = f"The MMSE and the volumes fit.\nFinal Diagnosis: {answer or shown}"
+    body = {"model": "hosted-model", "usage": {"prompt_tokens": 100, "completion_tokens": 9},
+            "choices": [{"message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop"}]}  # fmt: skip
+    return {"id": "batch_req", "custom_id": request["custom_id"], "error": None,
+            "response": {"status_code": status, "body": body if status == 200 else {}}}  # fmt: skip
+
+
+def test_the_batch_file_asks_for_every_training_patient_with_the_stages_own_messages(
+    run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "batch-input.jsonl"
+    made = runner.invoke(app, ["rationales", "batch-file", "--run", str(run), "--model", "m",
+                               "--out", str(out)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    requests = [json.loads(line) for line in out.read_text().splitlines()]
+    train = RunStore(str(run)).read_table("splits/train.parquet").to_pandas()
+    train = train[train["label"].notna()].set_index("patient_id")
+    assert sorted(r["custom_id"] for r in requests) == sorted(train.index)
+    for request in requests:
+        row = train.loc[request["custom_id"]]
+        assert request["url"] == "/v1/chat/completions" and request["body"]["model"] == "m"
+        assert request["body"]["messages"] == rationalize_messages(row["description"], row["label"])
+
+
+def test_a_batch_output_is_imported_and_every_unusable_line_is_named(
+    run: Path, tmp_path: Path
+) -> None:
+    """Good lines become the stage's rows with QC run on them; a failed request, an unknown
+    patient, a rationale for another label and a repeated patient are refused by line."""
+    store = RunStore(str(run))
+    requests = [json.loads(line) for line in _batch_input(run, tmp_path).read_text().splitlines()]
+    lines = [hosted_model_output(r) for r in requests]
+    lines[0] = hosted_model_output(requests[0], status=500)
+    lines[1]["custom_id"] = "nobody"
+    shown = SHOWN.search(requests[2]["body"]["messages"][-1]["content"]).group(1)
+    wrong = next(answer for answer in ANSWERS.values() if answer != shown)
+    lines[2] = hosted_model_output(requests[2], answer=wrong)
+    lines.append(hosted_model_output(requests[3]))  # the same patient twice
+    output = tmp_path / "batch-output.jsonl"
+    output.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    result = runner.invoke(app, ["rationales", "import", str(output), "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    refused = [line for line in result.output.splitlines() if "refused:" in line]
+    assert len(refused) == 4, result.output
+    assert f"batch-output.jsonl:1: {requests[0]['custom_id']}: the request failed" in refused[0]
+    assert "batch-output.jsonl:2: nobody: not a labelled training patient" in refused[1]
+    assert f"batch-output.jsonl:3: {requests[2]['custom_id']}: explains" in refused[2]
+    assert f":{len(lines)}: {requests[3]['custom_id']}: a second rationale" in refused[3]
+
+    rows = read_output(store, "rationalize").to_pandas()
+    assert sorted(rows["patient_id"]) == sorted(r["custom_id"] for r in requests[3:])
+    assert (rows["engine"] == "import").all() and (rows["model"] == "hosted-model").all()
+    assert (rows["diagnosis"] == rows["label_shown"]).all()
+    assert rows["qc_flagged"].notna().all()
+    record = read_record(store, RATIONALIZE_STAGE)
+    assert record is not None and "batch-output.jsonl" in record.identity.files
+    assert upstream_digest(store, RATIONALIZE_STAGE)  # what distill's identity reads
+
+    again = runner.invoke(app, ["rationales", "import", str(output), "--run", str(run)])
+    assert again.exit_code == 0 and len(read_output(store, "rationalize")) == len(rows)
+
+
+def test_another_file_is_refused_unless_fresh_and_parquet_or_plain_jsonl_import_alike(
+    run: Path, tmp_path: Path
+) -> None:
+    train = RunStore(str(run)).read_table("splits/train.parquet").to_pandas()
+    train = train[train["label"].notna()]
+    partner = [{"patient_id": p, "rationale": f"Reasoning for {p}.", "diagnosis": label,
+                "model": "partner-lab"} for p, label in zip(train["patient_id"], train["label"],
+                                                            strict=True)]  # fmt: skip
+    jsonl = tmp_path / "partner.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in partner))
+    parquet = tmp_path / "partner.parquet"
+    pq.write_table(pa.Table.from_pylist(partner[:5]), parquet)
+
+    first = runner.invoke(app, ["rationales", "import", str(jsonl), "--run", str(run)])
+    assert first.exit_code == 0, first.output
+    assert len(read_output(RunStore(str(run)), "rationalize")) == len(partner)
+    other = runner.invoke(app, ["rationales", "import", str(parquet), "--run", str(run)])
+    assert other.exit_code == 2 and "--fresh" in other.output
+    fresh = ["rationales", "import", str(parquet), "--run", str(run), "--fresh"]
+    assert runner.invoke(app, fresh).exit_code == 0
+    assert len(read_output(RunStore(str(run)), "rationalize")) == 5  # the old rows set aside
+
+
+def test_a_file_with_no_usable_row_is_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"patient_id": "nobody", "rationale": "x"}\nnot json\n')
+    result = runner.invoke(app, ["rationales", "import", str(bad), "--run", str(run)])
+    assert result.exit_code == 2
+    assert "no row could be imported" in result.output and "bad.jsonl:2" in result.output
+
+
+def _batch_input(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "batch-input.jsonl"
+    made = ["rationales", "batch-file", "--run", str(run), "--model", "m", "--out", str(out)]
+    assert runner.invoke(app, made).exit_code == 0
+    return out

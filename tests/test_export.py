@@ -1,0 +1,134 @@
+"""`radiag export`: the augmented data set as other tools read it, and what a data-use
+agreement keeps out of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from radiag.cli import app
+from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.schema import Label
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+from radiag.store import RunStore
+from radiag.teacher.prompts import ANSWERS
+
+FIXTURES = Path(__file__).parent / "fixtures"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(split_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's synthetic run with rationales, exported by the command line."""
+    out = tmp_path_factory.mktemp("export") / "data-set"
+    result = runner.invoke(app, ["export", "--run", str(split_run), "--to", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "exported:" in result.output and "left out" not in result.output
+    return out
+
+
+def test_the_splits_load_with_datasets_both_ways_and_subjects_never_cross(
+    exported: Path, split_run: Path
+) -> None:
+    from datasets import load_dataset, load_from_disk
+
+    from_disk = load_from_disk(str(exported / "dataset"))
+    from_card = load_dataset(str(exported))  # the card's configs name data/<split>.parquet
+    assert set(from_disk) == set(from_card) == {"train", "validation", "test"}
+    store = RunStore(str(split_run))
+    for name, file in (("train", "train"), ("validation", "val"), ("test", "test")):
+        split = store.read_table(f"splits/{file}.parquet").to_pandas()
+        labelled = set(split.loc[split["label"].notna(), "patient_id"])
+        assert set(from_disk[name]["patient_id"]) == set(from_card[name]["patient_id"]) == labelled
+    subjects = {name: set(from_disk[name]["RID"]) for name in from_disk}
+    assert (
+        not subjects["train"] & subjects["test"] and not subjects["train"] & subjects["validation"]
+    )
+
+
+def test_training_rows_carry_their_rationale_and_its_provenance(
+    exported: Path, split_run: Path
+) -> None:
+    train = pq.read_table(exported / "data" / "train.parquet").to_pandas()
+    test = pq.read_table(exported / "data" / "test.parquet").to_pandas()
+    rationales = pq.read_table(split_run / "rationales").to_pandas().set_index("patient_id")
+    explained = train[train["rationale"].notna()]
+    assert len(explained) == len(rationales)
+    for row in explained.itertuples():
+        assert row.rationale == rationales.loc[row.patient_id, "rationale"]
+        assert row.qc_flagged == rationales.loc[row.patient_id, "qc_flagged"]
+    assert test["rationale"].isna().all()  # the teacher never explains a test patient
+
+
+def test_the_chat_file_is_what_a_student_trains_on_without_the_label_in_the_prompt(
+    exported: Path,
+) -> None:
+    """QC-flagged rationales stay out; the user turn is the diagnosis prompt (no label);
+    the assistant turn is the rationale and the final line."""
+    train = pq.read_table(exported / "data" / "train.parquet").to_pandas()
+    passed = train[train["rationale"].notna() & ~train["qc_flagged"].astype(bool)]
+    lines = [
+        json.loads(line) for line in (exported / "chat" / "train.jsonl").read_text().splitlines()
+    ]
+    assert {line["patient_id"] for line in lines} == set(passed["patient_id"])
+    by_id = passed.set_index("patient_id")
+    for line in lines:
+        _, user, assistant = line["messages"]
+        assert [m["role"] for m in line["messages"]] == ["system", "user", "assistant"]
+        assert "correct diagnosis" not in user["content"]
+        assert user["content"].startswith(by_id.loc[line["patient_id"], "description"])
+        assert assistant["content"].startswith(by_id.loc[line["patient_id"], "rationale"])
+        label = Label(by_id.loc[line["patient_id"], "label"])
+        assert assistant["content"].endswith(f"Final Diagnosis: {ANSWERS[label]}")
+
+
+def test_the_card_has_hugging_face_front_matter_and_says_what_the_data_is(exported: Path) -> None:
+    card = (exported / "README.md").read_text()
+    front, body = card.split("---\n")[1:3]
+    meta = json.loads(front)  # JSON is YAML: the Hub reads it
+    assert meta["configs"][0]["data_files"][0] == {"split": "train", "path": "data/train.parquet"}
+    for needed in ("Synthetic cohort", "Rationale length", "269.4", "QC flag rate",
+                   "stage identities", "Citation", "not a medical device"):  # fmt: skip
+        assert needed.lower() in body.lower(), needed
+
+
+def test_a_real_cohort_exports_no_record_columns_and_descriptions_only_when_asked(
+    tmp_path: Path, write_rationales
+) -> None:
+    """An ADNIMERGE-shaped export (data-use agreement): ids, labels, rationales; the
+    command names what it left out and why."""
+    run = tmp_path / "run"
+    store = RunStore(str(run))
+    shutil.copy(FIXTURES / "ADNIMERGE_quirks.csv", tmp_path / "ADNIMERGE.csv")
+    ingest(IngestConfig(source="adnimerge", path=str(tmp_path / "ADNIMERGE.csv")), store)
+    describe_and_split(DescribeConfig(), SplitConfig(), store)
+    write_rationales(store)
+
+    plain = runner.invoke(app, ["export", "--run", str(run), "--to", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert "left out: the source record's columns" in plain.output
+    assert "data-use agreement" in plain.output and "--include-descriptions" in plain.output
+    columns = pq.read_schema(tmp_path / "plain" / "data" / "train.parquet").names
+    assert {"patient_id", "label", "rationale"} <= set(columns)
+    assert not {"MMSE", "AGE", "PTID", "description"} & set(columns)
+    assert (tmp_path / "plain" / "chat" / "train.jsonl").read_text() == ""
+    assert "data-use agreement" in (tmp_path / "plain" / "README.md").read_text()
+
+    asked = ["export", "--run", str(run), "--to", str(tmp_path / "asked"), "--include-descriptions"]
+    assert runner.invoke(app, asked).exit_code == 0
+    columns = pq.read_schema(tmp_path / "asked" / "data" / "train.parquet").names
+    assert "description" in columns and "MMSE" not in columns
+
+
+def test_an_export_of_a_run_without_a_cohort_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["export", "--run", str(tmp_path / "empty"), "--to", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2
+    assert "stage cohort has not finished" in result.output
