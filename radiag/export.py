@@ -92,7 +92,7 @@ def _cohort_source(store: RunStore) -> str:
     record = read_record(store, COHORT_STAGE)
     if record is None or record.status != "complete":
         raise StageNotReady(f"stage cohort has not finished in {store.uri}: nothing to export")
-    return record.identity["config"]["source"]
+    return record.identity.config["source"]
 
 
 def _split_rows(store: RunStore, file: str, rationales: pd.DataFrame) -> pd.DataFrame:
@@ -149,7 +149,7 @@ def _chat_rows(train: pd.DataFrame) -> list[dict[str, Any]]:
     """QC-passed training rationales as the chat a `rationale_label` student trains on."""
     usable = train[train["rationale"].notna() & ~train["qc_flagged"].fillna(False).astype(bool)]
     rows = []
-    for row in usable.to_dict("records"):
+    for row in usable.astype(object).where(usable.notna(), None).to_dict("records"):
         (target,) = targets(row, "rationale_label", row.get("prompt_version") or "v1")
         answer = f"{target.text} {ANSWERS[Label(row['label'])]}"
         rows.append({

@@ -9,17 +9,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
 import yaml
 from commands import RationalizeJob
-from stubs import SlowStubTeacher, StubTeacher
+from stubs import S3Server, SlowStubTeacher, StubTeacher
 
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.split import SplitConfig
@@ -60,33 +58,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class S3Server:
-    """A real S3-compatible HTTP server on loopback (moto). Its buckets live in this
-    process, so `restart` brings it back on the same port with everything it held: what a
-    user sees when MinIO or a proxy in front of S3 goes away for a while."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = self._start()
-
-    def _start(self) -> Any:
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        server.start()
-        return server
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def restart(self, down_s: float) -> None:
-        """Down for `down_s` seconds (connections refused), then up again."""
-        self.stop()
-        time.sleep(down_s)
-        self._server = self._start()
 
 
 @pytest.fixture(scope="session")

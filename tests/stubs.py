@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 
 class JsonEndpoint(BaseHTTPRequestHandler):
@@ -53,3 +55,32 @@ class SlowStubTeacher(StubTeacher):
     def do_POST(self) -> None:
         time.sleep(self.delay_s)
         super().do_POST()
+
+
+class S3Server:
+    """A real S3-compatible HTTP server on loopback (moto). Its buckets live in this
+    process, so `restart` brings it back on the same port with everything it held: what a
+    user sees when MinIO or a proxy in front of S3 goes away for a while."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:  # a free port, kept across restarts
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = self._start()
+
+    def _start(self) -> Any:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        return server
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def restart(self, down_s: float) -> None:
+        """Down for `down_s` seconds (connections refused), then up again."""
+        self.stop()
+        time.sleep(down_s)
+        self._server = self._start()

@@ -18,6 +18,7 @@ from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.store import RunStore
 from radiag.teacher.prompts import ANSWERS
+from radiag.teacher.stages import read_output
 
 FIXTURES = Path(__file__).parent / "fixtures"
 runner = CliRunner()
@@ -57,7 +58,8 @@ def test_training_rows_carry_their_rationale_and_its_provenance(
 ) -> None:
     train = pq.read_table(exported / "data" / "train.parquet").to_pandas()
     test = pq.read_table(exported / "data" / "test.parquet").to_pandas()
-    rationales = pq.read_table(split_run / "rationales").to_pandas().set_index("patient_id")
+    rationales = read_output(RunStore(str(split_run)), "rationalize").to_pandas()
+    rationales = rationales.set_index("patient_id")
     explained = train[train["rationale"].notna()]
     assert len(explained) == len(rationales)
     for row in explained.itertuples():

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import ray
 from commands import RationalizeJob, prepare_rationalize_job
-from conftest import S3Server
+from stubs import S3Server
 
 from radiag.config import load_config
 from radiag.contract import StageSummary
