@@ -283,7 +283,8 @@ def stub_teacher() -> Iterator[str]:
 
 # The reliability suite's table (tests/reliability/README.md): one row per module of tests
 # marked `reliability`, what it tried (its docstring's first line), its cases and how many
-# held. A run with -m or -k leaves it alone (the not-slow tier would shrink it).
+# held. Only a run of the whole suite writes it: one with -m or -k, or of some files only,
+# leaves it alone (it would shrink the table to what ran).
 RELIABILITY_TABLE = Path(__file__).parent / "reliability" / "README.md"
 _reliability_outcomes: dict[str, dict[str, bool]] = {}
 
@@ -299,8 +300,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     options = session.config.option
+    whole_suite = session.config.args_source is pytest.Config.ArgsSource.TESTPATHS
     if (
         not _reliability_outcomes
+        or not whole_suite  # a run of some files would shrink the table to them
         or options.markexpr
         or options.keyword
         or getattr(options, "lf", False)

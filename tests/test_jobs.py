@@ -232,7 +232,7 @@ def test_a_stopped_job_says_so_a_resubmitted_one_resumes_and_concurrent_jobs_log
         assert time.monotonic() < deadline, _ray("job", "logs", job_id, env=head).stdout[-3000:]
         time.sleep(0.2)
     assert _ray("job", "stop", job_id, env=head).returncode == 0
-    assert "STOPPED" in _ray("job", "status", job_id, env=head).stdout
+    assert "was stopped" in _ray("job", "status", job_id, env=head).stdout  # STOPPED
     stopped_logs = _ray("job", "logs", job_id, env=head).stdout
     assert "job stopped: radiag rationalize ended by SIGTERM" in stopped_logs, stopped_logs[-3000:]
     assert "resumes from them" in stopped_logs
