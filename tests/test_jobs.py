@@ -194,8 +194,8 @@ def _submitted_id(output: str) -> str:
 def _logs_of_run(run: Path) -> tuple[set[str], set[str]]:
     """The submission ids of the job driver logs in a run's `logs/ray/` and the Ray job ids
     its worker logs name (`worker-<worker id>-<job id>-<pid>.out`), from the head's folder
-    (`<node ip>/`: fetched through Ray's log API)."""
-    folder = run / "logs" / "ray" / "127.0.0.1"
+    (`<node ip>/`, one per node: the files came through Ray's log API)."""
+    (folder,) = (run / "logs" / "ray").iterdir()  # this head is the only node
     drivers = {p.name.removeprefix("job-driver-").removesuffix(".log")
                for p in folder.glob("job-driver-*.log")}  # fmt: skip
     return drivers, {p.name.split("-")[2] for p in folder.glob("worker-*")}
@@ -232,7 +232,7 @@ def test_a_stopped_job_says_so_a_resubmitted_one_resumes_and_concurrent_jobs_log
         assert time.monotonic() < deadline, _ray("job", "logs", job_id, env=head).stdout[-3000:]
         time.sleep(0.2)
     assert _ray("job", "stop", job_id, env=head).returncode == 0
-    assert "was stopped" in _ray("job", "status", job_id, env=head).stdout  # STOPPED
+    assert "was stopped" in _ray("job", "status", job_id, env=head).stdout
     stopped_logs = _ray("job", "logs", job_id, env=head).stdout
     assert "job stopped: radiag rationalize ended by SIGTERM" in stopped_logs, stopped_logs[-3000:]
     assert "resumes from them" in stopped_logs
@@ -248,7 +248,9 @@ def test_a_stopped_job_says_so_a_resubmitted_one_resumes_and_concurrent_jobs_log
     assert len(final) == len(set(final)) == rows
     assert job.part_files().items() >= finished.items()
 
-    while "SUCCEEDED" not in _ray("job", "status", other_id, env=head).stdout:
+    # `ray job status` ends with "Job '<id>' succeeded" (or "failed", "was stopped").
+    while "succeeded" not in (status := _ray("job", "status", other_id, env=head).stdout):
+        assert "failed" not in status, _ray("job", "logs", other_id, env=head).stdout[-3000:]
         assert time.monotonic() < deadline + 300, "the job beside it did not finish"
         time.sleep(1)
     drivers, job_ids = _logs_of_run(tmp_path / "a")
