@@ -1,0 +1,71 @@
+"""benchmarks/README.md is rendered from benchmarks/results/*.json by
+benchmarks/render_readme.py, so a benchmark figure lives once, in the results file that
+records how it was made. These fail when the README is stale, or when its figures stop
+coming from the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _renderer() -> ModuleType:
+    """The script, loaded from its file: benchmarks/ is not a package. It is registered
+    before it runs, as an import would, because its dataclass looks its module up."""
+    spec = importlib.util.spec_from_file_location("render_readme", BENCHMARKS / "render_readme.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+render_readme = _renderer()
+
+
+def _results_copy(tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    shutil.copytree(BENCHMARKS / "results", results)
+    return results
+
+
+def test_the_benchmarks_readme_is_what_the_results_render_to() -> None:
+    on_disk = (BENCHMARKS / "README.md").read_text(encoding="utf-8")
+    assert render_readme.render() == on_disk, "run python benchmarks/render_readme.py"
+
+
+def test_a_figure_changed_in_a_results_file_changes_the_readme(tmp_path: Path) -> None:
+    results = _results_copy(tmp_path)
+    before = render_readme.render(results)
+    cohort = json.loads((results / "cohort.json").read_text())
+    cohort["seconds"] = 4321.09
+    (results / "cohort.json").write_text(json.dumps(cohort))
+
+    after = render_readme.render(results)
+
+    assert "**4,321.09 s**" in after
+    assert "4,321.09" not in before
+    assert "**33.31 s**" in before and "**33.31 s**" not in after
+
+
+def test_a_missing_results_file_or_key_reads_not_measured(tmp_path: Path) -> None:
+    results = _results_copy(tmp_path)
+    (results / "teacher.json").unlink()
+    students = json.loads((results / "students.json").read_text())
+    del students["distributed_efficiency_equal_cores"]
+    (results / "students.json").write_text(json.dumps(students))
+
+    text = render_readme.render(results)
+
+    assert "`results/teacher.json`: missing" in text
+    assert "| `ratio_end_to_end` |" in text and "0.959" not in text
+    row = next(
+        line for line in text.splitlines() if "`distributed_efficiency_equal_cores` |" in line
+    )
+    assert row.endswith("| not measured |")
