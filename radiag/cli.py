@@ -54,7 +54,7 @@ from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
 from radiag.pipeline import run as run_pipeline
 from radiag.precision import explain, this_machine
 from radiag.preflight import PreflightError, preflight, writable
-from radiag.store import RunStore
+from radiag.store import RunStore, StoreUnreachable
 from radiag.students.config import DistillConfig
 from radiag.students.distill import StudentDataError, run_distill
 from radiag.students.predict import run_student_diagnose
@@ -82,7 +82,7 @@ log = logging.getLogger("radiag")
 USER_ERRORS = (
     ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
     BaselineInputError, StudentDataError, EvaluationInputError, PreflightError,
-    RationaleImportError,
+    RationaleImportError, StoreUnreachable,
 )  # fmt: skip
 """Errors whose message tells the user what to do: one red line, exit code 2."""
 
