@@ -47,14 +47,14 @@ from radiag.experiments.config import SHARED_STAGES, ExperimentsConfig
 from radiag.experiments.report import display_table, write_experiment
 from radiag.experiments.runner import run_experiments
 from radiag.experiments.table import experiment_tables
-from radiag.export import export_dataset
+from radiag.export import export_dataset, export_student
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
 from radiag.pipeline import run as run_pipeline
 from radiag.precision import explain, this_machine
 from radiag.preflight import PreflightError, preflight, writable
-from radiag.store import RunStore
+from radiag.store import RunStore, StoreUnreachable
 from radiag.students.config import DistillConfig
 from radiag.students.distill import StudentDataError, run_distill
 from radiag.students.predict import run_student_diagnose
@@ -82,7 +82,7 @@ log = logging.getLogger("radiag")
 USER_ERRORS = (
     ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
     BaselineInputError, StudentDataError, EvaluationInputError, PreflightError,
-    RationaleImportError,
+    RationaleImportError, StoreUnreachable,
 )  # fmt: skip
 """Errors whose message tells the user what to do: one red line, exit code 2."""
 
@@ -528,13 +528,21 @@ def export(
     to: Annotated[str, typer.Option(help="a local folder or an s3:// prefix")],
     include_descriptions: Annotated[bool, typer.Option(
         help="a non-synthetic cohort's descriptions too (they restate the records)")] = False,
+    student: Annotated[StudentChoice | None, typer.Option(
+        help="export this trained student with a model card instead of the data set")] = None,
     verbose: VerboseOption = False,
 ) -> None:  # fmt: skip
     """The augmented data set as Hugging Face datasets (Parquet splits and a DatasetDict),
-    chat-format JSONL and a dataset card; what a data-use agreement keeps out is named."""
+    chat-format JSONL and a dataset card; what a data-use agreement keeps out is named.
+    With --student, that student (merged LM, adapter, MRI prefix) and its model card."""
     if problems := writable(to):
         raise _fail(problems[0].replace("run_dir", "--to", 1))
     with _session(run_dir, verbose) as store, console.status("exporting"):
+        if student is not None:
+            uri = export_student(store, student.value, to)
+            console.print(f"[green]exported:[/] the {student.value} student to {uri}",
+                          soft_wrap=True, highlight=False)  # fmt: skip
+            return
         exported = export_dataset(store, to, include_descriptions)
     rows = ", ".join(f"{name} {n}" for name, n in exported.rows.items())
     console.print(f"[green]exported:[/] {exported.uri} ({rows}; chat {exported.chat_rows})",

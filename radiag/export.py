@@ -1,4 +1,4 @@
-"""`radiag export`: a run's augmented data set, in formats other tools read.
+"""`radiag export`: a run's augmented data set, and its students, in formats other tools read.
 
 A lab rationalizes a cohort once and trains its own models on the result, often with other
 tools. The export writes, to a local folder or an s3:// prefix:
@@ -18,11 +18,17 @@ Data-use agreements: ADNI and AIBL records may not be redistributed. A cohort th
 the synthetic one exports patient ids, labels and rationales; descriptions (which restate
 the record) only with `include_descriptions`; raw record columns never. What is left out is
 returned, said on the console and written in the card. The chat file needs descriptions.
+
+`export_student` copies a trained student (`lm/`: a Hugging Face causal LM, LoRA merged;
+`adapter/`; the MRI prefix of the MRI+text student; `student.json`, its provenance) with a
+model card: base model, finetuning, loss, data, test-split metrics with their CIs where the
+run was evaluated, intended use, limitations, precision.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tempfile
 from collections import Counter
@@ -38,7 +44,10 @@ from radiag.cohort.schema import Label
 from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE
 from radiag.contract import StageNotReady, read_record
 from radiag.store import RunStore
+from radiag.students.config import StudentKind
+from radiag.students.distill import FINAL_MARKER, distill_stage
 from radiag.students.formatting import targets
+from radiag.students.predict import download_student, model_name
 from radiag.teacher.prompts import ANSWERS
 from radiag.teacher.stages import RATIONALIZE_STAGE, read_output
 
@@ -262,4 +271,83 @@ and wrong: the QC flags catch contradictions with the record, not every error.
 
 Kwon, T. et al. Large Language Models are Clinical Reasoners: Reasoning-Aware Diagnosis
 Framework with Prompt-Generated Rationales. AAAI 2024.
+"""
+
+
+def export_student(store: RunStore, kind: StudentKind, target: str) -> str:
+    """Copy the run's trained `kind` student to `target` with a model card (README.md);
+    returns where it went."""
+    record = read_record(store, distill_stage(kind))
+    if record is None or record.status != "complete":
+        raise StageNotReady(f"stage distill-{kind} has not finished in {store.uri}: no student")
+    local = download_student(store, kind)
+    try:
+        info = json.loads((local / FINAL_MARKER).read_text())
+        (local / "README.md").write_text(model_card(store, kind, info, record.fingerprint))
+        out = RunStore(target)
+        out.upload_dir(local, "")
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return out.uri
+
+
+def _test_metrics(store: RunStore, model: str) -> str:
+    """The student's line of the run's evaluation, or why there is none."""
+    if not store.exists("reports/metrics.json"):
+        return "Not evaluated yet: `radiag evaluate --run <run>` adds them to this card's run."
+    rows = {m["model"]: m for m in store.read_json("reports/metrics.json")["models"]}
+    if (m := rows.get(model)) is None:
+        return f"The run's evaluation has no `{model}` row (its test-split diagnosis never ran)."
+    return (
+        f"On the run's test split ({m['n']} visits, coverage {m['coverage']:.2f}), subject-"
+        f"bootstrap 95% CIs: balanced accuracy {m['balanced_accuracy']:.3f} "
+        f"[{m['balanced_accuracy_lo']:.3f}, {m['balanced_accuracy_hi']:.3f}], macro-F1 "
+        f"{m['macro_f1']:.3f} [{m['macro_f1_lo']:.3f}, {m['macro_f1_hi']:.3f}], mAUC "
+        f"{m['mauc'] if m['mauc'] is None else round(m['mauc'], 3)}."
+    )
+
+
+def model_card(store: RunStore, kind: StudentKind, info: dict[str, Any], identity: str) -> str:
+    """README.md for an exported student, with Hugging Face's YAML front matter."""
+    cfg = info["config"]
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "base_model": Path(info["base_model"]).name,
+        "tags": ["medical", "alzheimers-disease", "rationale-distillation", "radiag"],
+    }
+    mri = (
+        "The MRI+text student also reads a T1 volume: `mri_prefix.pt` holds its 3-D encoder "
+        "and projector, whose outputs are prefixed to the text (radiag loads both)."
+        if kind == "vlm" else "A text-only student: it reads the patient's description."
+    )  # fmt: skip
+    return f"""---
+{json.dumps(front, indent=1)}
+---
+# radiag {kind} student: {Path(store.uri).name}
+
+A small language model distilled from a teacher LLM's clinical rationales to diagnose
+Alzheimer's disease, mild cognitive impairment or normal cognition from a patient's
+description, after Kwon et al. (AAAI 2024). {mri}
+
+## Training
+
+- Base model: `{info["base_model"]}`
+- Finetuning: {cfg.get("finetune")}; loss `{cfg.get("loss")}`; {info["steps"]} optimizer steps;
+  precision {cfg.get("precision")}, exported in {cfg.get("export_dtype")}
+- Data: {json.dumps(info["examples"])} (training split of `{store.uri}`; export it with
+  `radiag export --run {store.uri} --to ...` for its dataset card)
+- Stage identity: `{identity}`
+
+## Evaluation
+
+{_test_metrics(store, model_name(kind))}
+
+## Intended use and limitations
+
+Research on clinical reasoning distillation only. Not a medical device: never use it to
+diagnose a patient. Its rationales can be fluent and wrong; its answers inherit the
+teacher's errors and the cohort's biases (a synthetic cohort, when the run used one, has no
+real patient behind it). Load it with radiag (`radiag serve`, `radiag diagnose`), or
+`lm/` alone with transformers for the text part.
 """

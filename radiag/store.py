@@ -20,6 +20,26 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+class StoreUnreachable(RuntimeError):
+    """The run store stopped answering mid-stage (an S3 outage, a full disk); user-facing."""
+
+
+def storage_failure(err: BaseException) -> OSError | None:
+    """The filesystem error behind `err`, however Ray wrapped it (a Ray Data actor's
+    RayTaskError -> UserCodeException -> the OSError pyarrow raised), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return the pyarrow filesystem and the path inside it for a local path or `s3://` URI."""
     if uri.startswith("s3://"):

@@ -620,6 +620,27 @@ def kuberay_services(document: dict[str, Any]) -> list[str]:
             "RayService": [f"{name}-head-svc", f"{name}-serve-svc"]}.get(document["kind"], [])  # fmt: skip
 
 
+KUBERNETES = "1.37.0"
+"""The Kubernetes version whose schemas the pod templates are checked against."""
+
+
+@pytest.mark.parametrize("path", sorted(KUBERAY.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pod_template_passes_kubernetes_own_schema(path: Path) -> None:
+    """Each head and worker group's pod template, as a v1 PodTemplate, against Kubernetes'
+    OpenAPI schema in strict mode (an unknown or misspelt field, a missing required one,
+    a wrong type fails). The KubeRay resources around them are checked by field lists
+    above: KubeRay's CRD schemas are not published in a package this test could use."""
+    import kubernetes_validate
+
+    (doc,) = _documents(path)
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for index, group in enumerate(groups):
+        template = {"apiVersion": "v1", "kind": "PodTemplate",
+                    "metadata": {"name": f"{path.stem}-{index}"}, "template": group["template"]}  # fmt: skip
+        kubernetes_validate.validate(template, KUBERNETES, strict=True)
+
+
 def test_every_pod_runs_as_the_service_account_the_readme_creates() -> None:
     """The ServiceAccount carries the pods' AWS role (IRSA): without it, no pod that writes
     to S3 has credentials unless the optional radiag-aws Secret exists."""

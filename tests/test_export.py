@@ -134,3 +134,30 @@ def test_an_export_of_a_run_without_a_cohort_is_one_line_and_exit_2(tmp_path: Pa
     )
     assert result.exit_code == 2
     assert "stage cohort has not finished" in result.output
+
+
+def test_a_student_exports_as_a_model_transformers_loads_with_its_card(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for kind in ("text", "vlm"):
+        out = tmp_path / kind
+        result = runner.invoke(app, ["export", "--run", str(trained_run), "--to", str(out),
+                                     "--student", kind])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        AutoModelForCausalLM.from_pretrained(out / "lm")
+        AutoTokenizer.from_pretrained(out / "lm")
+        assert (out / "mri_prefix.pt").is_file() == (kind == "vlm")
+        card = (out / "README.md").read_text()
+        meta = json.loads(card.split("---\n")[1])
+        assert meta["library_name"] == "transformers" and meta["base_model"]
+        for needed in ("Base model", "loss", "Stage identity", "Not a medical device",
+                       "Not evaluated yet"):  # fmt: skip
+            assert needed in card, (kind, needed)
+
+
+def test_a_run_without_the_student_is_one_line_and_exit_2(split_run: Path, tmp_path: Path) -> None:
+    args = ["export", "--run", str(split_run), "--to", str(tmp_path / "x"), "--student", "text"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "stage distill-text has not finished" in result.output

@@ -14,7 +14,7 @@ from radiag.cohort.split import SplitConfig
 from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
 from radiag.contract import StageConflict
-from radiag.store import RunStore
+from radiag.store import RunStore, storage_failure
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -66,3 +66,15 @@ def test_an_adnimerge_export_in_s3_is_read_like_a_local_one(s3_endpoint: str) ->
     from_s3 = read_adnimerge("s3://radiag/exports/ADNIMERGE.csv")
     assert from_s3.cohort.equals(read_adnimerge(local).cohort)
     assert set(from_s3.quarantine["file"]) == {"s3://radiag/exports/ADNIMERGE.csv"}
+
+
+def test_a_storage_failure_is_found_however_ray_wrapped_it() -> None:
+    """A part write refused by S3 reaches the driver as RayTaskError -> UserCodeException ->
+    OSError; the stage names the store from the OSError at the end of that chain."""
+    refused = OSError("When uploading part for key 'bucket/run/rationales/part-1.parquet'")
+    in_user_code = ValueError("user code failed")
+    in_user_code.__cause__ = refused
+    from_the_task = RuntimeError("ray task failed")
+    from_the_task.cause = in_user_code  # Ray's exceptions keep theirs as `cause`
+    assert storage_failure(from_the_task) is refused
+    assert storage_failure(RuntimeError("a bug, not the store")) is None

@@ -9,6 +9,7 @@ so a killed job loses no finished batch and writes no duplicate row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import time
@@ -37,7 +38,7 @@ from radiag.contract import (
 )
 from radiag.models import model_fingerprint, prepare_model
 from radiag.outputs import failure_counts, predictions_dir, read_parts, still_to_do, write_part
-from radiag.store import RunStore
+from radiag.store import RunStore, StoreUnreachable, storage_failure
 from radiag.teacher.backends import build_engine
 from radiag.teacher.engines import (
     EngineConfig,
@@ -402,6 +403,24 @@ def run_teacher(
     )
 
 
+@contextlib.contextmanager
+def _store_failures_named(store: RunStore) -> Iterator[None]:
+    """A write or read the run store refused (an S3 outage mid-stage: pyarrow's error names
+    the path) stops the stage with one line that names the store and says what a rerun
+    does, not a Ray traceback."""
+    try:
+        yield
+    except Exception as err:
+        failure = storage_failure(err)
+        if failure is None or store.root not in str(failure):  # not this store's failure
+            raise
+        raise StoreUnreachable(
+            f"the run store {store.uri} failed while the stage wrote its rows ({failure}); "
+            "every batch written before is kept: run the same command again once it is "
+            "reachable, and it writes only the missing rows"
+        ) from err
+
+
 def _iter_counts(results: Any) -> Iterator[dict[str, int]]:
     for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()
@@ -456,10 +475,11 @@ def teacher_stage(
     """
     stage = RATIONALIZE_STAGE if task == "rationalize" else DIAGNOSE_STAGE
     cfg = cfg.model_copy(update={"engine": with_resolved_dtype(cfg.engine)})
-    return run_stage(
-        store,
-        stage,
-        teacher_identity(task, cfg, store, exemplars),
-        lambda: run_teacher(task, cfg, store, exemplars=exemplars).as_stage_summary(),
-        fresh=fresh,
-    )
+    with _store_failures_named(store):
+        return run_stage(
+            store,
+            stage,
+            teacher_identity(task, cfg, store, exemplars),
+            lambda: run_teacher(task, cfg, store, exemplars=exemplars).as_stage_summary(),
+            fresh=fresh,
+        )
