@@ -26,7 +26,8 @@ class StoreUnreachable(RuntimeError):
 
 def storage_failure(err: BaseException) -> OSError | None:
     """The filesystem error behind `err`, however Ray wrapped it (a Ray Data actor's
-    RayTaskError -> UserCodeException -> the OSError pyarrow raised), or None."""
+    RayTaskError -> UserCodeException -> the OSError pyarrow raised, or that chain's
+    traceback text), or None."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
@@ -37,7 +38,10 @@ def storage_failure(err: BaseException) -> OSError | None:
         if isinstance(current, OSError):
             return current
         todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    return None
+    # A Ray Data actor's error can reach the driver as the remote traceback's text only.
+    lines = [line.strip() for line in str(err).splitlines()]
+    named = [line for line in lines if line.startswith("OSError: ")]
+    return OSError(named[-1].removeprefix("OSError: ")) if named else None
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -78,3 +78,5 @@ def test_a_storage_failure_is_found_however_ray_wrapped_it() -> None:
     from_the_task.cause = in_user_code  # Ray's exceptions keep theirs as `cause`
     assert storage_failure(from_the_task) is refused
     assert storage_failure(RuntimeError("a bug, not the store")) is None
+    remote = RuntimeError("ray::MapWorker() failed\n  File x\nOSError: When testing for bucket 'b'")
+    assert str(storage_failure(remote)) == "When testing for bucket 'b'"  # the traceback text

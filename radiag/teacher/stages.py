@@ -406,13 +406,15 @@ def run_teacher(
 @contextlib.contextmanager
 def _store_failures_named(store: RunStore) -> Iterator[None]:
     """A write or read the run store refused (an S3 outage mid-stage: pyarrow's error names
-    the path) stops the stage with one line that names the store and says what a rerun
+    the path or the bucket) stops the stage with one line that names the store and says what a rerun
     does, not a Ray traceback."""
     try:
         yield
     except Exception as err:
         failure = storage_failure(err)
-        if failure is None or store.root not in str(failure):  # not this store's failure
+        # pyarrow names the path, or on S3 at least the bucket: else not this store's failure
+        named = store.root.split("/", 1)[0] if store.uri.startswith("s3://") else store.root
+        if failure is None or named not in str(failure):
             raise
         raise StoreUnreachable(
             f"the run store {store.uri} failed while the stage wrote its rows ({failure}); "
