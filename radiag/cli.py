@@ -306,8 +306,10 @@ def _cohort_first(cfg: RunConfig, store: RunStore) -> None:
     command (or job) on a new run directory then works on its own. Finished ones are
     left alone; the later stages' own inputs (rationales for a student) are not run."""
     for name, stage in pipeline_stages(cfg):
-        record = read_record(store, COHORT_STAGES[name]) if name in COHORT_STAGES else None
-        if name not in COHORT_STAGES or (record is not None and record.status == "complete"):
+        if name not in COHORT_STAGES:
+            continue
+        record = read_record(store, COHORT_STAGES[name])
+        if record is not None and record.status == "complete":
             continue
         console.print(f"[cyan]first:[/] stage {name} has not run in this run yet", highlight=False)
         if name == "mri":

@@ -56,6 +56,10 @@ SPLITS = {"train": "train", "validation": "val", "test": "test"}
 RATIONALE_COLUMNS = ("rationale", "model", "prompt_version", "sampling", "qc_flagged",
                      "qc_reasons", "created_at")  # fmt: skip
 """What each training row carries from the rationalize stage (provenance included)."""
+RENAMED = {"model": "rationale_model", "sampling": "rationale_sampling"}
+"""Rationale columns whose names would be ambiguous beside the record's."""
+PROVENANCE = (*(RENAMED.get(c, c) for c in RATIONALE_COLUMNS), "split")
+"""The exported columns that say where a row's rationale came from."""
 ALWAYS = ("patient_id", "label")
 PAPER_MEAN_WORDS = 269.4
 """Mean rationale length of the paper's teacher (Kwon et al., AAAI 2024), for the card."""
@@ -73,7 +77,8 @@ class Exported:
 
 def export_dataset(store: RunStore, target: str, include_descriptions: bool = False) -> Exported:
     """Write the run's augmented data set to `target` (local folder or s3:// prefix)."""
-    synthetic = _cohort_source(store) == "synthetic"
+    source = _cohort_source(store)
+    synthetic = source == "synthetic"
     rationales = read_output(store, "rationalize").to_pandas()
     rationales = rationales[rationales["error"].isna() & rationales["rationale"].notna()]
     splits = {name: _split_rows(store, file, rationales) for name, file in SPLITS.items()}
@@ -90,7 +95,7 @@ def export_dataset(store: RunStore, target: str, include_descriptions: bool = Fa
             left_out.append("chat/train.jsonl: the chat turns hold the description")
         (local / "chat").mkdir()
         (local / "chat" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
-        card = dataset_card(store, splits, rationales, synthetic, left_out, len(chat))
+        card = dataset_card(store, splits, source, left_out, len(chat))
         (local / "README.md").write_text(card)
         out = RunStore(target)
         out.upload_dir(local, "")
@@ -110,7 +115,7 @@ def _split_rows(store: RunStore, file: str, rationales: pd.DataFrame) -> pd.Data
     frame = frame[frame["label"].notna()]
     columns = ["patient_id", *RATIONALE_COLUMNS]
     joined = frame.merge(rationales[columns], on="patient_id", how="left")
-    joined = joined.rename(columns={"model": "rationale_model", "sampling": "rationale_sampling"})
+    joined = joined.rename(columns=RENAMED)
     joined["split"] = file
     return joined.reset_index(drop=True)
 
@@ -119,9 +124,7 @@ def _exported_columns(
     train: pd.DataFrame, synthetic: bool, include_descriptions: bool
 ) -> tuple[list[str], list[str]]:
     """The columns every split exports, and sentences naming what is left out and why."""
-    provenance = [c for c in train.columns
-                  if c in {"rationale", "rationale_model", "prompt_version", "rationale_sampling",
-                           "qc_flagged", "qc_reasons", "created_at", "split"}]  # fmt: skip
+    provenance = [c for c in train.columns if c in PROVENANCE]
     if synthetic:
         return list(train.columns), []
     record = [c for c in train.columns if c not in {*ALWAYS, *provenance, "description"}]
@@ -171,8 +174,7 @@ def _chat_rows(train: pd.DataFrame) -> list[dict[str, Any]]:
 def dataset_card(
     store: RunStore,
     splits: dict[str, pd.DataFrame],
-    rationales: pd.DataFrame,
-    synthetic: bool,
+    source: str,
     left_out: list[str],
     chat_rows: int,
 ) -> str:
@@ -192,7 +194,7 @@ def dataset_card(
         stage.name: (record.fingerprint if (record := read_record(store, stage)) else None)
         for stage in (COHORT_STAGE, SPLITS_STAGE, RATIONALIZE_STAGE)
     }
-    source = _cohort_source(store)
+    synthetic = source == "synthetic"
     front = {
         "license": "other",
         "license_name": "synthetic-data" if synthetic else "source-cohort-data-use-agreement",

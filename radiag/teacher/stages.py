@@ -406,8 +406,8 @@ def run_teacher(
 @contextlib.contextmanager
 def _store_failures_named(store: RunStore) -> Iterator[None]:
     """A write or read the run store refused (an S3 outage mid-stage: pyarrow's error names
-    the path or the bucket) stops the stage with one line that names the store and says what a rerun
-    does, not a Ray traceback."""
+    the path or the bucket) stops the stage with one line that names the store and says
+    what a rerun does, not a Ray traceback."""
     try:
         yield
     except Exception as err:
