@@ -159,14 +159,9 @@ def matmul_peak(threads: int, dtype: str, seconds: float = 3.0) -> float:
     return round(best, 1)
 
 
-def lora_flops_per_token() -> float:
+def lora_flops_per_token(config: Any) -> float:
     """~4 x the parameters a token passes through (forward 2x, activation gradients 2x; the
-    frozen weights get no gradient): the bundled SmolLM2-135M without its (tied) embedding."""
-    from transformers import AutoConfig
-
-    from radiag.models import ModelSpec, prepare_model
-
-    config = AutoConfig.from_pretrained(prepare_model(ModelSpec()))
+    frozen weights get no gradient) of a Llama-style `config` without its (tied) embedding."""
     h, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     kv = h * config.num_key_value_heads // config.num_attention_heads
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * inner  # q, o; k, v; gate, up, down
@@ -175,7 +170,11 @@ def lora_flops_per_token() -> float:
 
 def roofline(runs: dict[str, dict[str, Any]], dtype: str) -> dict[str, Any]:
     """Each run's share of the matmul peak of the cores it used."""
-    flops = lora_flops_per_token()
+    from transformers import AutoConfig
+
+    from radiag.models import ModelSpec, prepare_model
+
+    flops = lora_flops_per_token(AutoConfig.from_pretrained(prepare_model(ModelSpec())))
     peaks = {n: matmul_peak(n, dtype) for n in (1, 2)}
     fractions = {
         name: round(
