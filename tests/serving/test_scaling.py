@@ -315,7 +315,10 @@ def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_
     # The first 32 are admitted and wait for their 504; after them the limit is down to
     # one in flight, and the excess is refused at once.
     assert len(by_status[503]) > len(by_status[504])
-    assert max(a.seconds for a in by_status[503]) < 1.0
+    # Refused without waiting in a queue (the 504s wait their deadline out). The bound has
+    # room for 32 clients and the app on a loaded 2-core runner (CI saw 1.37 s); the
+    # figure on a quiet machine is in benchmarks/serving.py's `admission` section.
+    assert max(a.seconds for a in by_status[503]) < 3.0
     assert all("at capacity" in a.body["detail"] for a in by_status[503])
     assert probes and all(status == 200 and seconds < 2.0 for _, status, seconds in probes), probes
 

@@ -1,9 +1,11 @@
-"""A killed training run restarts from its last checkpoint, and finishes each step once.
+"""A killed training run restarts from its last checkpoint and ends with the weights of an
+uninterrupted one.
 
 `radiag distill` is SIGKILLed after its first checkpoint; the re-run continues from
-`ray.train.get_checkpoint()` instead of step 0. The run is on an S3-compatible server, as
-on a cluster (Ray Train's checkpoints and the metrics go there too); checkpoints on local
-disk are written and read back by every other training test of the suite.
+`ray.train.get_checkpoint()` instead of step 0 and must restore the optimizer, the dropout
+RNG and the data position: any one left out changes the final LoRA weights. The run is on
+an S3-compatible server, as on a cluster (Ray Train's checkpoints and the metrics go there
+too); the uninterrupted run trains the same config in this process, on local disk.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load as load_safetensors
 
 from radiag.store import RunStore
+from radiag.students.config import DistillConfig
+from radiag.students.distill import run_distill
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 STEPS = 8
@@ -43,13 +49,21 @@ def run_store(split_run: Path, s3_endpoint: str) -> RunStore:
     return store
 
 
-def test_a_killed_training_run_resumes_from_its_last_checkpoint(
-    run_store: RunStore, tiny_model: Path, tmp_path: Path
+def adapter_weights(store: RunStore) -> dict[str, torch.Tensor]:
+    """The exported student's LoRA weights, as trained (fp32)."""
+    return load_safetensors(
+        store.read_bytes("checkpoints/text/final/adapter/adapter_model.safetensors")
+    )
+
+
+def test_a_killed_training_run_resumes_and_ends_with_the_weights_of_an_uninterrupted_one(
+    run_store: RunStore, fresh_run: RunStore, tiny_model: Path, tmp_path: Path
 ) -> None:
     config = tmp_path / "distill.yaml"
     student = {
         "model": {"path": str(tiny_model)},
         "optim": {"max_steps": STEPS, "batch_size": 2},
+        "lora": {"dropout": 0.3},  # the RNG matters: a mask drawn anew changes the weights
         "checkpoint_every": 2,
         "scaling": {"cpus_per_worker": 0.5},
     }
@@ -82,3 +96,10 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(
     assert 2 <= resumed_at < STEPS
     lines = run_store.read_bytes("checkpoints/text/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
+
+    run_distill("text", DistillConfig.model_validate(student), fresh_run)  # never stopped
+    expected, resumed = adapter_weights(fresh_run), adapter_weights(run_store)
+    assert resumed.keys() == expected.keys()
+    different = [name for name in expected if not torch.equal(resumed[name], expected[name])]
+    assert not different, different[:5]
+    assert any("lora_B" in name and resumed[name].any() for name in resumed)  # B starts at 0
