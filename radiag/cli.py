@@ -47,7 +47,7 @@ from radiag.experiments.config import SHARED_STAGES, ExperimentsConfig
 from radiag.experiments.report import display_table, write_experiment
 from radiag.experiments.runner import run_experiments
 from radiag.experiments.table import experiment_tables
-from radiag.export import export_dataset, export_student
+from radiag.export import HubPushFailed, export_dataset, export_student, hub_problem
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
@@ -82,7 +82,7 @@ log = logging.getLogger("radiag")
 USER_ERRORS = (
     ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
     BaselineInputError, StudentDataError, EvaluationInputError, PreflightError,
-    RationaleImportError, StoreUnreachable,
+    RationaleImportError, StoreUnreachable, HubPushFailed,
 )  # fmt: skip
 """Errors whose message tells the user what to do: one red line, exit code 2."""
 
@@ -532,6 +532,9 @@ def export(
         help="a non-synthetic cohort's descriptions too (they restate the records)")] = False,
     student: Annotated[StudentChoice | None, typer.Option(
         help="export this trained student with a model card instead of the data set")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        "--push-to-hub", help="also upload it to this private Hugging Face Hub repository "
+        "(owner/name; token: HF_TOKEN)")] = None,
     verbose: VerboseOption = False,
 ) -> None:  # fmt: skip
     """The augmented data set as Hugging Face datasets (Parquet splits and a DatasetDict),
@@ -539,18 +542,24 @@ def export(
     With --student, that student (merged LM, adapter, MRI prefix) and its model card."""
     if problems := writable(to):
         raise _fail(problems[0].replace("run_dir", "--to", 1))
+    if push_to_hub and (problem := hub_problem(push_to_hub)):
+        raise _fail(problem)
     with _session(run_dir, verbose) as store, console.status("exporting"):
         if student is not None:
-            uri = export_student(store, student.value, to)
-            console.print(f"[green]exported:[/] the {student.value} student to {uri}",
-                          soft_wrap=True, highlight=False)  # fmt: skip
+            uri, hub_url = export_student(store, student.value, to, push_to_hub)
+            _said_exported(f"the {student.value} student to {uri}", hub_url)
             return
-        exported = export_dataset(store, to, include_descriptions)
+        exported = export_dataset(store, to, include_descriptions, push_to_hub)
     rows = ", ".join(f"{name} {n}" for name, n in exported.rows.items())
-    console.print(f"[green]exported:[/] {exported.uri} ({rows}; chat {exported.chat_rows})",
-                  soft_wrap=True, highlight=False)  # fmt: skip
+    _said_exported(f"{exported.uri} ({rows}; chat {exported.chat_rows})", exported.hub_url)
     for line in exported.left_out:
         console.print(f"  [yellow]left out:[/] {line}", soft_wrap=True, highlight=False)
+
+
+def _said_exported(what: str, hub_url: str | None) -> None:
+    console.print(f"[green]exported:[/] {what}", soft_wrap=True, highlight=False)
+    if hub_url:
+        console.print(f"  [green]pushed:[/] {hub_url} (private)", soft_wrap=True, highlight=False)
 
 
 @app.command()

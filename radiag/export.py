@@ -23,6 +23,10 @@ returned, said on the console and written in the card. The chat file needs descr
 `adapter/`; the MRI prefix of the MRI+text student; `student.json`, its provenance) with a
 model card: base model, finetuning, loss, data, test-split metrics with their CIs where the
 run was evaluated, intended use, limitations, precision.
+
+`hub_repo` also uploads what was written to a private Hugging Face Hub repository
+(`push_to_hub`; the token is HF_TOKEN's or a `hf auth login`'s). Untested against the Hub
+itself: the development machines have no network.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -73,10 +77,52 @@ class Exported:
     rows: dict[str, int]  # per Hugging Face split
     chat_rows: int
     left_out: list[str]  # sentences: what, and why
+    hub_url: str | None = None
 
 
-def export_dataset(store: RunStore, target: str, include_descriptions: bool = False) -> Exported:
-    """Write the run's augmented data set to `target` (local folder or s3:// prefix)."""
+class HubPushFailed(RuntimeError):
+    """The export was written, but its upload to the Hub failed; the message says both."""
+
+
+def hub_problem(repo: str) -> str | None:
+    """Why `--push-to-hub repo` cannot work, found before anything is exported; or None."""
+    from huggingface_hub import get_token
+
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        return f"--push-to-hub {repo}: name the repository as owner/name"
+    if get_token() is None:
+        return "--push-to-hub needs a Hugging Face write token: set HF_TOKEN or run `hf auth login`"
+    return None
+
+
+def push_to_hub(local: Path, repo: str, repo_type: Literal["dataset", "model"]) -> str:
+    """Upload an export folder to the Hub repository `repo` (owner/name), created private
+    if it does not exist; returns the repository's URL.
+
+    Raises:
+        HubPushFailed: the Hub refused or could not be reached, with its reason.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo, repo_type=repo_type, private=True, exist_ok=True)
+        api.upload_folder(folder_path=local, repo_id=repo, repo_type=repo_type,
+                          commit_message="radiag export")  # fmt: skip
+    except (HfHubHTTPError, OSError) as err:
+        raise HubPushFailed(
+            f"the export was written, but its push to the Hub repository {repo} failed: {err}; "
+            "rerun the command to push again"
+        ) from None
+    return str(url)
+
+
+def export_dataset(
+    store: RunStore, target: str, include_descriptions: bool = False, hub_repo: str | None = None
+) -> Exported:
+    """Write the run's augmented data set to `target` (local folder or s3:// prefix), and
+    to the Hub repository `hub_repo` if given."""
     source = _cohort_source(store)
     synthetic = source == "synthetic"
     rationales = read_output(store, "rationalize").to_pandas()
@@ -99,7 +145,8 @@ def export_dataset(store: RunStore, target: str, include_descriptions: bool = Fa
         (local / "README.md").write_text(card)
         out = RunStore(target)
         out.upload_dir(local, "")
-    return Exported(out.uri, {n: len(f) for n, f in splits.items()}, len(chat), left_out)
+        hub_url = push_to_hub(local, hub_repo, "dataset") if hub_repo else None
+    return Exported(out.uri, {n: len(f) for n, f in splits.items()}, len(chat), left_out, hub_url)
 
 
 def _cohort_source(store: RunStore) -> str:
@@ -276,9 +323,11 @@ Framework with Prompt-Generated Rationales. AAAI 2024.
 """
 
 
-def export_student(store: RunStore, kind: StudentKind, target: str) -> str:
-    """Copy the run's trained `kind` student to `target` with a model card (README.md);
-    returns where it went."""
+def export_student(
+    store: RunStore, kind: StudentKind, target: str, hub_repo: str | None = None
+) -> tuple[str, str | None]:
+    """Copy the run's trained `kind` student to `target` with a model card (README.md), and
+    to the Hub repository `hub_repo` if given; returns where it went (target, Hub URL)."""
     record = read_record(store, distill_stage(kind))
     if record is None or record.status != "complete":
         raise StageNotReady(f"stage distill-{kind} has not finished in {store.uri}: no student")
@@ -288,9 +337,10 @@ def export_student(store: RunStore, kind: StudentKind, target: str) -> str:
         (local / "README.md").write_text(model_card(store, kind, info, record.fingerprint))
         out = RunStore(target)
         out.upload_dir(local, "")
+        hub_url = push_to_hub(local, hub_repo, "model") if hub_repo else None
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    return out.uri
+    return out.uri, hub_url
 
 
 def _test_metrics(store: RunStore, model: str) -> str:

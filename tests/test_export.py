@@ -4,7 +4,13 @@ agreement keeps out of it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -161,3 +167,75 @@ def test_a_run_without_the_student_is_one_line_and_exit_2(split_run: Path, tmp_p
     args = ["export", "--run", str(split_run), "--to", str(tmp_path / "x"), "--student", "text"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "stage distill-text has not finished" in result.output
+
+
+def test_a_push_to_hub_without_a_token_is_refused_before_anything_is_exported(
+    split_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no `hf auth login` token either
+    out = tmp_path / "data-set"
+    push = ["export", "--run", str(split_run), "--to", str(out), "--push-to-hub", "lab/adni"]
+    result = runner.invoke(app, push)
+    assert result.exit_code == 2
+    assert "--push-to-hub needs a Hugging Face write token: set HF_TOKEN" in result.output
+    assert not out.exists()
+
+
+@pytest.fixture
+def hub_requests() -> Iterator[tuple[str, list[dict]]]:
+    """An HTTP endpoint on 127.0.0.1 that records every request and refuses it (403), as a
+    Hub would refuse a token without write access: the Hub itself cannot be reached here."""
+    seen: list[dict] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append({"method": self.command, "path": self.path, "body": body,
+                         "authorization": self.headers.get("Authorization")})  # fmt: skip
+            payload = json.dumps({"error": "this token cannot write to lab"}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_a_push_to_hub_asks_the_hub_for_a_private_repo_and_a_refusal_keeps_the_export(
+    split_run: Path, tmp_path: Path, hub_requests: tuple[str, list[dict]]
+) -> None:
+    """The upload path is huggingface_hub's, at the endpoint HF_ENDPOINT names (a subprocess:
+    huggingface_hub reads it when imported)."""
+    endpoint, seen = hub_requests
+    out = tmp_path / "data-set"
+    env = os.environ | {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token",
+                        "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "radiag.cli", "export", "--run", str(split_run), "--to", str(out),
+         "--push-to-hub", "lab/adni-rationales"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = " ".join(result.stderr.split())
+    assert "the export was written, but its push to the Hub repository lab/adni-rationales" in said
+    assert (out / "README.md").is_file() and (out / "data" / "train.parquet").is_file()
+    create = seen[0]
+    assert (create["method"], create["path"]) == ("POST", "/api/repos/create")
+    assert create["authorization"] == "Bearer hf_test_token"
+    asked = json.loads(create["body"])
+    assert (asked["organization"], asked["name"], asked["type"]) == (
+        "lab",
+        "adni-rationales",
+        "dataset",
+    )
+    assert asked.get("private") is True or asked.get("visibility") == "private", asked

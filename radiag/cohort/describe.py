@@ -73,6 +73,16 @@ FEATURE_COLUMNS = (
     *(c for c, _, _ in COGNITIVE_BATTERY), *(c for c, _, _ in BIOMARKERS), *(c for c, _ in MRI_FINDINGS), "ICV",
 )  # fmt: skip
 APOE4_TEXT = ("no", "one copy of", "two copies of")
+BLOCK_COLUMNS: dict[FeatureBlock, tuple[str, ...]] = {
+    "demographics": ("age_at_visit", "PTGENDER", "PTEDUCAT", "PTMARRY"),
+    "mmse": ("MMSE",),
+    "apoe4": ("APOE4",),
+    "cognitive_battery": tuple(c for c, _, _ in COGNITIVE_BATTERY),
+    "biomarkers": tuple(c for c, _, _ in BIOMARKERS),
+    # graded against the CN norm at the patient's ICV, age and sex
+    "mri": (*(c for c, _ in MRI_FINDINGS), "ICV", "age_at_visit", "PTGENDER"),
+}
+"""The columns each block of a description reads."""
 
 
 class DescribeConfig(StrictModel):
@@ -352,6 +362,11 @@ def _block_mri(grades: pa.Table) -> pa.Array:
     body = _join(bullets, "\n")
     found = _wrap("Also, based on their MRI scans:\n", body, "")
     return pc.fill_null(found, "No MRI measurements are available.")
+
+
+def described_columns(cfg: DescribeConfig) -> set[str]:
+    """Every column a description under `cfg` reads: what a model that reads it can use."""
+    return {column for block in cfg.features for column in BLOCK_COLUMNS[block]}
 
 
 def describe(table: pa.Table, cfg: DescribeConfig, norm: NormativeModel | None = None) -> pa.Table:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -43,8 +44,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from starlette.routing import Match
 
-from radiag.baseline import MODELS_DIR
-from radiag.cohort.describe import DescribeConfig
+from radiag.baseline import BASELINE_MODELS, FEATURE_SETS, MODELS_DIR
+from radiag.cohort.describe import DescribeConfig, described_columns
 from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE, run_norm
 from radiag.contract import read_record
 from radiag.serving.admission import AdmissionLimit
@@ -55,6 +56,7 @@ from radiag.serving.records import (
     DiagnoseResponse,
     answer_warnings,
     describe_record,
+    record_fields,
 )
 from radiag.serving.servers import (
     BaselineServer,
@@ -123,6 +125,15 @@ def describe_config(store: RunStore) -> DescribeConfig:
     if record is None:
         raise ConfigurationError(f"{store.uri_of(SPLITS_STAGE.record)}: the run has no splits")
     return DescribeConfig.model_validate(record.identity.config["describe"])
+
+
+def model_fields(name: str, kind: str, describe_cfg: DescribeConfig) -> list[str]:
+    """The record fields a model reads: a baseline its feature set's, the teacher and the
+    students the description's (the page greys out the others)."""
+    if kind == "baseline":
+        _, feature_set = BASELINE_MODELS[name]
+        return record_fields(set(FEATURE_SETS[feature_set]))
+    return record_fields(described_columns(describe_cfg))
 
 
 def served_models(cfg: ServeConfig, store: RunStore) -> dict[str, dict[str, Any]]:
@@ -292,6 +303,10 @@ class RadiagIngress(OpenAiIngress):
         self.describe_cfg = describe_config(self.store)
         self.norm = run_norm(self.store, self.describe_cfg)  # read once, not per request
         self.models = served_models(self.cfg, self.store)
+        self.fields = {
+            name: model_fields(name, card["kind"], self.describe_cfg)
+            for name, card in self.models.items()
+        }
         self.diagnosers = diagnosers
         self.identities: dict[str, str] = {}
         self.admission = {name: AdmissionLimit(INGRESS_MAX_ONGOING) for name in self.models}
@@ -322,7 +337,7 @@ class RadiagIngress(OpenAiIngress):
     async def diagnose_models(self) -> dict[str, Any]:
         identities = await asyncio.gather(*(self._identity(name) for name in self.models))
         cards = [
-            {"name": name, **card, "identity": identity}
+            {"name": name, **card, "identity": identity, "fields": self.fields[name]}
             for (name, card), identity in zip(self.models.items(), identities, strict=True)
         ]
         # The page offers an MRI location only where the server may read one.
@@ -346,6 +361,16 @@ class RadiagIngress(OpenAiIngress):
                 for row in rows
             ]
         }
+
+    async def exemplar(self, patient_id: str) -> Any:
+        """A training patient the teacher may show as an exemplar: its description (what
+        the teacher read) and label. Only the training split: the page links the exemplars
+        of an answer here."""
+        train = self.store.read_table("splits/train.parquet")
+        train = train.filter(pc.equal(train["patient_id"], patient_id))
+        if train.num_rows == 0 or train["label"][0].as_py() is None:
+            return _error(404, "no labelled training patient has that id")
+        return train.select(["patient_id", "label", "description"]).to_pylist()[0]
 
     async def model_data(self, model: str) -> Any:
         """The teacher's model card; an unknown model is a plain 404 (no internals)."""
@@ -571,6 +596,7 @@ ROUTES = {
     "page": lambda app: app.get("/", response_class=HTMLResponse),
     "diagnose_models": lambda app: app.get("/v1/diagnose/models"),
     "examples": lambda app: app.get("/v1/examples"),
+    "exemplar": lambda app: app.get("/v1/exemplars/{patient_id}"),
     "diagnose": lambda app: app.post("/v1/diagnose"),
 }
 

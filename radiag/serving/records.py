@@ -31,6 +31,15 @@ MIN_CLINICAL_FIELDS = 2
 SERVED_COLUMNS = tuple(
     c for c in COLUMNS if c.name not in LABEL_COLUMNS | {"mri_path", "source", "patient_id"}
 )
+
+
+def record_fields(columns: set[str]) -> list[str]:
+    """The record fields that give `columns`, in the record's order (a visit's age comes
+    from AGE + Years_bl when the record has no age_at_visit)."""
+    wanted = columns | ({"AGE", "Years_bl"} if "age_at_visit" in columns else set())
+    return [c.name for c in SERVED_COLUMNS if c.name in wanted]
+
+
 _PY = {pa.string(): str, pa.int64(): int, pa.float64(): float, pa.date32(): datetime.date}
 
 

@@ -7,6 +7,8 @@ login prompt, submits one diagnosis and reads back what the page shows.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
@@ -21,6 +23,26 @@ def _text(page: Page, selector: str) -> str:
     """The text of an element (shown or hidden), stripped; "" when it is absent."""
     found = page.query_selector(selector)
     return (found.text_content() or "").strip() if found else ""
+
+
+@contextlib.contextmanager
+def signed_in_page(page_url: str, token: str) -> Iterator[Page]:
+    """The page in headless Chromium, signed in, once it is ready (models and form loaded)."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(
+                http_credentials={"username": "clinician", "password": token},
+                viewport={"width": 1100, "height": 900},
+            )
+            page = context.new_page()
+            page.goto(page_url)
+            page.wait_for_function(
+                "() => document.body.dataset.state === 'ready'", timeout=LOAD_TIMEOUT_MS
+            )
+            yield page
+        finally:
+            browser.close()
 
 
 def fill_and_submit(page_url: str, token: str, screenshot: Path, model: str | None = None) -> dict:

@@ -127,6 +127,24 @@ def test_every_model_of_the_run_is_listed_with_its_stage_identity(served_app: Se
     assert {cards[b]["identity"] for b in baselines} == {
         read_record(store, BASELINE_STAGE).fingerprint
     }
+    # What each model reads, for the page: the description's fields, or a feature set's.
+    assert {"MMSE", "APOE4", "Hippocampus", "AGE"} <= set(cards["student-text"]["fields"])
+    assert "MMSE" not in cards["baseline-logistic-tabular"]["fields"]
+    assert "CDRSB" in cards["baseline-logistic-tabular_cognition"]["fields"]
+
+
+def test_an_exemplar_is_a_labelled_training_patients_description_and_nothing_else(
+    served_app: ServedApp,
+) -> None:
+    store = RunStore(str(served_app.run))
+    train = store.read_table("splits/train.parquet").to_pylist()
+    row = next(r for r in train if r["label"])
+    test_patient = store.read_table("splits/test.parquet")["patient_id"][0].as_py()
+    with served_app.client() as client:
+        shown = client.get(f"/v1/exemplars/{row['patient_id']}")
+        refused = [client.get(f"/v1/exemplars/{p}") for p in (test_patient, "nobody")]
+    assert shown.json() == {key: row[key] for key in ("patient_id", "label", "description")}
+    assert [r.status_code for r in refused] == [404, 404]
 
 
 def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> None:

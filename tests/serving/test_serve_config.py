@@ -10,9 +10,11 @@ import yaml
 from typer.testing import CliRunner
 
 from radiag.cli import app
+from radiag.cohort.describe import DescribeConfig
 from radiag.serving.app import (
     ConfigurationError,
     build_app,
+    model_fields,
     read_token,
     served_models,
     unschedulable,
@@ -125,3 +127,14 @@ def test_a_deployment_waiting_for_resources_is_named_with_serves_own_line() -> N
     status = ApplicationStatusOverview(ApplicationStatus.DEPLOYING, "", 0.0, deployments)
     assert unschedulable(status) == {"student-text": f"student-text waits for resources: {waiting}"}
     assert unschedulable(None) == {}
+
+
+def test_a_model_reads_the_fields_its_description_or_feature_set_names() -> None:
+    """What the page greys out: a description without MRI reads no volume; a visit's age is
+    AGE + Years_bl, so a model that reads the age reads both."""
+    no_mri = DescribeConfig(features=["demographics", "mmse"])
+    assert model_fields("teacher", "teacher", no_mri) == [
+        "Years_bl", "AGE", "age_at_visit", "PTGENDER", "PTEDUCAT", "PTMARRY", "MMSE",
+    ]  # fmt: skip
+    tabular = model_fields("baseline-gradient_boosting-tabular", "baseline", no_mri)
+    assert "Hippocampus" in tabular and "ICV" in tabular and "MMSE" not in tabular
