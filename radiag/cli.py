@@ -350,7 +350,7 @@ def serve(
 ) -> None:  # fmt: skip
     """Serve a run's models (one Ray Serve app) until Ctrl-C; the token comes from
     $RADIAG_SERVE_TOKEN (or `token_file` in the config)."""
-    from radiag.serving.app import ConfigurationError, deploy, read_token
+    from radiag.serving.app import ConfigurationError, check_servable, deploy, read_token
     from radiag.serving.config import ServeConfig, TeacherServeConfig
 
     try:
@@ -359,8 +359,9 @@ def serve(
         raise _fail(str(err)) from None
     if teacher and cfg.teacher is None:
         cfg = cfg.model_copy(update={"teacher": TeacherServeConfig()})
-    try:
-        read_token(cfg)  # before Ray starts: a missing secret fails in a second
+    try:  # before Ray starts: a missing secret or a run it cannot serve fails in a second
+        read_token(cfg)
+        check_servable(cfg)
     except (ConfigurationError, OSError) as err:
         raise _fail(str(err)) from None
     with _session(run_dir, verbose):

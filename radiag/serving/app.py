@@ -687,6 +687,23 @@ def application(cfg: ServeConfig, deployments: list[dict[str, Any]] | None = Non
     }
 
 
+def check_servable(cfg: ServeConfig) -> None:
+    """What `build_app` checks of the run, here and now: a run it cannot serve fails in
+    one line, before Serve's build task (which Ray retries three times) would.
+
+    Raises:
+        ConfigurationError: no splits, or models that are not the run's.
+        FileNotFoundError: the teacher is asked for and the run has no diagnose stage.
+    """
+    store = RunStore(cfg.run_dir)
+    describe_config(store)
+    served_models(cfg, store)
+    if cfg.teacher is not None:
+        from radiag.serving.teacher import run_diagnose_config
+
+        run_diagnose_config(store)
+
+
 def deploy(
     cfg: ServeConfig,
     host: str = "127.0.0.1",
@@ -714,7 +731,8 @@ def deploy(
         status := serve.status().applications.get(APP_NAME)
     ) is None or status.status != "RUNNING":
         if status is not None and status.status == "DEPLOY_FAILED":
-            raise ConfigurationError(f"the app failed to deploy: {status.message}")
+            cause = status.message.strip().splitlines()[-1]  # the exception, not its trace
+            raise ConfigurationError(f"the app failed to deploy: {cause} (`serve status`: all)")
         for name, line in unschedulable(status).items():
             if name not in waiting:
                 waiting[name] = line

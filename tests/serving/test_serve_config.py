@@ -11,6 +11,9 @@ from typer.testing import CliRunner
 
 from radiag.cli import app
 from radiag.cohort.describe import DescribeConfig
+from radiag.cohort.split import SplitConfig
+from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
+from radiag.cohort.synthetic import SynthConfig
 from radiag.serving.app import (
     ConfigurationError,
     build_app,
@@ -59,6 +62,21 @@ def test_radiag_serve_without_a_token_is_one_line_and_exit_2(
     result = CliRunner().invoke(app, ["serve", "--run", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "no serving token" in result.output
+
+
+def test_serving_the_teacher_of_a_run_without_its_diagnosis_is_one_line_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by hand: Serve's build task raised it, Ray retried the task three times (about
+    a minute) and the command printed its traceback."""
+    monkeypatch.setenv("RADIAG_SERVE_TOKEN", "0123456789abcdef0123456789abcdef")
+    run = tmp_path / "run"
+    ingest(IngestConfig(synthetic=SynthConfig(subjects=20, max_visits=1)), RunStore(str(run)))
+    describe_and_split(DescribeConfig(), SplitConfig(), RunStore(str(run)))
+    result = CliRunner().invoke(app, ["serve", "--run", str(run), "--teacher"])
+    assert result.exit_code == 2
+    assert "the run has no teacher diagnosis stage to serve" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
 
 
 def test_unset_cpu_requests_fit_a_two_core_machine_beside_the_teacher() -> None:
