@@ -26,6 +26,12 @@ class ScalingConfig(StrictModel):
     target_ongoing_requests: float = Field(2.0, gt=0, description="per replica, drives scaling")
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(10.0, ge=0)
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="window over which the ongoing requests that drive scaling "
+        "are averaged: a replica is removed only once this window has seen the load go",
+    )
     max_ongoing_requests: int = Field(
         32,
         ge=1,
@@ -61,6 +67,7 @@ class ScalingConfig(StrictModel):
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,

@@ -167,6 +167,7 @@ def test_the_text_student_scales_out_under_load_and_back_in_when_it_stops(deploy
         "target_ongoing_requests": 1,
         "upscale_delay_s": 0,
         "downscale_delay_s": 5,
+        "look_back_period_s": 5,  # Serve's 30 s would hold the second replica that long
         "num_cpus": 0.25,
     }
     app = deploy({"models": TEXT_ONLY, "students": {"scaling": scaling}})
