@@ -541,10 +541,10 @@ def export(
     """The augmented data set as Hugging Face datasets (Parquet splits and a DatasetDict),
     chat-format JSONL and a dataset card; what a data-use agreement keeps out is named.
     With --student, that student (merged LM, adapter, MRI prefix) and its model card."""
-    if problems := writable(to):
-        raise _fail(problems[0].replace("run_dir", "--to", 1))
     if push_to_hub and (problem := hub_problem(push_to_hub)):
         raise _fail(problem)
+    if problems := writable(to):
+        raise _fail(problems[0].replace("run_dir", "--to", 1))
     with _session(run_dir, verbose) as store, console.status("exporting"):
         if student is not None:
             uri, hub_url = export_student(store, student.value, to, push_to_hub)
