@@ -86,10 +86,15 @@ class HubPushFailed(RuntimeError):
 
 def hub_problem(repo: str) -> str | None:
     """Why `--push-to-hub repo` cannot work, found before anything is exported; or None."""
-    from huggingface_hub import get_token
+    from huggingface_hub import constants, get_token
 
     if repo.count("/") != 1 or not all(repo.split("/")):
         return f"--push-to-hub {repo}: name the repository as owner/name"
+    if constants.HF_HUB_OFFLINE:
+        return (
+            "--push-to-hub cannot reach the Hub while HF_HUB_OFFLINE is set (the jobs' runtime "
+            "environment sets it: nothing downloads at run time); unset it for this command"
+        )
     if get_token() is None:
         return "--push-to-hub needs a Hugging Face write token: set HF_TOKEN or run `hf auth login`"
     return None

@@ -35,6 +35,9 @@ from radiag.teacher.stages import RATIONALIZE_STAGE
 # executor); the local Ray cluster and every command a test starts inherit this. Commands
 # users run keep vLLM's default layout.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Nothing downloads at run time: the suite runs offline, as the jobs do (the one test that
+# talks to a Hub endpoint of its own says so in its command's environment).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

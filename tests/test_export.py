@@ -169,16 +169,35 @@ def test_a_run_without_the_student_is_one_line_and_exit_2(split_run: Path, tmp_p
     assert result.exit_code == 2 and "stage distill-text has not finished" in result.output
 
 
-def test_a_push_to_hub_without_a_token_is_refused_before_anything_is_exported(
-    split_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("offline", "token", "message"),
+    [
+        (False, None, "--push-to-hub needs a Hugging Face write token: set HF_TOKEN"),
+        (True, "hf_test_token", "--push-to-hub cannot reach the Hub while HF_HUB_OFFLINE is set"),
+    ],
+    ids=["no-token", "offline"],
+)
+def test_a_push_to_hub_that_cannot_work_is_refused_before_anything_is_exported(
+    split_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    offline: bool,
+    token: str | None,
+    message: str,
 ) -> None:
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)  # read once, at import
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no `hf auth login` token either
     out = tmp_path / "data-set"
     push = ["export", "--run", str(split_run), "--to", str(out), "--push-to-hub", "lab/adni"]
     result = runner.invoke(app, push)
     assert result.exit_code == 2
-    assert "--push-to-hub needs a Hugging Face write token: set HF_TOKEN" in result.output
+    assert message in " ".join(result.output.split())
     assert not out.exists()
 
 
@@ -219,7 +238,8 @@ def test_a_push_to_hub_asks_the_hub_for_a_private_repo_and_a_refusal_keeps_the_e
     endpoint, seen = hub_requests
     out = tmp_path / "data-set"
     env = os.environ | {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token",
-                        "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+                        "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+                        "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "radiag.cli", "export", "--run", str(split_run), "--to", str(out),
          "--push-to-hub", "lab/adni-rationales"],
@@ -229,7 +249,9 @@ def test_a_push_to_hub_asks_the_hub_for_a_private_repo_and_a_refusal_keeps_the_e
     said = " ".join(result.stderr.split())
     assert "the export was written, but its push to the Hub repository lab/adni-rationales" in said
     assert (out / "README.md").is_file() and (out / "data" / "train.parquet").is_file()
-    (create,) = [r for r in seen if (r["method"], r["path"]) == ("POST", "/api/repos/create")]
+    creates = [r for r in seen if (r["method"], r["path"]) == ("POST", "/api/repos/create")]
+    assert len(creates) == 1, (seen, result.stderr[-3000:])
+    (create,) = creates
     assert create["authorization"] == "Bearer hf_test_token"
     asked = json.loads(create["body"])
     assert (asked["organization"], asked["name"], asked["type"]) == (

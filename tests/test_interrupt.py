@@ -55,6 +55,16 @@ def left_after(token: str, seconds: float) -> dict[int, str]:
     return alive
 
 
+def engine_of(token: str, seconds: float = 60) -> dict[int, str]:
+    """The command's vLLM engine-core processes, waiting up to `seconds` for one to show."""
+    deadline = time.monotonic() + seconds
+    while not (found := {p: c for p, c in processes_of(token).items() if "EngineCore" in c}):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return found
+
+
 def wait_for_parts(job: RationalizeJob, process: subprocess.Popen, more_than: int) -> None:
     deadline = time.monotonic() + 300
     while len(job.part_files()) <= more_than:
@@ -73,8 +83,7 @@ def test_a_generating_command_stopped_by_ctrl_c_then_killed_resumes_without_redo
     try:
         wait_for_parts(job, first, more_than=0)
         written = job.part_files()
-        engines = [cmd for cmd in processes_of(token).values() if "EngineCore" in cmd]
-        assert engines, processes_of(token)  # the scan below sees the command's engine
+        assert engine_of(token), "\n".join(processes_of(token).values())  # the scan sees it
 
         os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group
         sent = time.monotonic()

@@ -4,7 +4,6 @@ determinism, exclusion of the query's own subject, and independence from query l
 from __future__ import annotations
 
 import inspect
-import os
 import pickle
 
 import numpy as np
@@ -21,9 +20,6 @@ from radiag.teacher.exemplars import (
     subject_of,
     training_pool,
 )
-
-# The model loads from the package with local_files_only; offline all the same.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REGIONS = (
     "Atrophy of hippocampus",
