@@ -82,8 +82,8 @@ def prepare_run(workdir: Path) -> Path:
     from radiag.models import ModelSpec, build_tiny_model, prepare_model
     from radiag.outputs import write_part
     from radiag.store import RunStore
-    from radiag.students.config import DistillConfig
-    from radiag.students.distill import run_distill, stage_dir
+    from radiag.students.config import DistillConfig, stage_dir
+    from radiag.students.distill import run_distill
     from radiag.teacher.stages import RATIONALIZE_STAGE
 
     run = workdir / "run"

@@ -106,8 +106,8 @@ def train(
     import shutil
 
     from radiag.store import RunStore
-    from radiag.students.config import DistillConfig
-    from radiag.students.distill import run_distill, stage_dir
+    from radiag.students.config import DistillConfig, stage_dir
+    from radiag.students.distill import run_distill
 
     store = RunStore(run_dir)
     shutil.rmtree(store.path(stage_dir(kind)), ignore_errors=True)  # each measurement trains anew
@@ -238,9 +238,8 @@ def inference(run_dir: str, patients: int) -> dict[str, Any]:
 
     from radiag.outputs import predictions_dir, read_parts
     from radiag.store import RunStore
-    from radiag.students.config import StudentDiagnoseConfig
-    from radiag.students.distill import stage_dir
-    from radiag.students.predict import model_name, run_student_diagnose
+    from radiag.students.config import StudentDiagnoseConfig, model_name, stage_dir
+    from radiag.students.predict import run_student_diagnose
     from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
     from radiag.teacher.exemplars import ExemplarConfig
     from radiag.teacher.stages import DiagnoseConfig, run_teacher

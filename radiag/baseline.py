@@ -19,24 +19,22 @@ import datetime
 import io
 import time
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-import joblib
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
 from radiag.cohort.schema import Label
 from radiag.cohort.stages import SPLITS_STAGE
 from radiag.config import StrictModel
 from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
+from radiag.errors import UserError
 from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, write_part
 from radiag.store import RunStore
+
+if TYPE_CHECKING:  # scikit-learn loads where a baseline is fitted or read, not with its config
+    from sklearn.pipeline import Pipeline
 
 Classifier = Literal["logistic", "gradient_boosting"]
 FeatureSet = Literal["tabular", "description", "tabular_cognition"]
@@ -64,7 +62,7 @@ FEATURE_SETS: dict[FeatureSet, tuple[str, ...]] = {
 }
 
 
-class BaselineInputError(RuntimeError):
+class BaselineInputError(UserError, RuntimeError):
     """A split table the baselines cannot use; the message names the file."""
 
 
@@ -119,6 +117,12 @@ def feature_matrix(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 
 def build_classifier(classifier: Classifier, seed: int) -> Pipeline:
     """Both share the same median imputation, so they see identical inputs."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
     impute = ("impute", SimpleImputer(strategy="median"))
     if classifier == "logistic":
         model = LogisticRegression(class_weight="balanced", max_iter=1000)
@@ -142,6 +146,8 @@ def load_baseline(store: RunStore, name: str) -> tuple[Pipeline, FeatureSet]:
             f"{store.uri_of(model_path(name))} does not exist: run `radiag baseline` "
             "(runs made before baselines were saved need `--fresh`)"
         )
+    import joblib
+
     saved = joblib.load(io.BytesIO(store.read_bytes(model_path(name))))
     return saved["pipeline"], saved["feature_set"]
 
@@ -183,6 +189,8 @@ def fit_baseline(
 
 def _save(store: RunStore, name: str, pipeline: Pipeline, feature_set: FeatureSet) -> None:
     buffer = io.BytesIO()
+    import joblib
+
     joblib.dump({"pipeline": pipeline, "feature_set": feature_set}, buffer)
     store.write_bytes(model_path(name), buffer.getvalue())
 

@@ -28,8 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from radiag.baseline import BaselineConfig, BaselineInputError, run_baseline
-from radiag.cohort.readers import CohortReadError
+from radiag.baseline import BaselineConfig, run_baseline
 from radiag.cohort.stages import (
     COHORT_STAGE,
     MRI_STAGE,
@@ -40,26 +39,24 @@ from radiag.cohort.stages import (
 )
 from radiag.cohort.synthetic import generate_cohort
 from radiag.config import ConfigError, load_config
-from radiag.contract import StageConflict, StageNotReady, StageSummary, read_record
-from radiag.evaluation.predictions import EvaluationInputError
+from radiag.contract import StageSummary, read_record
+from radiag.errors import UserError
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
 from radiag.experiments.config import SHARED_STAGES, ExperimentsConfig
 from radiag.experiments.report import display_table, write_experiment
 from radiag.experiments.runner import run_experiments
 from radiag.experiments.table import experiment_tables
-from radiag.export import HubPushFailed, export_dataset, export_student, hub_problem
+from radiag.export import export_dataset, export_student, hub_problem
 from radiag.logs import run_logs
 from radiag.models import ModelError, ModelSpec, prepare_model
 from radiag.pipeline import RayConfig, RunConfig, connect_ray, pipeline_stages
 from radiag.pipeline import run as run_pipeline
 from radiag.precision import explain, this_machine
-from radiag.preflight import PreflightError, preflight, writable
-from radiag.store import RunStore, StoreUnreachable
+from radiag.preflight import preflight, writable
+from radiag.store import RunStore
 from radiag.students.config import DistillConfig
-from radiag.students.distill import StudentDataError, run_distill
-from radiag.students.predict import run_student_diagnose
 from radiag.teacher.engines import VllmEngineConfig
-from radiag.teacher.imports import RationaleImportError, batch_file, import_rationales
+from radiag.teacher.imports import batch_file, import_rationales
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, teacher_stage
 from radiag.transfer import METRIC_HEADER, metric_cells, transfer_config
 from radiag.transfer import run as run_transfer
@@ -78,13 +75,6 @@ app.add_typer(models_app, name="models")
 app.add_typer(rationales_app, name="rationales")
 console = Console(stderr=True)
 log = logging.getLogger("radiag")
-
-USER_ERRORS = (
-    ConfigError, CohortReadError, StageConflict, StageNotReady, ModelError,
-    BaselineInputError, StudentDataError, EvaluationInputError, PreflightError,
-    RationaleImportError, StoreUnreachable, HubPushFailed,
-)  # fmt: skip
-"""Errors whose message tells the user what to do: one red line, exit code 2."""
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOption = Annotated[
@@ -254,7 +244,7 @@ def _session(
                 connect_ray(ray_cfg.ray, log_to_driver=verbose)
             yield store
             console.print(f"[green]outputs:[/] {store.uri}", soft_wrap=True, highlight=False)
-        except USER_ERRORS as err:
+        except UserError as err:  # its message says what to do: one red line, exit code 2
             log.error("%s", err)
             raise _fail(str(err)) from None
         except typer.Exit:  # a command's own exit code (click's Exit is a RuntimeError)
@@ -421,6 +411,8 @@ def diagnose(
             _cohort_first(cfg, store)
             _show(teacher_stage("diagnose", cfg.diagnose or DiagnoseConfig(), store, fresh))
         else:
+            from radiag.students.predict import run_student_diagnose  # torch, for students only
+
             kind = model.value
             _stage(
                 lambda: run_student_diagnose(kind, cfg.students.diagnose, store, fresh),
@@ -440,6 +432,8 @@ def distill(
     cfg = _config(config, set_)
     kind = student.value
     distill_cfg = getattr(cfg.students, kind) or DistillConfig()
+    from radiag.students.distill import run_distill  # torch: only where a student trains
+
     with _session(cfg.run_dir, verbose, cfg, [f"distill-{kind}"]) as store:
         _cohort_first(cfg, store)
         _stage(lambda: run_distill(kind, distill_cfg, store, fresh), f"training the {kind} student")

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from radiag.errors import UserError
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
@@ -28,7 +30,7 @@ class StrictModel(BaseModel):
     scheduling_fields: ClassVar[frozenset[str]] = frozenset()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be read or does not validate; the message is user-facing."""
 
 

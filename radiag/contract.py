@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field
 
+from radiag.errors import UserError
 from radiag.store import RunStore
 
 RECORD = "stage.json"
@@ -93,11 +94,11 @@ class Stage:
         return f"{self.directory}/{RECORD}"
 
 
-class StageConflict(RuntimeError):
+class StageConflict(UserError, RuntimeError):
     """A stage's outputs were written by another identity; the message is user-facing."""
 
 
-class StageNotReady(RuntimeError):
+class StageNotReady(UserError, RuntimeError):
     """A stage reads an upstream stage that has not finished; the message is user-facing."""
 
 

@@ -47,11 +47,10 @@ import pyarrow.parquet as pq
 from radiag.cohort.schema import Label
 from radiag.cohort.stages import COHORT_STAGE, SPLITS_STAGE
 from radiag.contract import StageNotReady, read_record
+from radiag.errors import UserError
 from radiag.store import RunStore
-from radiag.students.config import StudentKind
-from radiag.students.distill import FINAL_MARKER, distill_stage
+from radiag.students.config import FINAL_MARKER, StudentKind, distill_stage, model_name
 from radiag.students.formatting import targets
-from radiag.students.predict import download_student, model_name
 from radiag.teacher.prompts import ANSWERS
 from radiag.teacher.stages import RATIONALIZE_STAGE, read_output
 
@@ -80,7 +79,7 @@ class Exported:
     hub_url: str | None = None
 
 
-class HubPushFailed(RuntimeError):
+class HubPushFailed(UserError, RuntimeError):
     """The export was written, but its upload to the Hub failed; the message says both."""
 
 
@@ -336,6 +335,8 @@ def export_student(
     record = read_record(store, distill_stage(kind))
     if record is None or record.status != "complete":
         raise StageNotReady(f"stage distill-{kind} has not finished in {store.uri}: no student")
+    from radiag.students.predict import download_student  # with torch: only for a student
+
     local = download_student(store, kind)
     try:
         info = json.loads((local / FINAL_MARKER).read_text())

@@ -23,6 +23,7 @@ from pydantic import model_validator
 
 from radiag.config import StrictModel
 from radiag.contract import content_digest, digest
+from radiag.errors import UserError
 from radiag.precision import Dtype, ResolvedDtype, this_machine, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 }
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model that cannot be found or prepared; the message is user-facing."""
 
 

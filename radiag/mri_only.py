@@ -23,18 +23,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from pydantic import Field
 from torch import nn
 
 from radiag.cohort.schema import Label
 from radiag.cohort.stages import SPLITS_STAGE
-from radiag.config import StrictModel
 from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
 from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, write_part
 from radiag.store import RunStore
-from radiag.students.config import OptimSettings
-from radiag.students.modeling import EncoderName, build_encoder
-from radiag.students.volumes import VolumeConfig, load_volume, prepare_volumes
+from radiag.students.config import MriOnlyConfig
+from radiag.students.modeling import build_encoder
+from radiag.students.volumes import load_volume, prepare_volumes
 
 MRI_ONLY_MODEL = "mri-only"
 MRI_ONLY_STAGE = Stage("mri-only", "mri_only", also=(predictions_dir(MRI_ONLY_MODEL),))
@@ -44,21 +42,6 @@ CLASSES = tuple(Label)  # the head's output order
 
 class MriOnlyInputError(RuntimeError):
     """Training data the MRI-only model cannot use; the message names the file."""
-
-
-class MriOnlyConfig(StrictModel):
-    """The encoder, its input volumes and its training."""
-
-    encoder: EncoderName = "densenet_small"
-    feature_dim: int = Field(64, ge=8, description="encoder output, the linear head's input")
-    volumes: VolumeConfig = Field(
-        default_factory=lambda: VolumeConfig(pixdim_mm=4.0, spatial_size=(48, 64, 48))
-    )
-    optim: OptimSettings = Field(
-        default_factory=lambda: OptimSettings(lr=1e-3, epochs=8, batch_size=8)
-    )
-    threads: int = Field(2, ge=1, description="CPUs of the training task (torch threads)")
-    seed: int = 0
 
 
 class MriOnlyClassifier(nn.Module):

@@ -29,12 +29,9 @@ from radiag.cohort.stages import IngestConfig, describe_and_split, ingest, synth
 from radiag.config import StrictModel
 from radiag.contract import StageSummary
 from radiag.evaluation.stage import EvaluateConfig, run_evaluate
-from radiag.mri_only import MriOnlyConfig, run_mri_only
 from radiag.precision import explain, this_machine
 from radiag.store import RunStore
-from radiag.students.config import StudentsConfig
-from radiag.students.distill import run_distill
-from radiag.students.predict import model_name, run_student_diagnose
+from radiag.students.config import MriOnlyConfig, StudentsConfig, model_name
 from radiag.teacher.stages import DiagnoseConfig, RationalizeConfig, teacher_stage
 
 VERSIONED_PACKAGES = (
@@ -179,6 +176,12 @@ Stage = Callable[[RunStore, bool], StageSummary]  # (store, fresh) -> what the s
 
 def pipeline_stages(cfg: RunConfig) -> list[tuple[str, Stage]]:
     """The run, in order: every configured stage, each under the stage contract."""
+    # torch loads here, with the stages that train: configs, checks and the teacher's
+    # commands import this module without it.
+    from radiag.mri_only import run_mri_only
+    from radiag.students.distill import run_distill
+    from radiag.students.predict import run_student_diagnose
+
     stages: list[tuple[str, Stage]] = [("cohort", partial(ingest, cfg.cohort))]
     if cfg.mri.subjects:
         stages.append(("mri", partial(synthetic_mri, cfg.mri)))

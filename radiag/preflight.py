@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 
 from radiag.cohort.mapping import load_mapping
 from radiag.config import ConfigError
+from radiag.errors import UserError
 from radiag.logs import RAY_JOB_CONFIG_ENV
 from radiag.models import ModelError, ModelSpec, bundled_file, model_cache_dir
 from radiag.pipeline import RunConfig
@@ -31,7 +32,7 @@ from radiag.teacher.engines import OpenAIEngineConfig, VllmEngineConfig
 ENDPOINT_TIMEOUT_S = 5.0
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """One line per problem found; the message is user-facing."""
 
 

@@ -19,8 +19,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from radiag.errors import UserError
 
-class StoreUnreachable(RuntimeError):
+
+class StoreUnreachable(UserError, RuntimeError):
     """The run store stopped answering mid-stage (an S3 outage, a full disk); user-facing."""
 
 

@@ -74,9 +74,8 @@ from radiag.evaluation.report.markup import escape, fmt, html_table, td, with_ci
 from radiag.outputs import predictions_dir, write_part
 from radiag.pipeline import RayConfig, RunConfig
 from radiag.store import RunStore
-from radiag.students.config import StudentDiagnoseConfig, StudentKind
-from radiag.students.predict import model_name as student_name
-from radiag.students.predict import run_student_diagnose, student_diagnose_stage
+from radiag.students.config import StudentDiagnoseConfig, StudentKind, student_diagnose_stage
+from radiag.students.config import model_name as student_name
 from radiag.teacher.stages import DIAGNOSE_STAGE, DiagnoseConfig, teacher_stage
 
 EXTERNAL_SPLIT = SplitConfig(train=0, val=0, test=1, visits="baseline")
@@ -193,6 +192,8 @@ def transfer_stages(cfg: TransferConfig, models: list[str]) -> list[tuple[str, S
     if baselines := [m for m in models if m in BASELINE_MODELS]:
         step = partial(transfer_baselines, baselines, cfg.shared_features_only, source)
         stages.append(("transfer-baseline", step))
+    from radiag.students.predict import run_student_diagnose  # torch, for the students only
+
     for name in models:
         if name in STUDENTS:
             step = partial(run_student_diagnose, STUDENTS[name], cfg.students, models=source)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,17 @@ def every_command(group: TyperGroup, path: tuple[str, ...] = ()) -> list[list[st
 
 COMMANDS = every_command(typer.main.get_group(app))
 runner = CliRunner()
+
+
+def test_the_command_line_starts_without_the_libraries_only_some_stages_need() -> None:
+    """torch, transformers, scikit-learn, matplotlib, MONAI, vLLM and openai load with the
+    stage that uses them: together about 6 s of every command's start on 2 cores, paid
+    by `radiag cohort`, `rationalize` and every job for nothing."""
+    heavy = ("torch", "transformers", "sklearn", "matplotlib", "monai", "vllm", "openai")
+    probe = f"import sys, radiag.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_the_help_test_walks_every_command() -> None:

@@ -35,8 +35,7 @@ from radiag.experiments.config import ExperimentsConfig
 from radiag.pipeline import RunConfig
 from radiag.serving.config import ServeConfig
 from radiag.store import RunStore
-from radiag.students.config import StudentDiagnoseConfig
-from radiag.students.predict import student_diagnose_stage
+from radiag.students.config import StudentDiagnoseConfig, student_diagnose_stage
 from radiag.teacher.engines import actor_cpus, actor_gpus
 from radiag.teacher.stages import DIAGNOSE_STAGE, TeacherStageConfig
 from radiag.transfer import STUDENTS, TransferConfig, transfer_config

@@ -29,9 +29,9 @@ from radiag.contract import read_record
 from radiag.evaluation.predictions import test_labels
 from radiag.outputs import read_parts
 from radiag.store import RunStore
-from radiag.students.config import StudentDiagnoseConfig
-from radiag.students.distill import distill_stage, run_distill
-from radiag.students.predict import run_student_diagnose, student_diagnose_stage
+from radiag.students.config import StudentDiagnoseConfig, distill_stage, student_diagnose_stage
+from radiag.students.distill import run_distill
+from radiag.students.predict import run_student_diagnose
 from radiag.teacher.engines import OpenAIEngineConfig
 from radiag.teacher.exemplars import ExemplarConfig
 from radiag.teacher.stages import DiagnoseConfig, teacher_stage

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
-from nilearn import datasets
 from pydantic import Field
 from scipy import ndimage as ndi
 
@@ -100,6 +99,8 @@ def _ellipsoid_radius(points: np.ndarray, centre: tuple[float, float, float]) ->
 @functools.lru_cache(maxsize=2)
 def _template(resolution_mm: int) -> _Template:
     """Load the template, find its lateral ventricles, lay out the hippocampus fields."""
+    from nilearn import datasets  # with scikit-learn behind it: only where volumes are made
+
     img = datasets.load_mni152_template(resolution=resolution_mm)
     data = img.get_fdata(dtype=np.float32)  # (X, Y, Z)
     brain = datasets.load_mni152_brain_mask(resolution=resolution_mm).get_fdata() > 0

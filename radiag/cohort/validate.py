@@ -26,6 +26,7 @@ from radiag.cohort.schema import (
     DX_LABELS,
     NUMERIC_COLUMNS,
 )
+from radiag.errors import UserError
 
 QUARANTINE_COLUMNS = ("file", "row", "RID", "VISCODE", "column", "value", "reason")
 _VISCODE_MONTHS = re.compile(r"^m(\d+)$")
@@ -34,7 +35,7 @@ _PLAIN_NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"  # ASCII digits (
 _COMPUTED_FROM = {"age_at_visit": ("AGE", "Years_bl")}
 
 
-class CohortReadError(RuntimeError):
+class CohortReadError(UserError, RuntimeError):
     """A cohort file that cannot be read at all; the message is for the user."""
 
 

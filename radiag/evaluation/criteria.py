@@ -57,14 +57,10 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from sklearn.compose import ColumnTransformer
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
 
 from radiag.cohort.describe import MRI_FINDINGS
 from radiag.teacher.quality import (
@@ -74,6 +70,9 @@ from radiag.teacher.quality import (
     check_rationale,
     stated_findings,
 )
+
+if TYPE_CHECKING:  # scikit-learn loads where the helpfulness reader is fitted
+    from sklearn.pipeline import Pipeline
 
 Criterion = Literal["consistency", "correctness", "specificity", "helpfulness", "human_likeness"]
 CRITERIA: tuple[Criterion, ...] = (
@@ -217,6 +216,11 @@ def _text_classifier(columns: tuple[str, ...]) -> Pipeline:
 
     Separate blocks keep a short rationale from being diluted by a long description.
     """
+    from sklearn.compose import ColumnTransformer
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
     tfidf = [(c, TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), c) for c in columns]
     return Pipeline(
         [("tfidf", ColumnTransformer(tfidf)), ("logistic", LogisticRegression(max_iter=1000))]

@@ -33,8 +33,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binom, rankdata
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
 
 from radiag.cohort.schema import Label
 from radiag.outputs import PROBABILITY_COLUMNS
@@ -227,6 +225,8 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     discordant pairs carry information, and with none the p-value is 1.
     Example: mcnemar_exact(10, 2) = 2 (1 + 12 + 66) / 2**12 = 0.0386.
     """
+    from scipy.stats import binom  # scipy and scikit-learn load where a metric needs them
+
     discordant = a_only + b_only
     if discordant == 0:
         return 1.0
@@ -415,6 +415,8 @@ def _resampled_scores(
 
 def _per_class(scored: pd.DataFrame) -> pd.DataFrame:
     """sklearn's per-class precision / recall / F1 / support; unparsed rows are misses."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     if scored.empty:
         nan = [math.nan] * len(CLASSES)
         precision = recall = f1 = nan
@@ -432,6 +434,8 @@ def _add_probability_metrics(
     evaluation: ModelEvaluation, labels: np.ndarray, probabilities: pd.DataFrame
 ) -> None:
     """ROC curves, one-vs-rest AUC (mean over classes with a curve), mAUC, ECE, reliability."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     proba = probabilities.to_numpy(float)
     for i, name in enumerate(CLASSES):
         positive = labels == name
@@ -447,6 +451,8 @@ def _add_probability_metrics(
 
 def _mann_whitney(positive: np.ndarray, negative: np.ndarray) -> float:
     """P(a random `positive` score > a random `negative` one), ties 1/2."""
+    from scipy.stats import rankdata
+
     ranks = rankdata(np.concatenate([positive, negative]))
     n_pos = len(positive)
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * len(negative)))

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from radiag.cohort.schema import Label
+from radiag.errors import UserError
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, predictions_dir
 from radiag.store import RunStore
 
@@ -29,7 +30,7 @@ EXAMPLES = 5  # offending rows quoted in a message; the count covers the rest
 _SOURCE = "_source"  # per-row part file URI, kept while checking so messages can name files
 
 
-class EvaluationInputError(RuntimeError):
+class EvaluationInputError(UserError, RuntimeError):
     """A split or prediction table that cannot be evaluated; the message names the file and rows."""
 
 

@@ -61,7 +61,7 @@ from radiag.evaluation.report import ReportInputs, write_report
 from radiag.models import prepare_model
 from radiag.outputs import read_parts
 from radiag.store import RunStore
-from radiag.students.distill import distill_stage
+from radiag.students.config import distill_stage
 from radiag.teacher.engines import VllmEngineConfig, with_resolved_dtype
 
 log = logging.getLogger(__name__)

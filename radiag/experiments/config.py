@@ -15,9 +15,8 @@ from pydantic import Field, model_validator
 
 from radiag.baseline import BaselineConfig
 from radiag.config import StrictModel
-from radiag.mri_only import MriOnlyConfig
 from radiag.pipeline import CohortStagesConfig, RayConfig, RunConfig
-from radiag.students.config import StudentsConfig
+from radiag.students.config import MriOnlyConfig, StudentsConfig
 from radiag.teacher.stages import DiagnoseConfig
 
 ArmKind = Literal["teacher", "student", "baseline", "mri"]

@@ -9,11 +9,10 @@ import base64
 import datetime
 import io
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
-from matplotlib.figure import Figure
 
 from radiag.evaluation.report.markup import (
     DASH,
@@ -30,6 +29,9 @@ from radiag.experiments.config import ExperimentsConfig
 from radiag.experiments.runner import ARM_RECORD
 from radiag.pipeline import git_commit, machine
 from radiag.store import RunStore
+
+if TYPE_CHECKING:  # matplotlib loads where a figure is drawn, not with the module
+    from matplotlib.figure import Figure
 
 CHANCE = 1 / 3  # balanced accuracy of a guess among three classes
 DISPLAY = {
@@ -107,6 +109,8 @@ def markdown(frame: pd.DataFrame) -> str:
 def forest_plot(table: pd.DataFrame, comparisons: pd.DataFrame, reference: str) -> Figure | None:
     """Left: each arm's balanced accuracy with its CI against chance. Right: its paired
     difference from the reference arm with that CI, against no difference."""
+    from matplotlib.figure import Figure
+
     if table.empty:
         return None
     names = list(table["name"])[::-1]

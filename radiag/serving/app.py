@@ -65,7 +65,7 @@ from radiag.serving.servers import (
     student_diagnose_config,
 )
 from radiag.store import RunStore, filesystem_for
-from radiag.students.distill import stage_dir
+from radiag.students.config import stage_dir
 
 log = logging.getLogger("ray.serve")  # what Serve writes to each replica's log file
 

@@ -25,9 +25,13 @@ from radiag.contract import read_record
 from radiag.outputs import PROBABILITY_COLUMNS
 from radiag.serving.config import BatchingConfig
 from radiag.store import RunStore
-from radiag.students.config import StudentDiagnoseConfig, StudentKind
-from radiag.students.distill import distill_stage
-from radiag.students.predict import StudentDiagnoser, download_student, student_diagnose_stage
+from radiag.students.config import (
+    StudentDiagnoseConfig,
+    StudentKind,
+    distill_stage,
+    student_diagnose_stage,
+)
+from radiag.students.predict import StudentDiagnoser, download_student
 from radiag.students.volumes import volume_transform
 
 log = logging.getLogger(__name__)

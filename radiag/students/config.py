@@ -7,13 +7,34 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from radiag.config import StrictModel
+from radiag.contract import Stage
 from radiag.models import ModelSpec
+from radiag.outputs import predictions_dir
 from radiag.precision import Dtype, ResolvedDtype, resolve_for
-from radiag.students.formatting import LossName
-from radiag.students.modeling import EncoderName
 from radiag.students.volumes import VolumeConfig
 
 StudentKind = Literal["text", "vlm"]
+LossName = Literal["label", "rationale_label", "step_by_step"]
+EncoderName = Literal["densenet121", "densenet_small", "vit_small"]
+FINAL_MARKER = "student.json"  # written last in an export: a final/ without it is incomplete
+
+
+def stage_dir(kind: StudentKind) -> str:
+    """Where a student's checkpoints and final export live in the run."""
+    return f"checkpoints/{kind}"
+
+
+def distill_stage(kind: StudentKind) -> Stage:
+    return Stage(f"distill-{kind}", stage_dir(kind))
+
+
+def model_name(kind: StudentKind) -> str:
+    """The student's name among the run's models (predictions, report, Serve)."""
+    return f"student-{kind}"
+
+
+def student_diagnose_stage(kind: StudentKind) -> Stage:
+    return Stage(f"diagnose-{model_name(kind)}", predictions_dir(model_name(kind)), resumable=True)
 
 
 class LoraSettings(StrictModel):
@@ -149,3 +170,18 @@ class StudentsConfig(StrictModel):
         if self.text is not None and self.text.finetune == "frozen":
             raise ValueError("students.text.finetune 'frozen' would train nothing")
         return self
+
+
+class MriOnlyConfig(StrictModel):
+    """The encoder, its input volumes and its training."""
+
+    encoder: EncoderName = "densenet_small"
+    feature_dim: int = Field(64, ge=8, description="encoder output, the linear head's input")
+    volumes: VolumeConfig = Field(
+        default_factory=lambda: VolumeConfig(pixdim_mm=4.0, spatial_size=(48, 64, 48))
+    )
+    optim: OptimSettings = Field(
+        default_factory=lambda: OptimSettings(lr=1e-3, epochs=8, batch_size=8)
+    )
+    threads: int = Field(2, ge=1, description="CPUs of the training task (torch threads)")
+    seed: int = 0

@@ -32,12 +32,19 @@ import torch
 from pydantic import BaseModel
 
 from radiag.cohort.stages import SPLITS_STAGE
-from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
+from radiag.contract import StageIdentity, StageSummary, config_identity, run_stage, upstream
+from radiag.errors import UserError
 from radiag.models import model_fingerprint, prepare_model
 from radiag.outputs import read_parts
 from radiag.precision import ResolvedDtype, torch_dtype
 from radiag.store import RunStore
-from radiag.students.config import DistillConfig, StudentKind
+from radiag.students.config import (
+    FINAL_MARKER,
+    DistillConfig,
+    StudentKind,
+    distill_stage,
+    stage_dir,
+)
 from radiag.students.formatting import encode_target, targets
 from radiag.students.modeling import StudentModel, load_trainable, require_exact_keys
 from radiag.students.training import (
@@ -54,10 +61,8 @@ from radiag.teacher.stages import RATIONALIZE_STAGE
 
 log = logging.getLogger(__name__)
 
-FINAL_MARKER = "student.json"  # written last: a final/ without it is incomplete
 
-
-class StudentDataError(RuntimeError):
+class StudentDataError(UserError, RuntimeError):
     """Training data that cannot belong to this run; the message is user-facing."""
 
 
@@ -69,10 +74,6 @@ class Examples(BaseModel):
     table: pa.Table  # patient_id, description, rationale, label, volume_path
     counts: dict[str, int]
     errors: list[str]
-
-
-def stage_dir(kind: StudentKind) -> str:
-    return f"checkpoints/{kind}"
 
 
 def training_examples(kind: StudentKind, cfg: DistillConfig, store: RunStore) -> Examples:
@@ -195,10 +196,6 @@ def _trainer(kind: StudentKind, cfg: DistillConfig, store: RunStore, sequences: 
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )  # fmt: skip
-
-
-def distill_stage(kind: StudentKind) -> Stage:
-    return Stage(f"distill-{kind}", stage_dir(kind))
 
 
 def run_distill(

@@ -22,16 +22,17 @@ Each transform here maps one row dict to token ids; none of them needs Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal
 
 from radiag.cohort.schema import Label
-from radiag.students.modeling import IGNORE
+from radiag.students.config import LossName
 from radiag.teacher.engines import Messages
 from radiag.teacher.prompts import ANSWERS, FINAL, QUESTION, TEMPLATES
 
-LossName = Literal["label", "rationale_label", "step_by_step"]
+if TYPE_CHECKING:  # transformers loads with the models, not with the configs that import this
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100  # label of a position that carries no loss (prompt, prefix, padding)
 Kind = Literal["label", "rationale", "rationale_label"]
 TASK_PREFIX: dict[Kind, str] = {"label": "[label] ", "rationale": "[rationale] "}
 

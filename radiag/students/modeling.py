@@ -10,15 +10,13 @@ training, scoring and generation share one code path (`embed`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-IGNORE = -100  # label of a position that carries no loss (prompt, prefix, padding)
-
-EncoderName = Literal["densenet121", "densenet_small", "vit_small"]
+from radiag.students.config import EncoderName
+from radiag.students.formatting import IGNORE
 
 
 def build_encoder(name: EncoderName, feature_dim: int, spatial_size: Sequence[int]) -> nn.Module:

@@ -32,7 +32,6 @@ from radiag.cohort.schema import Label
 from radiag.cohort.split import first_patients
 from radiag.cohort.stages import SPLITS_STAGE
 from radiag.contract import (
-    Stage,
     StageIdentity,
     StageNotReady,
     StageSummary,
@@ -49,23 +48,28 @@ from radiag.outputs import (
     write_part,
 )
 from radiag.store import RunStore
-from radiag.students.config import DistillConfig, StudentDiagnoseConfig, StudentKind
-from radiag.students.distill import distill_stage, load_final, stage_dir
-from radiag.students.formatting import encode_prompt, option_ids, prompt_kinds, student_messages
-from radiag.students.modeling import IGNORE
+from radiag.students.config import (
+    DistillConfig,
+    StudentDiagnoseConfig,
+    StudentKind,
+    distill_stage,
+    model_name,
+    stage_dir,
+    student_diagnose_stage,
+)
+from radiag.students.distill import load_final
+from radiag.students.formatting import (
+    IGNORE,
+    encode_prompt,
+    option_ids,
+    prompt_kinds,
+    student_messages,
+)
 from radiag.students.volumes import load_volume, prepare_volumes
 from radiag.teacher.parsing import parse_answer
 from radiag.teacher.prompts import FINAL
 
 SCORED_ROWS_PER_PASS = 4  # bounds scoring memory: 12 sequences' logits at a time
-
-
-def model_name(kind: StudentKind) -> str:
-    return f"student-{kind}"
-
-
-def student_diagnose_stage(kind: StudentKind) -> Stage:
-    return Stage(f"diagnose-{model_name(kind)}", predictions_dir(model_name(kind)), resumable=True)
 
 
 class StudentDiagnoser:

@@ -36,8 +36,8 @@ from transformers import (
 from radiag.models import prepare_model
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig, MriSettings, StudentKind
+from radiag.students.formatting import IGNORE
 from radiag.students.modeling import (
-    IGNORE,
     MriPrefix,
     StudentModel,
     build_encoder,

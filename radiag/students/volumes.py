@@ -28,9 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, NormalizeIntensity, Orientation, ResizeWithPadOrCrop, Spacing
 from pydantic import Field, PositiveInt, field_validator
 
 from radiag.cohort.mri import decode_nifti_gz
@@ -103,6 +100,17 @@ def volume_transform(cfg: VolumeConfig) -> Callable[[nib.Nifti1Image], np.ndarra
         ValueError: (from the returned function) the image is not one 3-D volume, has
             non-finite voxels or a singular affine.
     """
+    # torch and MONAI load here, not with the module: configs and the CLI import it.
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import (
+        Compose,
+        NormalizeIntensity,
+        Orientation,
+        ResizeWithPadOrCrop,
+        Spacing,
+    )
+
     pipeline = Compose(
         [
             Orientation(axcodes=cfg.orientation, labels=_NIBABEL_AXES),

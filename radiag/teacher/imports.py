@@ -32,6 +32,7 @@ from radiag.contract import (
     run_stage,
     upstream_digest,
 )
+from radiag.errors import UserError
 from radiag.outputs import write_part
 from radiag.store import RunStore
 from radiag.teacher.parsing import parse_answer
@@ -42,7 +43,7 @@ PART_ROWS = 1000
 """Rows per written part file."""
 
 
-class RationaleImportError(ValueError):
+class RationaleImportError(UserError, ValueError):
     """The file cannot be imported at all (unreadable, no usable row); user-facing."""
 
 

@@ -21,7 +21,7 @@ from radiag.contract import read_record
 from radiag.outputs import PROBABILITY_COLUMNS, read_parts
 from radiag.serving.records import SERVED_COLUMNS
 from radiag.store import RunStore
-from radiag.students.distill import distill_stage
+from radiag.students.config import distill_stage
 from radiag.teacher.stages import DIAGNOSE_STAGE
 
 pytestmark = pytest.mark.slow  # the session's trained run (two students) and served app

@@ -23,7 +23,7 @@ from conftest import TOKEN, ServedApp, start_app
 
 from radiag.contract import read_record
 from radiag.store import RunStore
-from radiag.students.distill import distill_stage
+from radiag.students.config import distill_stage
 
 APP = "radiag"
 DIAGNOSE = {"model": "student-text", "patient": {"AGE": 70, "MMSE": 25}}

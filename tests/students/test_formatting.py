@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from radiag.cohort.schema import Label
 from radiag.students.formatting import (
+    IGNORE,
     TASK_PREFIX,
     encode_prompt,
     encode_target,
@@ -17,7 +18,6 @@ from radiag.students.formatting import (
     student_messages,
     targets,
 )
-from radiag.students.modeling import IGNORE
 from radiag.teacher.prompts import ANSWERS, FINAL, answer_line
 
 ROW = {

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from radiag.students.formatting import IGNORE
 from radiag.students.modeling import (
-    IGNORE,
     MriPrefix,
     StudentModel,
     StudentWeightsError,

@@ -19,13 +19,12 @@ from radiag.mri_only import (
     MRI_ONLY_MODEL,
     WEIGHTS,
     MriOnlyClassifier,
-    MriOnlyConfig,
     MriOnlyInputError,
     run_mri_only,
 )
 from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, read_parts
 from radiag.store import RunStore
-from radiag.students.config import OptimSettings
+from radiag.students.config import MriOnlyConfig, OptimSettings
 from radiag.students.volumes import VolumeConfig
 
 SMALL = MriOnlyConfig(

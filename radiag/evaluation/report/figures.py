@@ -9,11 +9,10 @@ from __future__ import annotations
 import base64
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from radiag.evaluation.criteria import CRITERIA
 from radiag.evaluation.metrics import CLASSES
@@ -26,6 +25,9 @@ from radiag.evaluation.report.markup import (
     metric_by_model,
     ordered,
 )
+
+if TYPE_CHECKING:  # matplotlib loads where a figure is drawn, not with the module
+    from matplotlib.figure import Figure
 
 
 def draw_figures(inputs: ReportInputs) -> dict[str, Figure | None]:
@@ -47,6 +49,8 @@ GROUP_COLORS = {"CN": "#4c72b0", "MCI": "#dd8452", "AD": "#c44e52"}
 
 def _panels(n: int, cols: int = 3, size: tuple[float, float] = (4.2, 3.6), **kw: Any):
     """A figure of `n` panels in rows of `cols`; returns (figure, the n axes)."""
+    from matplotlib.figure import Figure
+
     cols = max(1, min(n, cols))
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained", dpi=100)
