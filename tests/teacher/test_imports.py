@@ -4,7 +4,10 @@ partner's Parquet / JSONL) as the run's rationalize stage."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -140,3 +143,39 @@ def _batch_input(run: Path, tmp_path: Path) -> Path:
     made = ["rationales", "batch-file", "--run", str(run), "--model", "m", "--out", str(out)]
     assert runner.invoke(app, made).exit_code == 0
     return out
+
+
+@pytest.mark.slow
+def test_a_round_trip_through_vllms_own_batch_runner_brings_every_answer_in(
+    run: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    """`rationales batch-file`, then vLLM's batch runner (`vllm run-batch`, which reads and
+    writes the OpenAI batch format) on the tiny model, then `rationales import`: every
+    request is answered and every answer is a row or a refusal that names its line. The
+    runner is its own process with its own engine (about 30 s): that process is what is
+    under test, so no engine of the session can stand in for it."""
+    requests = tmp_path / "batch-input.jsonl"
+    made = runner.invoke(app, ["rationales", "batch-file", "--run", str(run), "--model", "tiny",
+                               "--max-tokens", "24", "--out", str(requests)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    asked = [json.loads(line)["custom_id"] for line in requests.read_text().splitlines()]
+    answers = tmp_path / "batch-output.jsonl"
+    batch = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "run-batch", "-i", str(requests),
+         "-o", str(answers), "--model", str(tiny_model), "--served-model-name", "tiny",
+         "--max-model-len", "1024", "--enforce-eager", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(asked)
+    assert all(line["response"]["status_code"] == 200 for line in lines)
+
+    result = runner.invoke(app, ["rationales", "import", str(answers), "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    refused = [line for line in result.output.splitlines() if "refused:" in line]
+    assert all("batch-output.jsonl:" in line for line in refused)
+    rows = read_output(RunStore(str(run)), "rationalize").to_pandas()
+    assert len(rows) + len(refused) == len(asked) and len(rows) > 0, result.output
+    assert set(rows["patient_id"]) <= set(asked)
+    assert (rows["model"] == "tiny").all() and rows["qc_flagged"].notna().all()
