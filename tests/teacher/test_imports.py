@@ -22,6 +22,8 @@ from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
 from radiag.contract import read_record, upstream_digest
 from radiag.store import RunStore
+from radiag.students.config import DistillConfig
+from radiag.students.distill import training_examples
 from radiag.teacher.prompts import ANSWERS, rationalize_messages
 from radiag.teacher.stages import RATIONALIZE_STAGE, read_output
 
@@ -136,6 +138,31 @@ def test_a_file_with_no_usable_row_is_one_line_and_exit_2(run: Path, tmp_path: P
     result = runner.invoke(app, ["rationales", "import", str(bad), "--run", str(run)])
     assert result.exit_code == 2
     assert "no row could be imported" in result.output and "bad.jsonl:2" in result.output
+
+
+def test_a_student_trains_on_imported_rationales_as_on_generated_ones(
+    run: Path, tmp_path: Path
+) -> None:
+    """What distill reads to build its training rows (phase 1, before Ray Train starts)
+    takes the imported stage as it takes a generated one: each imported rationale with its
+    training patient's record, the QC-flagged ones left out unless asked for."""
+    store = RunStore(str(run))
+    requests = [json.loads(line) for line in _batch_input(run, tmp_path).read_text().splitlines()]
+    output = tmp_path / "batch-output.jsonl"
+    output.write_text("".join(json.dumps(hosted_model_output(r)) + "\n" for r in requests))
+    assert (
+        runner.invoke(app, ["rationales", "import", str(output), "--run", str(run)]).exit_code == 0
+    )
+    imported = read_output(store, "rationalize").to_pandas().set_index("patient_id")
+
+    every = training_examples("text", DistillConfig(include_flagged=True), store).table.to_pandas()
+    assert sorted(every["patient_id"]) == sorted(imported.index)
+    assert (every.set_index("patient_id")["rationale"] == imported["rationale"]).all()
+    train = store.read_table("splits/train.parquet").to_pandas().set_index("patient_id")
+    assert (every.set_index("patient_id")["label"] == train.loc[imported.index, "label"]).all()
+    passed = training_examples("text", DistillConfig(), store)
+    assert passed.counts["excluded_flagged"] == int(imported["qc_flagged"].sum())
+    assert passed.table.num_rows == len(imported) - passed.counts["excluded_flagged"]
 
 
 def _batch_input(run: Path, tmp_path: Path) -> Path:
