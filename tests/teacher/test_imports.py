@@ -8,8 +8,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,8 +24,8 @@ from radiag.cohort.stages import IngestConfig, describe_and_split, ingest
 from radiag.cohort.synthetic import SynthConfig
 from radiag.contract import read_record, upstream_digest
 from radiag.store import RunStore
-from radiag.students.config import DistillConfig
-from radiag.students.distill import training_examples
+from radiag.students.config import FINAL_MARKER, DistillConfig, distill_stage, stage_dir
+from radiag.students.distill import run_distill, training_examples
 from radiag.teacher.prompts import ANSWERS, rationalize_messages
 from radiag.teacher.stages import RATIONALIZE_STAGE, read_output
 
@@ -140,29 +142,52 @@ def test_a_file_with_no_usable_row_is_one_line_and_exit_2(run: Path, tmp_path: P
     assert "no row could be imported" in result.output and "bad.jsonl:2" in result.output
 
 
-def test_a_student_trains_on_imported_rationales_as_on_generated_ones(
-    run: Path, tmp_path: Path
-) -> None:
-    """What distill reads to build its training rows (phase 1, before Ray Train starts)
-    takes the imported stage as it takes a generated one: each imported rationale with its
-    training patient's record, the QC-flagged ones left out unless asked for."""
-    store = RunStore(str(run))
+def imported_batch_output(run: Path, tmp_path: Path) -> pd.DataFrame:
+    """The run's Batch API input answered by `hosted_model_output` and imported: its rows."""
     requests = [json.loads(line) for line in _batch_input(run, tmp_path).read_text().splitlines()]
     output = tmp_path / "batch-output.jsonl"
     output.write_text("".join(json.dumps(hosted_model_output(r)) + "\n" for r in requests))
     assert (
         runner.invoke(app, ["rationales", "import", str(output), "--run", str(run)]).exit_code == 0
     )
-    imported = read_output(store, "rationalize").to_pandas().set_index("patient_id")
+    return read_output(RunStore(str(run)), "rationalize").to_pandas().set_index("patient_id")
 
+
+def test_a_students_training_rows_are_the_imported_rationales_with_their_records(
+    run: Path, tmp_path: Path
+) -> None:
+    """What distill reads to build its training rows (phase 1, before Ray Train starts)
+    takes the imported stage as it takes a generated one: each imported rationale with its
+    training patient's record, the QC-flagged ones left out unless asked for."""
+    store = RunStore(str(run))
+    imported = imported_batch_output(run, tmp_path)
     every = training_examples("text", DistillConfig(include_flagged=True), store).table.to_pandas()
-    assert sorted(every["patient_id"]) == sorted(imported.index)
-    assert (every.set_index("patient_id")["rationale"] == imported["rationale"]).all()
+    every = every.set_index("patient_id")
+    assert sorted(every.index) == sorted(imported.index)
+    assert (every["rationale"] == imported.loc[every.index, "rationale"]).all()
     train = store.read_table("splits/train.parquet").to_pandas().set_index("patient_id")
-    assert (every.set_index("patient_id")["label"] == train.loc[imported.index, "label"]).all()
+    assert (every["label"] == train.loc[every.index, "label"]).all()
     passed = training_examples("text", DistillConfig(), store)
     assert passed.counts["excluded_flagged"] == int(imported["qc_flagged"].sum())
     assert passed.table.num_rows == len(imported) - passed.counts["excluded_flagged"]
+
+
+@pytest.mark.slow
+def test_an_imported_batch_output_distils_a_student(
+    run: Path, tmp_path: Path, ray_cluster: None, tiny_student: Callable[..., DistillConfig]
+) -> None:
+    """Two steps of the tiny student on imported rationales, under the stage contract: the
+    student's identity holds the imported stage's digest. It trains a student of its own:
+    the session's trained run is built from rationales written by a stub, not imported."""
+    store = RunStore(str(run))
+    imported = imported_batch_output(run, tmp_path)
+    cfg = tiny_student(include_flagged=True, optim={"max_steps": 2, "batch_size": 4})
+    summary = run_distill("text", cfg, store)
+    assert summary.counts["steps"] == 2 and summary.counts["examples"] == len(imported)
+    record = read_record(store, distill_stage("text"))
+    assert record is not None and record.status == "complete"
+    assert record.identity.upstream["rationalize"] == upstream_digest(store, RATIONALIZE_STAGE)
+    assert store.exists(f"{stage_dir('text')}/final/{FINAL_MARKER}")
 
 
 def _batch_input(run: Path, tmp_path: Path) -> Path:
