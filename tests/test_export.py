@@ -106,6 +106,27 @@ def test_the_card_has_hugging_face_front_matter_and_says_what_the_data_is(export
         assert needed.lower() in body.lower(), needed
 
 
+def test_the_card_renders_in_chromium_as_the_hub_shows_it(exported: Path) -> None:
+    """The card's Markdown below its front matter, rendered as the Hub renders cards
+    (CommonMark with GitHub tables) and opened in headless Chromium: the label counts are a
+    table with a row per split, and the figures read as text beside it."""
+    from markdown_it import MarkdownIt
+    from page_driver import browser_page
+
+    body = (exported / "README.md").read_text().split("---\n", 2)[2]
+    html = MarkdownIt("commonmark").enable("table").render(body)
+    with browser_page(token="") as page:
+        page.set_content(f"<html><body>{html}</body></html>")
+        headers = page.locator("table th").all_inner_texts()
+        splits = page.locator("table tbody tr td:first-child").all_inner_texts()
+        headings = page.locator("h2").all_inner_texts()
+        text = page.inner_text("body")
+    assert headers == ["split", "rows", *(label.value for label in Label)]
+    assert splits == ["train", "validation", "test"]
+    assert {"Source and licence", "What it holds", "Citation"} <= set(headings)
+    assert "Rationale length" in text and "269.4" in text and "|---|" not in text
+
+
 def test_a_real_cohort_exports_no_record_columns_and_descriptions_only_when_asked(
     tmp_path: Path, write_rationales
 ) -> None:

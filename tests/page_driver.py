@@ -1,6 +1,6 @@
 """Drives the clinician page (`radiag/serving/web/index.html`) in headless Chromium.
 
-A helper for the serving tests, not a test itself: it opens the page with HTTP Basic
+A helper for the serving and export tests, not a test itself: it opens the page with HTTP Basic
 credentials (user `clinician`, password = the token), the way a browser does after its
 login prompt, submits one diagnosis and reads back what the page shows.
 """
