@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,11 @@ def test_the_card_has_hugging_face_front_matter_and_says_what_the_data_is(export
     for needed in ("Synthetic cohort", "Rationale length", "269.4", "QC flag rate",
                    "stage identities", "Citation", "not a medical device"):  # fmt: skip
         assert needed.lower() in body.lower(), needed
+    criteria = re.search(
+        r"Automatic criteria .*?:\s+consistency (\S+), specificity (\S+) \(", body, re.S
+    )
+    assert criteria is not None, body
+    assert all(1 <= float(score) <= 5 for score in criteria.groups())
 
 
 def test_the_card_renders_in_chromium_as_the_hub_shows_it(exported: Path) -> None:
