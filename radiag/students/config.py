@@ -1,4 +1,5 @@
-"""Configs of the student stages: one class per concern, mapped one to one onto YAML."""
+"""Configs of the student stages (one class per concern, mapped one to one onto YAML), and
+the stages' names and output locations: light enough for every command to import."""
 
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ class StudentsConfig(StrictModel):
 
 
 class MriOnlyConfig(StrictModel):
-    """The encoder, its input volumes and its training."""
+    """The MRI-only classifier (radiag/mri_only.py): the encoder, its input volumes and its
+    training."""
 
     encoder: EncoderName = "densenet_small"
     feature_dim: int = Field(64, ge=8, description="encoder output, the linear head's input")
