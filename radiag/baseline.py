@@ -188,9 +188,9 @@ def fit_baseline(
 
 
 def _save(store: RunStore, name: str, pipeline: Pipeline, feature_set: FeatureSet) -> None:
-    buffer = io.BytesIO()
     import joblib
 
+    buffer = io.BytesIO()
     joblib.dump({"pipeline": pipeline, "feature_set": feature_set}, buffer)
     store.write_bytes(model_path(name), buffer.getvalue())
 

@@ -229,8 +229,8 @@ def _automatic_criteria(explained: pd.DataFrame) -> str:
     if explained.empty:
         return "n/a (no rationales)"
     rows = explained.assign(model=explained["rationale_model"], diagnosis=explained["label"])
-    means = score_rationales(rows, explained.set_index("patient_id")).groupby("criterion")["score"]
-    means = means.mean()
+    scores = score_rationales(rows, explained.set_index("patient_id"))
+    means = scores.groupby("criterion")["score"].mean()
     scored = ", ".join(f"{name} {means[name]:.2f}" for name in ("consistency", "specificity"))
     return f"{scored} (mean over {len(explained)} rationales)"
 

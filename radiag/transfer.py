@@ -184,6 +184,8 @@ Step = Callable[[RunStore, bool], StageSummary]  # (external store, fresh) -> wh
 
 def transfer_stages(cfg: TransferConfig, models: list[str]) -> list[tuple[str, Step]]:
     """The external run's stages, in order, for the chosen source `models`."""
+    from radiag.students.predict import run_student_diagnose  # torch, for the students only
+
     source = RunStore(cfg.source_run)
     stages: list[tuple[str, Step]] = [
         ("cohort", partial(ingest, cfg.cohort)),
@@ -192,8 +194,6 @@ def transfer_stages(cfg: TransferConfig, models: list[str]) -> list[tuple[str, S
     if baselines := [m for m in models if m in BASELINE_MODELS]:
         step = partial(transfer_baselines, baselines, cfg.shared_features_only, source)
         stages.append(("transfer-baseline", step))
-    from radiag.students.predict import run_student_diagnose  # torch, for the students only
-
     for name in models:
         if name in STUDENTS:
             step = partial(run_student_diagnose, STUDENTS[name], cfg.students, models=source)
