@@ -33,7 +33,7 @@ from radiag.contract import Stage, StageIdentity, StageRecord, StageSummary, con
 from radiag.evaluation.judge import JudgeConfig
 from radiag.experiments.config import ExperimentsConfig
 from radiag.pipeline import RunConfig
-from radiag.serving.config import ServeConfig
+from radiag.serving.config import ServeConfig, TeacherServeConfig
 from radiag.store import RunStore
 from radiag.students.config import StudentDiagnoseConfig, student_diagnose_stage
 from radiag.teacher.engines import actor_cpus, actor_gpus
@@ -79,6 +79,7 @@ Demand = tuple[str, int, float, float]  # what a stage asks Ray for: (what, acto
 # The Serve application's args that may differ on the cluster: where the run is, and how
 # the token arrives (a mounted Secret instead of an environment variable).
 CLUSTER_ONLY_SERVE_ARGS = {"run_dir", "token_file"}
+TEACHER_PLACEMENT_ARGS = {"num_cpus", "resources"}  # the teacher's node group (RayService)
 SERVE_TOKEN_SECRET = "radiag-serve-token"
 
 # json tags of ray-operator/apis/ray/v1/{rayjob,raycluster,rayservice}_types.go (KubeRay v1).
@@ -696,12 +697,42 @@ def test_rayservice_serves_the_application_of_serve_config_yaml() -> None:
         differ = {
             key
             for key in set(ours["args"]) | set(theirs["args"])
-            if ours["args"].get(key) != theirs["args"].get(key)
+            if _unplaced(ours["args"]).get(key) != _unplaced(theirs["args"]).get(key)
         }
         assert differ <= CLUSTER_ONLY_SERVE_ARGS, f"only where the run and token are: {differ}"
         args = ServeConfig.model_validate(ours["args"])  # what build_app validates
         assert args.run_dir.startswith("s3://"), "every replica reads the run from S3"
         assert args.token_file, "the token comes from a mounted Secret, not from a value here"
+
+
+def _unplaced(args: dict[str, Any]) -> dict[str, Any]:
+    """Serve args without the teacher's placement, which only a cluster sets."""
+    teacher = args.get("teacher")
+    if not teacher:
+        return args
+    return args | {"teacher": {k: v for k, v in teacher.items() if k not in TEACHER_PLACEMENT_ARGS}}
+
+
+def test_the_served_cpu_teacher_has_a_worker_group_of_its_own() -> None:
+    """Its engine bundle asks for a resource exactly one group offers and for every CPU of
+    that group's pods: it starts only there, and no student replica fits beside it."""
+    spec = _one(RAYSERVICE, "RayService")["spec"]["rayClusterConfig"]
+    (application,) = _serve_config_v2()["applications"]
+    teacher = TeacherServeConfig.model_validate(application["args"]["teacher"])
+    assert teacher.resources, "a CPU teacher of 8B shares no pod with the students"
+    offering = []
+    for group in spec["workerGroupSpecs"]:
+        offered = group["rayStartParams"].get("resources")
+        offered = json.loads(json.loads(offered)) if offered else {}  # KubeRay's quoted JSON
+        if set(teacher.resources) & set(offered):
+            offering.append((group, offered))
+    assert len(offering) == 1, [group["groupName"] for group, _ in offering]
+    ((group, offered),) = offering
+    assert all(offered[name] >= need for name, need in teacher.resources.items())
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert _quantity(limits["cpu"]) == teacher.num_cpus, "the whole pod, or students fit beside"
+    assert group["maxReplicas"] >= teacher.max_replicas
+    assert group["minReplicas"] >= teacher.min_replicas
 
 
 def test_rayservice_mounts_the_serve_token_secret_where_token_file_points() -> None:

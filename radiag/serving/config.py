@@ -120,12 +120,29 @@ class TeacherServeConfig(StrictModel):
     )
     dtype: Dtype | None = Field(None, description="default: the run's (resolved) precision")
     cpu_kv_cache_gib: int | None = Field(None, ge=1, description="default: the run's")
+    num_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs the engine's placement bundle reserves per replica; default: "
+        "ray.serve.llm's (1 per engine worker on CPU, none beside a GPU)",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources the engine's bundle asks for, e.g. {teacher: 1}: "
+        "the teacher then starts only on nodes that offer them (a node group of its own)",
+    )
     min_replicas: int = Field(1, ge=1, description="an LLM replica takes ~40 s to start on CPU")
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)
     sampling: SamplingConfig | None = Field(
         None, description="/v1/diagnose with model=teacher; default: the run's diagnose sampling"
     )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TeacherServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("teacher.max_replicas must be >= teacher.min_replicas")
+        return self
 
     def engine(self, run_engine: VllmEngineConfig) -> VllmEngineConfig:
         """The run's diagnose engine with the fields set here replaced: the served teacher

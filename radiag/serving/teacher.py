@@ -69,6 +69,7 @@ def teacher_llm_config(cfg: TeacherServeConfig, run: DiagnoseConfig) -> Any:
         accelerator_config={"kind": "gpu" if engine.gpus_per_replica else "cpu"},
         engine_kwargs=engine_kwargs,
         runtime_env={"env_vars": cpu_environment(engine)},
+        placement_group_config=teacher_placement(cfg, engine),
         deployment_config={
             # The replica actor only relays requests: the engine's bundle holds its CPU.
             "ray_actor_options": {"num_cpus": 0},
@@ -79,6 +80,18 @@ def teacher_llm_config(cfg: TeacherServeConfig, run: DiagnoseConfig) -> Any:
             },
         },
     )
+
+
+def teacher_placement(cfg: TeacherServeConfig, engine: VllmEngineConfig) -> dict | None:
+    """The bundle of each engine worker when `cfg` sets CPUs or custom resources (None:
+    ray.serve.llm's default). A large CPU teacher reserves a node's CPUs and asks for a
+    resource only its own node group offers, so it neither lands beside the students nor
+    lets them crowd its node (cluster/kuberay/rayservice.yaml)."""
+    if cfg.num_cpus is None and not cfg.resources:
+        return None
+    device = {"GPU": 1.0} if engine.gpus_per_replica else {"CPU": 1.0}
+    cpus = {} if cfg.num_cpus is None else {"CPU": cfg.num_cpus}
+    return {"bundle_per_worker": device | cpus | cfg.resources, "strategy": "PACK"}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -20,10 +20,14 @@ from radiag.serving.app import (
     model_fields,
     read_token,
     served_models,
+    teacher_cpus,
     unschedulable,
 )
-from radiag.serving.config import AUTO_CPUS, ServeConfig, sized_to_cluster
+from radiag.serving.config import AUTO_CPUS, ServeConfig, TeacherServeConfig, sized_to_cluster
+from radiag.serving.teacher import teacher_llm_config
 from radiag.store import RunStore
+from radiag.teacher.engines import VllmEngineConfig
+from radiag.teacher.stages import DiagnoseConfig
 
 SERVE_CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
 
@@ -102,6 +106,30 @@ def test_explicit_cpu_requests_are_kept_and_count_against_the_rest() -> None:
          "baselines": {"scaling": {"num_cpus": 0.1}}}
     )  # fmt: skip
     assert sized_to_cluster(greedy, {"students": 1, "baselines": 1}, 2.0, 1.0) == greedy
+
+
+def test_a_teacher_given_cpus_and_a_resource_reserves_them_in_its_engine_bundle(
+    tiny_model: Path,
+) -> None:
+    """What puts a large CPU teacher on a node group of its own (the RayService's)."""
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    run = DiagnoseConfig(engine=VllmEngineConfig(model={"path": str(tiny_model)}))
+    default = TeacherServeConfig()
+    placed = TeacherServeConfig(
+        num_cpus=8, resources={"teacher": 1}, min_replicas=2, max_replicas=2
+    )
+
+    def bundles(cfg: TeacherServeConfig) -> list[dict[str, float]]:
+        options = LLMServer.get_deployment_options(teacher_llm_config(cfg, run))
+        return [{k: v for k, v in b.items() if v} for b in options["placement_group_bundles"]]
+
+    assert bundles(default) == [{"CPU": 1}]  # ray.serve.llm's own
+    assert bundles(placed) == [{"CPU": 8, "teacher": 1}]
+    sized_by = teacher_cpus(teacher_llm_config(placed, run), placed)
+    assert sized_by == 16  # what the students and baselines are sized around
+    with pytest.raises(ValueError, match="teacher.max_replicas must be >= teacher.min_replicas"):
+        TeacherServeConfig(min_replicas=2)
 
 
 def test_models_to_serve_must_be_models_of_the_run(tmp_path: Path) -> None:
