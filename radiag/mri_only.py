@@ -28,6 +28,7 @@ from torch import nn
 from radiag.cohort.schema import Label
 from radiag.cohort.stages import SPLITS_STAGE
 from radiag.contract import Stage, StageIdentity, StageSummary, config_identity, run_stage, upstream
+from radiag.errors import UserError
 from radiag.outputs import PROBABILITY_COLUMNS, predictions_dir, write_part
 from radiag.store import RunStore
 from radiag.students.config import MriOnlyConfig
@@ -40,7 +41,7 @@ WEIGHTS = "mri_only/model.pt"
 CLASSES = tuple(Label)  # the head's output order
 
 
-class MriOnlyInputError(RuntimeError):
+class MriOnlyInputError(UserError, RuntimeError):
     """Training data the MRI-only model cannot use; the message names the file."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from radiag.errors import UserError
 from radiag.evaluation.agreement import quadratic_kappa
 from radiag.evaluation.criteria import CRITERIA
 from radiag.evaluation.judge_prompts import RUBRICS, diagnosis_text
@@ -31,7 +32,7 @@ LEVELS = ("nominal", "ordinal", "interval", "ratio")
 MAX_REPORTED = 20  # problems listed in one RatingError
 
 
-class RatingError(ValueError):
+class RatingError(UserError, ValueError):
     """A filled sheet that cannot be imported; the message names file, row and column."""
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from radiag.errors import UserError
 from radiag.evaluation.criteria import CRITERIA
 from radiag.evaluation.human import (
     RatingError,
@@ -138,6 +139,7 @@ def test_a_bad_score_names_file_row_and_column(
     with pytest.raises(RatingError) as error:
         import_ratings([filled], key)
     text = str(error.value)
+    assert isinstance(error.value, UserError)  # the CLI prints it as one line, exit code 2
     assert f"{filled}: row 4, column 'correctness': {message}" in text  # row 1 is the header
     assert text.count("\n") == 1  # exactly one problem listed
 

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from radiag.errors import UserError
 from radiag.mri_only import (
     MRI_ONLY_MODEL,
     WEIGHTS,
@@ -84,5 +85,6 @@ def test_without_a_labelled_training_t1_it_refuses_naming_the_split(fresh_run: R
     train = fresh_run.read_table("splits/train.parquet")
     _rewrite(fresh_run, "splits/train.parquet", {"mri_path": pa.nulls(train.num_rows, pa.string())})
 
-    with pytest.raises(MriOnlyInputError, match=r"splits/train\.parquet has a usable T1"):
+    with pytest.raises(MriOnlyInputError, match=r"splits/train\.parquet has a usable T1") as error:
         run_mri_only(SMALL, fresh_run)
+    assert isinstance(error.value, UserError)  # the CLI prints it as one line, exit code 2
