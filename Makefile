@@ -31,12 +31,14 @@ demo: setup
 		--set shared_features_only=true
 
 # The CPU and the precision it gets come first and the 25 slowest tests last, so a slow
-# run explains itself.
+# run explains itself. Two pytest-xdist workers, each with its own Ray cluster: most tests
+# wait on process starts, so two keep both cores busy (tests/conftest.py says what a
+# worker takes at a time).
 test: setup browser
 	@$(PY) -c "from radiag.precision import explain, this_machine; print('precision:', explain(*this_machine()))"
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest --durations=25
+	$(VENV)/bin/pytest -n 2 --durations=25
 
 bench: setup
 	$(PY) benchmarks/cohort_scale.py

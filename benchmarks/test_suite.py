@@ -26,14 +26,15 @@ from provenance import ROOT, cpu_and_precision, load_1min, provenance
 RESULTS = Path(__file__).parent / "results" / "test_suite.json"
 GOAL_SECONDS, GOAL_NOT_SLOW_SECONDS = 25 * 60, 8 * 60
 SLOWEST = 25
+WORKERS = ("-n", "2")  # as `make test`
 DURATION = re.compile(r"^(\d+\.\d+)s (call|setup|teardown)\s+(\S+)$")
 SUMMARY = re.compile(r"^=+ (.*) in ([\d.]+)s")
 
 
 def run_pytest(*args: str) -> dict[str, Any]:
     """One pytest process: its wall time, its closing line and its slowest test phases."""
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--durations={SLOWEST}",
-               "-rfE", *args]  # fmt: skip
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *WORKERS,
+               f"--durations={SLOWEST}", "-rfE", *args]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ import ray
 import yaml
 from commands import RationalizeJob
 from stubs import S3Server, SlowStubTeacher, StubTeacher
+from xdist.scheduler import LoadScopeScheduling
 
 from radiag.cohort.describe import DescribeConfig
 from radiag.cohort.split import SplitConfig
@@ -38,6 +39,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # Nothing downloads at run time: the suite runs offline, as the jobs do (the one test that
 # talks to a Hub endpoint of its own says so in its command's environment).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs two pytest-xdist workers, each a session of its own with its own Ray
+# clusters: Ray keeps its sessions and the address `ray.init()` joins under RAY_TMPDIR, so
+# each worker gets one (and every process it starts inherits it).
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/radiag-tests-{worker}"
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +53,8 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     Its workers get the S3 server's settings, as a cluster's would from its environment.
     """
     s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    if ray.is_initialized():  # started on first use by a Ray API an earlier test called
+        ray.shutdown()
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -215,7 +223,9 @@ def restores_current_cluster() -> Iterator[None]:
     """`ray start` and `ray.cluster_utils.Cluster` record their cluster in Ray's
     `ray_current_cluster` file, which every later `ray.init()` on the machine joins: put the
     file back as it was, even when the test's cluster died without cleaning up."""
-    record = Path("/tmp/ray/ray_current_cluster")
+    from ray._common.utils import get_ray_address_file
+
+    record = Path(get_ray_address_file(None))
     before = record.read_text() if record.exists() else None
     yield
     if before is None:
@@ -284,6 +294,51 @@ def stub_teacher() -> Iterator[str]:
     yield from _serve_stub(StubTeacher)
 
 
+# The order of the session, and what a pytest-xdist worker takes at a time (`make test` runs
+# two: most tests wait on process starts). The serving tests come first, as one block that
+# shares the served app: those without it, those on it, then those that shut it down to
+# deploy their own scaling (test_scaling.py), after which the cluster's CPUs are free again.
+# Then the modules with end-to-end (`slow`) tests, then the rest: the long units start early
+# and the short ones fill in at the end.
+SERVING = Path(__file__).parent / "serving"
+
+
+def _order(item: pytest.Item, slow_modules: set[Path]) -> tuple[int, int]:
+    if item.path.parent == SERVING:
+        if item.path.name == "test_scaling.py":
+            return 0, 2
+        return 0, 1 if "served_app" in getattr(item, "fixturenames", ()) else 0
+    return (1 if item.path in slow_modules else 2), 0
+
+
+# The first test on the session's trained run or served app also builds them (minutes,
+# more while the other worker trains): its time limit covers that.
+BUILDS_THE_SESSIONS_RUN = {"trained_run", "served_app"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: _order(item, slow_modules))  # stable: module order is kept
+    for item in items:
+        uses = BUILDS_THE_SESSIONS_RUN & set(getattr(item, "fixturenames", ()))
+        if uses and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(1200))
+
+
+class ModuleScheduling(LoadScopeScheduling):
+    """A unit of work is a test module (its module-scoped fixtures are built once), or all
+    the serving tests (one served app per worker would cost minutes), in collection order."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return "tests/serving" if module.startswith("tests/serving/") else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> ModuleScheduling:
+    config.option.loadscopereorder = False  # the order above, not the largest module first
+    return ModuleScheduling(config, log)
+
+
 # The reliability suite's table (tests/reliability/README.md): one row per module of tests
 # marked `reliability`, what it tried (its docstring's first line), its cases and how many
 # held. Only a run of the whole suite writes it: one with -m or -k, or of some files only,
@@ -306,6 +361,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     whole_suite = session.config.args_source is pytest.Config.ArgsSource.TESTPATHS
     if (
         not _reliability_outcomes
+        or os.environ.get("PYTEST_XDIST_WORKER")  # saw its own tests only: the controller writes
         or not whole_suite  # a run of some files would shrink the table to them
         or options.markexpr
         or options.keyword

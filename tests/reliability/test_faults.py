@@ -110,6 +110,15 @@ class StageThread(threading.Thread):
         return self.summary
 
 
+def of_this_session(process: psutil.Process) -> bool:
+    """Started by this test session's Ray cluster, not by another pytest-xdist worker's
+    (each worker's processes inherit its RAY_TMPDIR)."""
+    try:
+        return process.environ().get("RAY_TMPDIR") == os.environ.get("RAY_TMPDIR")
+    except psutil.Error:  # ended meanwhile, or not ours to read
+        return False
+
+
 def test_a_killed_engine_actor_is_replaced_and_every_row_written_once(job: RationalizeJob) -> None:
     """The engine's Ray actor SIGKILLed mid-stage (a crash, an OOM kill): Ray Data starts
     another and hands it the unfinished batches; the stage ends with every row once."""
@@ -119,7 +128,7 @@ def test_a_killed_engine_actor_is_replaced_and_every_row_written_once(job: Ratio
     (engine,) = [  # Ray names the actor's process after its class
         p
         for p in psutil.process_iter(["cmdline"])
-        if "TeacherWorker" in " ".join(p.info["cmdline"] or [])
+        if "TeacherWorker" in " ".join(p.info["cmdline"] or []) and of_this_session(p)
     ]
     os.kill(engine.pid, signal.SIGKILL)
 

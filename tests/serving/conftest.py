@@ -95,18 +95,3 @@ def served_app(
     command_line.terminate()
     command_line.communicate(timeout=60)
     serve.shutdown()
-
-
-REDEPLOYING = "test_scaling.py"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The session's served app holds the teacher's CPUs of the session's cluster: the tests
-    on it run after every other test, then those that shut it down to redeploy Serve."""
-
-    def rank(item: pytest.Item) -> int:
-        if item.path.name == REDEPLOYING:
-            return 2
-        return 1 if "served_app" in getattr(item, "fixturenames", ()) else 0
-
-    items.sort(key=rank)  # stable: the order is kept within each rank

@@ -128,7 +128,7 @@ def test_a_teacher_given_cpus_and_a_resource_reserves_them_in_its_engine_bundle(
     assert bundles(placed) == [{"CPU": 8, "teacher": 1}]
     sized_by = teacher_cpus(teacher_llm_config(placed, run), placed)
     assert sized_by == 16  # what the students and baselines are sized around
-    with pytest.raises(ValueError, match="teacher.max_replicas must be >= teacher.min_replicas"):
+    with pytest.raises(ValueError, match=r"teacher\.max_replicas must be >= teacher\.min_replicas"):
         TeacherServeConfig(min_replicas=2)
 
 
