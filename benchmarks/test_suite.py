@@ -1,7 +1,7 @@
 """Benchmark: how long the test suite takes, whole and without the `slow` tier.
 
-Goal (issue: any machine): the whole suite (`pytest`, what `make test` runs after ruff)
-within 25 minutes on the 2-core machine, and `pytest -m "not slow"` within 8 minutes.
+Goal (issue: any machine): the whole suite (`pytest -n 2`, what `make test` runs after
+ruff) within 25 minutes on the 2-core machine, and `-m "not slow"` within 8 minutes.
 Both run here one after the other, each in a fresh pytest process; the 25 slowest tests of
 the whole run are kept. The CPU (model, bf16 flags, the precision it resolves) is recorded
 with them: a CPU without native bf16 runs the suite's models in fp32 at another speed.
