@@ -159,7 +159,6 @@ def newer_run(trained_run: Path, tiny_student: Callable[..., Any], tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # the first test here may also build the session's run
 def test_the_text_student_scales_out_under_load_and_back_in_when_it_stops(deploy):
     scaling = {
         "min_replicas": 1,
@@ -191,7 +190,6 @@ def test_the_text_student_scales_out_under_load_and_back_in_when_it_stops(deploy
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # the first test here may also build the session's run
 def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
     deploy, trained_run, newer_run
 ):
@@ -243,7 +241,6 @@ def test_a_newer_runs_student_swaps_in_place_without_a_failed_request(
 
 @pytest.mark.reliability
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # the first test here may also build the session's run
 def test_a_full_queue_is_answered_503_at_once_and_the_student_recovers(deploy):
     scaling = {
         "min_replicas": 1,

@@ -15,7 +15,7 @@ from radiag.serving.records import SERVED_COLUMNS
 from radiag.store import RunStore
 from radiag.teacher.stages import DIAGNOSE_STAGE
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # setup starts two engines
+pytestmark = pytest.mark.slow  # setup starts two engines (its time limit: tests/conftest.py)
 
 
 def _client(app: ServedApp, token: str = TOKEN) -> openai.OpenAI:
