@@ -112,3 +112,12 @@ def test_synthetic_mri_is_refused_for_real_cohorts() -> None:
         load_config(
             RunConfig, None, ["cohort.source=adnimerge", "cohort.path=x.csv", "mri.subjects=3"]
         )
+
+
+def test_a_rationale_then_label_student_set_to_answer_without_its_rationale_is_refused() -> None:
+    # Its answer follows its own rationale: scored right after the prompt it would answer a
+    # sequence it never trained on (the CPU preset measured that arm at chance).
+    overrides = ["students.text.loss=rationale_label", "students.diagnose.generate_rationale=false"]
+    with pytest.raises(ConfigError, match=r"students.text: loss rationale_label .* set students"):
+        load_config(RunConfig, None, overrides)
+    load_config(RunConfig, None, [*overrides[1:], "students.text.loss=step_by_step"])

@@ -54,6 +54,7 @@ from radiag.students.config import (
     StudentKind,
     distill_stage,
     model_name,
+    require_rationale_where_trained,
     stage_dir,
     student_diagnose_stage,
 )
@@ -83,6 +84,7 @@ class StudentDiagnoser:
         self.model, self.info = load_final(directory, self.cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(directory / "lm")
         self.trained = DistillConfig.model_validate(self.info["config"])
+        require_rationale_where_trained(self.trained.loss, self.cfg, str(directory))
         self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
         self.options = [option_ids(self.tokenizer, label) for label in Label]
         # Built once: `generate(stop_strings=...)` rebuilds this per call, and its cache keys
@@ -295,6 +297,8 @@ def run_student_diagnose(
             f"no trained {kind} student in {models.uri_of(stage_dir(kind))}: "
             f"run `radiag distill --student {kind}` first"
         )
+    trained = models.read_json(f"{stage_dir(kind)}/final/student.json")["config"]
+    require_rationale_where_trained(trained["loss"], cfg, f"the {model_name(kind)} of {models.uri}")
     stage = student_diagnose_stage(kind)
     cfg = cfg.resolved()
     identity = StageIdentity(

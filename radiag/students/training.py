@@ -59,9 +59,18 @@ def _rng_file(rank: int) -> str:
 
 
 def build_student(kind: StudentKind, cfg: DistillConfig, model_dir: Path) -> StudentModel:
-    """The untrained student: base LM (+ LoRA) and, for `vlm`, a fresh MRI encoder."""
+    """The untrained student: base LM (+ LoRA) and, for `vlm`, a fresh MRI encoder.
+
+    Under bf16 mixed precision the frozen base weights of a LoRA or frozen student are kept
+    in bf16: they are only read, and in fp32 autocast would cast each of them again at
+    every forward and backward pass. Weights that train (LoRA, PEFT keeps them fp32; the
+    MRI side; a full fine-tune) stay fp32.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    frozen_base = cfg.finetune != "full" and cfg.precision == "bf16-mixed"
+    lm = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if frozen_base else torch.float32
+    )
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -5,6 +5,7 @@ Slow: the session's trained run (its tiny text student), then predictor actors (
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from radiag.cohort.schema import Label
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
-from radiag.students.config import StudentDiagnoseConfig
+from radiag.students.config import AnswerWithoutRationaleError, StudentDiagnoseConfig
 from radiag.students.predict import StudentDiagnoser, download_student, run_student_diagnose
 from radiag.teacher.prompts import FINAL
 
@@ -121,3 +122,21 @@ def test_a_constrained_student_stops_generating_at_its_final_line(trained: RunSt
     assert diagnoser.diagnose([description], None)[0]["completion_tokens"] == 12
     diagnoser.stop_at_final = StoppingCriteriaList([StopAtOnce()])
     assert diagnoser.diagnose([description], None)[0]["completion_tokens"] == 1
+
+
+def test_a_rationale_then_label_student_is_refused_an_answer_without_its_rationale(
+    trained: RunStore, tmp_path: Path
+) -> None:
+    # Scored right after the prompt, such a student answers a sequence it never trained on.
+    root = tmp_path / "run"
+    shutil.copytree(trained.root, root, ignore=shutil.ignore_patterns("*.nii.gz"))
+    marker = root / "checkpoints" / "text" / "final" / "student.json"
+    info = json.loads(marker.read_text())
+    marker.write_text(json.dumps(info | {"config": info["config"] | {"loss": "rationale_label"}}))
+    without = StudentDiagnoseConfig(generate_rationale=False)
+
+    with pytest.raises(AnswerWithoutRationaleError, match="generate_rationale: true"):
+        run_student_diagnose("text", without, RunStore(str(root)))
+    with pytest.raises(AnswerWithoutRationaleError, match="rationale_label"):
+        StudentDiagnoser(marker.parent, without)  # the served student too
+    assert not (root / "predictions" / "student-text").exists()

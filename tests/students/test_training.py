@@ -113,3 +113,23 @@ def test_an_export_refuses_a_checkpoint_that_lacks_a_trained_weight(
     del state[lost]
     with pytest.raises(StudentWeightsError, match=lost):
         export(cfg, state, tmp_path)
+
+
+def test_under_bf16_mixed_a_lora_students_base_is_bf16_and_what_trains_is_fp32(
+    tiny_student: Callable[..., DistillConfig],
+) -> None:
+    # The frozen weights are only read: in bf16 autocast does not cast them at every pass.
+    cfg = tiny_student(loss="label", precision="bf16-mixed")
+    model = build_student("text", cfg, Path(cfg.model.path or ""))
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = step_loss(model, encoded(cfg, Path(cfg.model.path or "")), cfg)
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+
+    full = build_student("text", tiny_student(finetune="full", precision="bf16-mixed"),
+                         Path(cfg.model.path or ""))  # fmt: skip
+    assert {p.dtype for p in full.parameters()} == {torch.float32}  # fp32 master weights
