@@ -188,7 +188,7 @@ STUDENTS = keys(
      + verdict(d, "text_training_roofline_fraction", "goal_text_training_roofline_fraction")),
     ("distributed_efficiency_equal_cores", "text student (SmolLM2-135M + LoRA r16), samples/s "
      "of 2 Ray Train workers × 1 torch thread over 1 worker × 2 threads. Both runs use both "
-     "cores, and both take the same sequences per optimizer step (2 per worker vs all on "
+     "cores, and both take the same sequences per optimizer step (4 per worker vs all 8 on "
      "one), so the only difference is where the parallelism sits",
      goal("goal_distributed_efficiency_equal_cores"),
      lambda d: f"**{d('distributed_efficiency_equal_cores')}** ({d(TEXT_RUN.format('2x1'))} "
