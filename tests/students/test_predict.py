@@ -129,7 +129,7 @@ def test_a_rationale_then_label_student_is_refused_an_answer_without_its_rationa
 ) -> None:
     # Scored right after the prompt, such a student answers a sequence it never trained on.
     root = tmp_path / "run"
-    shutil.copytree(trained.root, root, ignore=shutil.ignore_patterns("*.nii.gz"))
+    shutil.copytree(trained.root, root, ignore=shutil.ignore_patterns("*.nii.gz", "student-text"))
     marker = root / "checkpoints" / "text" / "final" / "student.json"
     info = json.loads(marker.read_text())
     marker.write_text(json.dumps(info | {"config": info["config"] | {"loss": "rationale_label"}}))
