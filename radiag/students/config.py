@@ -195,6 +195,10 @@ class StudentsConfig(StrictModel):
     def _frozen_needs_an_image(self) -> StudentsConfig:
         if self.text is not None and self.text.finetune == "frozen":
             raise ValueError("students.text.finetune 'frozen' would train nothing")
+        return self
+
+    @model_validator(mode="after")
+    def _rationale_students_write_theirs(self) -> StudentsConfig:
         for kind in ("text", "vlm"):
             student: DistillConfig | None = getattr(self, kind)
             if student is not None:

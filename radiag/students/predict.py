@@ -49,6 +49,7 @@ from radiag.outputs import (
 )
 from radiag.store import RunStore
 from radiag.students.config import (
+    FINAL_MARKER,
     DistillConfig,
     StudentDiagnoseConfig,
     StudentKind,
@@ -245,19 +246,16 @@ class StudentPredictor:
 
 
 def _inputs(
-    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, models: RunStore
+    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, trained: DistillConfig
 ) -> pa.Table:
     """Test rows (no label column), with the preprocessed volume or the reason there is none;
-    volumes are preprocessed as the student in `models` was trained."""
+    volumes are preprocessed as the `trained` student was trained."""
     table = first_patients(store.read_table(f"splits/{cfg.split}.parquet"), cfg.limit)
     table = table.select(["patient_id", "description", "mri_path"])
     if kind != "vlm":
         return table.append_column(
             "volume_path", pa.nulls(table.num_rows, pa.string())
         ).append_column("error", pa.nulls(table.num_rows, pa.string()))
-    trained = DistillConfig.model_validate(
-        models.read_json(f"{stage_dir(kind)}/final/student.json")["config"]
-    )
     imaged = table.filter(pc.is_valid(table["mri_path"]))
     prepared = prepare_volumes(
         imaged.select(["patient_id", "mri_path"]), trained.mri.volumes, store
@@ -292,13 +290,14 @@ def run_student_diagnose(
             Default: `store`.
     """
     models = models or store
-    if not models.exists(f"{stage_dir(kind)}/final/student.json"):
+    final = f"{stage_dir(kind)}/final/{FINAL_MARKER}"
+    if not models.exists(final):
         raise StageNotReady(
             f"no trained {kind} student in {models.uri_of(stage_dir(kind))}: "
             f"run `radiag distill --student {kind}` first"
         )
-    trained = models.read_json(f"{stage_dir(kind)}/final/student.json")["config"]
-    require_rationale_where_trained(trained["loss"], cfg, f"the {model_name(kind)} of {models.uri}")
+    trained = DistillConfig.model_validate(models.read_json(final)["config"])
+    require_rationale_where_trained(trained.loss, cfg, f"the {model_name(kind)} of {models.uri}")
     stage = student_diagnose_stage(kind)
     cfg = cfg.resolved()
     identity = StageIdentity(
@@ -306,15 +305,21 @@ def run_student_diagnose(
         config=config_identity(cfg),
         upstream=upstream(store, [SPLITS_STAGE]) | upstream(models, [distill_stage(kind)]),
     )
-    return run_stage(store, stage, identity, lambda: _diagnose_all(kind, cfg, store, models), fresh)
+    return run_stage(
+        store, stage, identity, lambda: _diagnose_all(kind, cfg, store, models, trained), fresh
+    )
 
 
 def _diagnose_all(
-    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, models: RunStore
+    kind: StudentKind,
+    cfg: StudentDiagnoseConfig,
+    store: RunStore,
+    models: RunStore,
+    trained: DistillConfig,
 ) -> StageSummary:
     import ray
 
-    inputs = _inputs(kind, cfg, store, models)
+    inputs = _inputs(kind, cfg, store, trained)
     done = read_parts(store, predictions_dir(model_name(kind)))
     todo = still_to_do(inputs, done)
     start = time.perf_counter()
