@@ -127,7 +127,12 @@ class FakePredictor:
         self.calls = 0
 
     def __call__(
-        self, kind: str, cfg: StudentDiagnoseConfig, store: RunStore, models: RunStore
+        self,
+        kind: str,
+        cfg: StudentDiagnoseConfig,
+        store: RunStore,
+        models: RunStore,
+        trained: DistillConfig,
     ) -> StageSummary:
         self.calls += 1
         student = models.read_json(f"checkpoints/{kind}/final/student.json")["identity"]
