@@ -180,11 +180,14 @@ COHORT = keys(
 TEXT_RUN = "text_student.runs.{}.samples_per_s"
 STUDENTS = keys(
     ("text_training_roofline_fraction", "the best text run's share of the matmul peak of the "
-     "cores it used: tokens/s × the FLOPs a token costs (LoRA: forward plus activation "
-     "gradients, ~4 × the transformer's parameters) over the peak measured with the same "
-     "threads and dtype (`text_student.roofline`)",
+     "cores it used: tokens/s × the matmul FLOPs a token costs (the layers' projections and "
+     "LoRA, forward plus gradients; the vocabulary projection at labelled positions; causal "
+     "attention) over the peak measured with the same threads and dtype "
+     "(`text_student.roofline`); in brackets, the share with the projections alone counted "
+     "(4 × the layers' weights, the count used before)",
      goal("goal_text_training_roofline_fraction"),
-     lambda d: f"**{d('text_training_roofline_fraction')}**"
+     lambda d: f"**{d('text_training_roofline_fraction')}** (projections alone: "
+     f"{pairs(d, 'text_student.roofline.projections_only_fraction_by_run', '{name} {value}')})"
      + verdict(d, "text_training_roofline_fraction", "goal_text_training_roofline_fraction")),
     ("distributed_efficiency_equal_cores", "text student (SmolLM2-135M + LoRA r16), samples/s "
      "of 2 Ray Train workers × 1 torch thread over 1 worker × 2 threads. Both runs use both "

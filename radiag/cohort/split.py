@@ -15,8 +15,13 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from radiag.config import StrictModel
+from radiag.errors import UserError
 
 SPLITS = ("train", "val", "test")
+
+
+class NoImagedVisitsError(UserError, ValueError):
+    """`visits: imaged` asked for, and no visit has a T1."""
 
 
 class SplitConfig(StrictModel):
@@ -27,7 +32,10 @@ class SplitConfig(StrictModel):
     test: float = Field(0.2, ge=0, le=1)
     seed: int = 0
     visits: str = Field(
-        "all", pattern="^(all|baseline)$", description="keep all visits, or baseline only"
+        "all",
+        pattern="^(all|baseline|imaged)$",
+        description="keep all visits, baseline only, or only those with a T1 (`mri_path`): "
+        "the modality arms are then scored on every test visit",
     )
 
     @model_validator(mode="after")
@@ -63,6 +71,13 @@ def split_cohort(cohort: pa.Table, cfg: SplitConfig) -> tuple[dict[str, pa.Table
     """Split a (described) cohort table by subject; returns the tables and the assignment."""
     if cfg.visits == "baseline":
         cohort = cohort.filter(pc.equal(cohort["VISCODE"], "bl"))
+    if cfg.visits == "imaged":
+        cohort = cohort.filter(pc.is_valid(cohort["mri_path"]))
+        if cohort.num_rows == 0:
+            raise NoImagedVisitsError(
+                "split.visits is 'imaged' but no visit has a T1 (mri_path): run the mri "
+                "stage (`mri.subjects`) or read an export whose mri_path is filled"
+            )
     assignment = assign_subjects(cohort, cfg)
     split_of = pa.array(cohort["RID"].to_pandas().map(assignment.set_index("RID")["split"]))
     tables = {name: cohort.filter(pc.equal(split_of, name)) for name in SPLITS}

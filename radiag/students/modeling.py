@@ -59,17 +59,30 @@ class _VitEncoder(nn.Module):
 
 
 class MriPrefix(nn.Module):
-    """Volume -> `prefix_tokens` LM embeddings: (B, 1, D, H, W) -> (B, P, hidden)."""
+    """Volume -> `prefix_tokens` LM embeddings: (B, 1, D, H, W) -> (B, P, hidden).
+
+    `token_norm` (the LM's mean token-embedding norm, when given) sets the projector's
+    initial scale: fresh prefix tokens then start as long as the text's own. With PyTorch's
+    default init they start about four times longer for SmolLM2, and a short fine-tune
+    spends its steps undoing that disturbance of the text instead of learning the task.
+    """
 
     def __init__(
-        self, encoder: nn.Module, feature_dim: int, hidden_size: int, prefix_tokens: int
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        hidden_size: int,
+        prefix_tokens: int,
+        token_norm: float | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.prefix_tokens = prefix_tokens
-        self.projector = nn.Sequential(
-            nn.LayerNorm(feature_dim), nn.Linear(feature_dim, prefix_tokens * hidden_size)
-        )
+        projection = nn.Linear(feature_dim, prefix_tokens * hidden_size)
+        if token_norm is not None:  # LayerNorm'd features: each output ~ N(0, F * std^2)
+            nn.init.normal_(projection.weight, std=token_norm / (feature_dim * hidden_size) ** 0.5)
+            nn.init.zeros_(projection.bias)
+        self.projector = nn.Sequential(nn.LayerNorm(feature_dim), projection)
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         features = self.encoder(volumes)  # (B, F)

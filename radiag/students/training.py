@@ -89,10 +89,13 @@ def build_student(kind: StudentKind, cfg: DistillConfig, model_dir: Path) -> Stu
 
 
 def build_mri_prefix(settings: MriSettings, lm: PreTrainedModel) -> MriPrefix:
-    """A fresh MRI encoder + projector sized for `lm`'s embeddings."""
+    """A fresh MRI encoder + projector sized for `lm`'s embeddings and scaled to them."""
     encoder = build_encoder(settings.encoder, settings.feature_dim, settings.volumes.spatial_size)
-    hidden = lm.get_input_embeddings().embedding_dim
-    return MriPrefix(encoder, settings.feature_dim, hidden, settings.prefix_tokens)
+    embeddings = lm.get_input_embeddings().weight.detach().float()
+    token_norm = embeddings.norm(dim=1).mean().item()
+    return MriPrefix(
+        encoder, settings.feature_dim, embeddings.shape[1], settings.prefix_tokens, token_norm
+    )
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from radiag.cohort.split import SplitConfig, split_cohort
+from radiag.cohort.split import NoImagedVisitsError, SplitConfig, split_cohort
 from radiag.cohort.stages import IngestConfig, ingest
 from radiag.cohort.synthetic import SynthConfig
 from radiag.store import RunStore
@@ -46,3 +47,23 @@ def test_baseline_only_keeps_one_visit_per_subject(cohort) -> None:
     for table in tables.values():
         assert pc.all(pc.equal(table["VISCODE"], "bl")).as_py()
         assert len(pc.unique(table["RID"])) == table.num_rows
+
+
+def test_imaged_keeps_exactly_the_visits_with_a_t1_and_still_splits_by_subject(cohort) -> None:
+    imaged = [f"t1/{pid}.nii.gz" if i % 3 == 0 else None
+              for i, pid in enumerate(cohort["patient_id"].to_pylist())]  # fmt: skip
+    with_t1 = cohort.set_column(
+        cohort.schema.get_field_index("mri_path"), "mri_path", pa.array(imaged, pa.string())
+    )
+    tables, assignment = split_cohort(with_t1, SplitConfig(visits="imaged"))
+    kept = sorted(pid for t in tables.values() for pid in t["patient_id"].to_pylist())
+    ids = cohort["patient_id"].to_pylist()
+    assert kept == sorted(pid for pid, path in zip(ids, imaged, strict=True) if path)
+    split_of = assignment.set_index("RID")["split"]
+    for name, table in tables.items():
+        assert {split_of[rid] for rid in table["RID"].to_pylist()} == {name}
+
+
+def test_imaged_without_any_t1_is_refused_naming_the_mri_stage(cohort) -> None:
+    with pytest.raises(NoImagedVisitsError, match="mri stage"):
+        split_cohort(cohort, SplitConfig(visits="imaged"))

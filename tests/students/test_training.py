@@ -133,3 +133,19 @@ def test_under_bf16_mixed_a_lora_students_base_is_bf16_and_what_trains_is_fp32(
     full = build_student("text", tiny_student(finetune="full", precision="bf16-mixed"),
                          Path(cfg.model.path or ""))  # fmt: skip
     assert {p.dtype for p in full.parameters()} == {torch.float32}  # fp32 master weights
+
+
+def test_a_fresh_mri_prefix_starts_as_long_as_the_lms_own_token_embeddings(
+    tiny_student: Callable[..., DistillConfig],
+) -> None:
+    # Longer prefix tokens would drown the text until training shrinks them.
+    cfg = tiny_student(
+        loss="rationale_label", mri={"volumes": {"pixdim_mm": 4.0, "spatial_size": [32, 32, 32]}}
+    )
+    torch.manual_seed(0)
+    model = build_student("vlm", cfg, Path(cfg.model.path or ""))
+    tokens = model.lm.get_input_embeddings().weight.detach().norm(dim=1).mean()
+    assert model.mri is not None
+    with torch.no_grad():
+        prefix = model.mri(torch.randn(4, 1, *cfg.mri.volumes.spatial_size))
+    assert prefix.norm(dim=-1).mean() == pytest.approx(tokens.item(), rel=0.2)
