@@ -152,7 +152,15 @@ class StudentDiagnoseConfig(StrictModel):
         True, description="write a rationale (step_by_step students can answer without one)"
     )
     constrain_answer: bool = Field(
-        True, description="answer = the most probable option; false: parse the written line"
+        True, description="answer = an option chosen by `decision`; false: parse the written line"
+    )
+    decision: Literal["balanced", "most_probable"] = Field(
+        "balanced",
+        description="how a constrained answer is chosen from the three probabilities. "
+        "balanced: the option with the greatest probability over its share of the student's "
+        "training rows (the rule that maximizes expected balanced accuracy: it undoes the "
+        "class mix the training rows had, e.g. after QC kept few MCI rationales); "
+        "most_probable: the plain argmax",
     )
     threads_per_replica: int = Field(2, ge=1)
     dtype: Dtype = Field(

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel
 
+from radiag.cohort.schema import Label
 from radiag.cohort.stages import SPLITS_STAGE
 from radiag.contract import StageIdentity, StageSummary, config_identity, run_stage, upstream
 from radiag.errors import UserError
@@ -171,6 +172,12 @@ def training_sequences(
     return [sequences[i] for i in order], too_long
 
 
+def label_counts(examples: pa.Table) -> dict[str, int]:
+    """Training rows per diagnosis, every label named (0 where none): the class mix the
+    student learned, which its `balanced` decision divides out."""
+    return {str(label): examples["label"].to_pylist().count(str(label)) for label in Label}
+
+
 def _trainer(kind: StudentKind, cfg: DistillConfig, store: RunStore, sequences: list[dict]) -> Any:
     import ray.data
     import ray.train
@@ -235,6 +242,7 @@ def _distill(
             "kind": kind, "config": cfg.model_dump(mode="json"), "identity": identity.fingerprint,
             "base_model": str(model_dir), "examples": examples.counts, "steps": progress.step,
             "trained_patients": examples.table["patient_id"].to_pylist(),
+            "label_counts": label_counts(examples.table),
         }  # fmt: skip
         export_final(kind, cfg, Path(checkpoint), Path(out), provenance)
         store.upload_dir(Path(out), f"{stage_dir(kind)}/final")

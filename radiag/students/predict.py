@@ -10,9 +10,11 @@ Per patient, with greedy decoding:
 2. class probabilities: the log-likelihood the student gives each of the three
    answer options right after `Final Diagnosis:` (following its own rationale, or
    after the `[label]` prompt for a step-by-step student), softmaxed over the three;
-3. the diagnosis: with `constrain_answer` (default, as for the teacher) the most
-   probable option; without it, the student writes its final line freely and the
-   line is parsed (an unparsable line leaves the diagnosis null, with a reason).
+3. the diagnosis: with `constrain_answer` (default, as for the teacher) an option chosen
+   from the probabilities by `decision`: by default the greatest probability over that
+   option's share of the student's training rows (see `decide`); without it, the student
+   writes its final line freely and the line is parsed (an unparsable line leaves the
+   diagnosis null, with a reason).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from radiag.contract import (
     run_stage,
     upstream,
 )
+from radiag.errors import UserError
 from radiag.outputs import (
     PROBABILITY_COLUMNS,
     failure_counts,
@@ -74,6 +77,42 @@ from radiag.teacher.prompts import FINAL
 SCORED_ROWS_PER_PASS = 4  # bounds scoring memory: 12 sequences' logits at a time
 
 
+class NoTrainingMixError(UserError, ValueError):
+    """A student export that does not record its training rows' class mix."""
+
+
+def training_prior(info: dict[str, Any], what: str) -> torch.Tensor:
+    """Each option's share of the student's training rows (in `Label` order), add-one
+    smoothed so that a class the rows lacked does not divide by zero.
+
+    Raises:
+        NoTrainingMixError: the export (`what`) predates the recorded `label_counts`.
+    """
+    counts = info.get("label_counts")
+    if counts is None:
+        raise NoTrainingMixError(
+            f"{what}: the student's export records no label_counts (it was exported by an "
+            "older radiag), so the balanced decision cannot divide out its training mix; "
+            "retrain it, or set students.diagnose.decision: most_probable"
+        )
+    rows = torch.tensor([counts[str(label)] for label in Label], dtype=torch.float64)
+    return (rows + 1) / (rows.sum() + len(Label))
+
+
+def decide(probabilities: torch.Tensor, prior: torch.Tensor | None) -> int:
+    """The chosen option's index: the most probable one, or with a `prior` the one with the
+    greatest probability over its training share.
+
+    A student's probabilities carry the class mix of its training rows. Dividing it out
+    picks the class c with the greatest p(x | c): the Bayes rule for balanced accuracy, the
+    paper's metric, which weighs every class's recall alike. Without it a student trained
+    on QC-passed rationales (few of them MCI) answered one class for every patient while
+    its probabilities still ranked the patients (measured: `docs/experiments.md`).
+    """
+    scores = probabilities.double() if prior is None else probabilities.double() / prior
+    return int(scores.argmax())
+
+
 class StudentDiagnoser:
     """One exported student, loaded: diagnoses descriptions (and T1 volumes for the MRI+text
     student). The batch stage and the Serve deployment share it, so they answer alike."""
@@ -88,6 +127,8 @@ class StudentDiagnoser:
         require_rationale_where_trained(self.trained.loss, self.cfg, str(directory))
         self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
         self.options = [option_ids(self.tokenizer, label) for label in Label]
+        balanced = self.cfg.decision == "balanced"
+        self.prior = training_prior(self.info, str(directory)) if balanced else None
         # Built once: `generate(stop_strings=...)` rebuilds this per call, and its cache keys
         # on the vocabulary's order, which a fast tokenizer does not keep (~0.9 s a call).
         self.stop_at_final = StoppingCriteriaList(
@@ -129,7 +170,7 @@ class StudentDiagnoser:
                 "finish_reason": finish[i],
             }  # fmt: skip
             if self.cfg.constrain_answer:
-                record["diagnosis"] = str(list(Label)[int(probs.argmax())])
+                record["diagnosis"] = str(list(Label)[decide(probs, self.prior)])
             else:
                 parsed = parse_answer(texts[i] or "", finish[i])
                 record["diagnosis"] = str(parsed.diagnosis) if parsed.diagnosis else None
@@ -228,7 +269,8 @@ class StudentPredictor:
 
     def _base(self, row: dict[str, Any]) -> dict[str, Any]:
         sampling = {"greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
-                    "constrain_answer": self.cfg.constrain_answer}  # fmt: skip
+                    "constrain_answer": self.cfg.constrain_answer,
+                    "decision": self.cfg.decision}  # fmt: skip
         return {
             "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
             "engine": "transformers", "model": model_name(self.kind), "dtype": self.cfg.dtype,

@@ -73,6 +73,11 @@ def test_a_text_student_trains_and_exports_a_model_transformers_loads(
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["samples_per_s"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
     assert any("loss_label" in m and "loss_rationale" in m for m in metrics)
+    # The class mix it trained on travels with it: its balanced decision divides it out.
+    info = json.loads((final / "student.json").read_text())
+    train = store.read_table("splits/train.parquet").to_pylist()
+    labels = [r["label"] for r in train if r["patient_id"] in set(info["trained_patients"])]
+    assert info["label_counts"] == {label: labels.count(label) for label in ("AD", "MCI", "CN")}
     # A second call finds the finished stage and does not train again.
     assert run_distill("text", cfg, store) == summary
 

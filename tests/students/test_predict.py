@@ -19,7 +19,12 @@ from radiag.cohort.schema import Label
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
 from radiag.students.config import AnswerWithoutRationaleError, StudentDiagnoseConfig
-from radiag.students.predict import StudentDiagnoser, download_student, run_student_diagnose
+from radiag.students.predict import (
+    StudentDiagnoser,
+    download_student,
+    run_student_diagnose,
+    training_prior,
+)
 from radiag.teacher.prompts import FINAL
 
 pytestmark = pytest.mark.slow
@@ -44,10 +49,14 @@ def test_predictions_have_the_shared_shape_and_probabilities_that_sum_to_one(
     assert table.schema == OUTPUT_SCHEMA
     assert summary.counts["rows"] == ROWS == table.num_rows
     rows = table.to_pylist()
+    info = trained.read_json("checkpoints/text/final/student.json")
+    prior = training_prior(info, "the trained student")
     for row in rows:
-        probs = {label: row[PROBABILITY_COLUMNS[label]] for label in Label}
-        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
-        assert row["diagnosis"] == max(probs, key=probs.get)  # constrained: the likeliest option
+        probs = torch.tensor([row[PROBABILITY_COLUMNS[label]] for label in Label])
+        assert float(probs.sum()) == pytest.approx(1.0, abs=1e-4)
+        # Constrained, by default balanced: the greatest probability over its training share.
+        assert row["diagnosis"] == list(Label)[int((probs / prior).argmax())]
+        assert json.loads(row["sampling"])["decision"] == "balanced"
         assert row["model"] == "student-text" and row["engine"] == "transformers"
         assert row["dtype"] == cfg.resolved().dtype  # the precision this machine resolved
         assert row["rationale"] is not None and row["completion_tokens"] > 0
@@ -63,6 +72,16 @@ def test_a_rerun_diagnoses_only_the_patients_not_done(trained: RunStore) -> None
     assert summary.counts["skipped_done"] == ROWS and summary.counts["generated_now"] == 2
     ids = read_parts(trained, "predictions/student-text")["patient_id"]
     assert len(ids) == ROWS + 2 == len(pc.unique(ids))
+
+
+def test_most_probable_answers_the_plain_argmax(trained: RunStore) -> None:
+    cfg = StudentDiagnoseConfig(limit=2, batch_size=2, max_new_tokens=8, decision="most_probable")
+    run_student_diagnose("text", cfg, trained, fresh=True)  # another identity: old rows move aside
+
+    for row in read_parts(trained, "predictions/student-text").to_pylist():
+        probs = {label: row[PROBABILITY_COLUMNS[label]] for label in Label}
+        assert row["diagnosis"] == max(probs, key=probs.get)
+        assert json.loads(row["sampling"])["decision"] == "most_probable"
 
 
 def test_free_answers_are_parsed_and_unparsable_ones_stay_null(trained: RunStore) -> None:
