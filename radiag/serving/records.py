@@ -87,6 +87,12 @@ class DiagnoseResponse(BaseModel):
     diagnosis: Label | None = None
     probabilities: dict[Label, float] | None = None
     parse_error: str | None = None
+    decision: Literal["balanced", "most_probable"] | None = Field(
+        None,
+        description="how a student chose its diagnosis from the probabilities: balanced "
+        "(the greatest probability over its share of the training rows, so not always the "
+        "greatest one) or most_probable; null where the model answers otherwise",
+    )
     mri_used: bool = False
     exemplar_ids: list[str] | None = None
     argued_class: Label | None = Field(

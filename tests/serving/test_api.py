@@ -172,6 +172,8 @@ def test_served_answers_are_the_batch_stages_answers(served_app: ServedApp) -> N
             assert answer["diagnosis"] == want["diagnosis"]
             for label, column in PROBABILITY_COLUMNS.items():
                 assert answer["probabilities"][label] == pytest.approx(want[column], abs=1e-4)
+            # The student says how it chose (its batch rows record it too); a baseline does not.
+            assert answer["decision"] == {"student-text": "balanced"}.get(model)
 
 
 @pytest.mark.reliability

@@ -112,3 +112,33 @@ def test_the_teachers_exemplars_link_to_the_records_it_was_shown(served_app: Ser
         record.locator("pre").wait_for()
         assert record.locator("pre").text_content() == shown[1]["description"]
         assert f"{shown[1]['patient_id']} — {shown[1]['label']}" in record.text_content()
+
+
+def test_a_balanced_diagnosis_is_highlighted_and_explained_when_it_is_not_the_longest_bar(
+    served_app: ServedApp,
+) -> None:
+    """A student's balanced decision can answer a class that is not the most probable; the
+    page marks the answered class, not the longest bar, and says why."""
+    from page_driver import signed_in_page
+
+    answer = {
+        "model": "student-text", "identity": "0" * 16, "patient_id": "request",
+        "description": "This patient is a person.", "rationale": "Reasoning.",
+        "diagnosis": "MCI", "probabilities": {"AD": 0.25, "MCI": 0.30, "CN": 0.45},
+        "decision": "balanced", "warnings": [],
+    }  # fmt: skip
+    with signed_in_page(served_app.url + "/", served_app.token) as page:
+        page.route("**/v1/diagnose", lambda route: route.fulfill(json=answer))
+        page.click("#submit")
+        page.wait_for_function("() => document.body.dataset.state === 'done'")
+        assert page.locator("#probabilities tr.top th").text_content().startswith("MCI")
+        assert page.locator("#decision").is_visible()
+        assert "need not be the longest bar" in page.locator("#decision").text_content()
+        # The plain argmax needs no note.
+        page.route("**/v1/diagnose", lambda route: route.fulfill(json=answer | {
+            "diagnosis": "CN", "decision": "most_probable"}))  # fmt: skip
+        page.click("#submit")
+        page.wait_for_function(
+            "() => document.querySelector('#probabilities tr.top th').textContent.startsWith('CN')"
+        )
+        assert not page.locator("#decision").is_visible()
