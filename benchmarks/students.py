@@ -175,7 +175,7 @@ def matmul_flops_per_token(run_dir: str) -> dict[str, float]:
     bundled Llama-style LM with LoRA (forward 2 x weights, activation gradients 2 x; frozen
     weights get no weight gradient, LoRA's do):
       projections  the layers' q, k, v, o, gate, up, down: 4 x their weights;
-      lora         LoRA's A and B on those seven: 6 x their weights;
+      lora         LoRA's A and B on its target modules: 6 x their weights;
       lm_head      the vocabulary projection (the tied embedding) at the positions whose
                    next token is labelled, the only logits the student computes;
       attention    causal Q K^T and A V: 2 x hidden FLOPs per query-key pair each
@@ -201,9 +201,12 @@ def matmul_flops_per_token(run_dir: str) -> dict[str, float]:
 
     h, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     kv = h * config.num_key_value_heads // config.num_attention_heads
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inner), (h, inner), (inner, h)]
-    per_layer = sum(i * o for i, o in shapes)
-    lora = sum(cfg.lora.r * (i + o) for i, o in shapes)
+    shapes = {
+        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        "gate_proj": (h, inner), "up_proj": (h, inner), "down_proj": (inner, h),
+    }  # fmt: skip
+    per_layer = sum(i * o for i, o in shapes.values())
+    lora = sum(cfg.lora.r * sum(shapes[name]) for name in cfg.lora.target_modules)
     parts = {
         "projections": 4.0 * layers * per_layer,
         "lora": 6.0 * layers * lora,
