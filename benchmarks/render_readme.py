@@ -480,9 +480,28 @@ TEST_SUITE = keys(
      value("machine.precision")),
 )  # fmt: skip
 
+STUDENT_STEP = keys(
+    ("step_seconds", "median time of a step (`batch_size` sequences, `tokens_per_step` "
+     "tokens, one thread, `dtype`)", "", lambda d: f"{d('step_seconds', unit=' s')} "
+     f"({d('tokens_per_s', 0)} tokens/s, {d('dtype')})"),
+    ("speedup_over_peft_casts", "step time with PEFT's default input casts "
+     "(`step_seconds_peft_casts`) over the step as the loop trains, alternating on one model",
+     "", lambda d: f"{d('speedup_over_peft_casts')} ({d('step_seconds_peft_casts', unit=' s')})"),
+    ("roofline_fraction", "tokens/s × `flops_per_token` over the one-thread matmul peak "
+     "(`matmul_peak_gflops`)", "≥ 0.4", lambda d: f"**{d('roofline_fraction')}**"
+     f" of {d('matmul_peak_gflops', 1, ' GFLOP/s')}"),
+    ("share_by_kind", "the profiled steps' CPU time by kind of op (self time)", "",
+     lambda d: pairs(d, "share_by_kind")),
+    ("matmul_only_fraction", "the roofline fraction if the step were its matmuls alone", "",
+     value("matmul_only_fraction")),
+    ("top_ops", "the costliest ops, share of the time", "",
+     lambda d: "; ".join(f"`{o.get('op')}` {o.get('share')}" for o in (d.get("top_ops") or [])[:6])),
+)  # fmt: skip
+
 TABLES: dict[str, dict[str, Table]] = {
     "cohort.json": {"": COHORT},
     "students.json": {"": STUDENTS, "inference": INFERENCE},
+    "student_step.json": {"": STUDENT_STEP},
     "teacher.json": {"": TEACHER},
     "teacher_alternatives.json": {"": TEACHER_ALTERNATIVES},
     "serving.json": {"": SERVING},

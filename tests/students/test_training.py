@@ -135,6 +135,36 @@ def test_under_bf16_mixed_a_lora_students_base_is_bf16_and_what_trains_is_fp32(
     assert {p.dtype for p in full.parameters()} == {torch.float32}  # fp32 master weights
 
 
+def test_under_bf16_mixed_lora_reads_its_input_in_bf16_with_the_loss_unchanged(
+    tiny_student: Callable[..., DistillConfig],
+) -> None:
+    # PEFT would cast each adapter's input to fp32 for autocast to cast it back: two copies
+    # of an activation per projection for the same bf16 matmul.
+    from peft.tuners.lora import Linear as LoraLinear
+
+    cfg = tiny_student(loss="label", precision="bf16-mixed")
+    model = build_student("text", cfg, Path(cfg.model.path or ""))
+    batch = encoded(cfg, Path(cfg.model.path or ""))
+    adapted = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    seen: list[torch.dtype] = []
+    for layer in adapted:
+        layer.lora_A["default"].register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].dtype)
+        )
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = step_loss(model, batch, cfg)
+    for layer in adapted:
+        layer.cast_input_dtype_enabled = True  # PEFT's default
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = step_loss(model, batch, cfg)
+
+    half = len(seen) // 2
+    assert len(seen) == 2 * len(adapted) > 0
+    assert set(seen[:half]) == {torch.bfloat16} and set(seen[half:]) == {torch.float32}
+    assert torch.equal(kept, cast)
+
+
 def test_a_fresh_mri_prefix_starts_as_long_as_the_lms_own_token_embeddings(
     tiny_student: Callable[..., DistillConfig],
 ) -> None:

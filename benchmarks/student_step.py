@@ -1,0 +1,172 @@
+"""Benchmark: where one training step of the text student spends its time.
+
+`students.py` measures how fast the text student trains and what share of the matmul peak
+that is (`text_training_roofline_fraction`). This says why the share is what it is: the
+student of that benchmark (SmolLM2-135M + LoRA, rationale then label, its template
+sequences, 4 per step, the precision `auto` resolves to) trains one worker's steps in this
+process with one torch thread, as a 1x1 run does without Ray, and torch.profiler splits the
+profiled steps' CPU time by kind of op (`share_by_kind`, self time: an op's children count
+in their own kind):
+  matmul     the layers' projections, LoRA and the vocabulary projection (aten::mm / bmm /
+             addmm), with their gradients;
+  attention  scaled dot-product attention, forward and backward;
+  casts      dtype conversions (aten::copy_ / _to_copy): autocast's bf16 copies of fp32
+             tensors, RMSNorm's float32 round trip, the fp32 logits;
+  softmax    the log-softmax of the cross-entropy over the vocabulary, and its gradient;
+  elementwise  every other aten op (mul, add, SiLU, RMSNorm's pow and rsqrt, the optimizer's
+             updates, fills);
+  other      what is not an aten op (autograd bookkeeping, Python).
+`matmul_only_fraction` is the roofline fraction a step made of its matmuls alone would
+reach: the measured fraction over the matmul share.
+
+Side by side, alternating step for step on the same model: the student as the training loop
+builds it (LoRA reads its bf16 input as it is) against PEFT's default, which casts each
+adapter's input to the fp32 adapter weights for autocast to cast back
+(`speedup_over_peft_casts`). Writes benchmarks/results/student_step.json.
+
+    python benchmarks/student_step.py      # ~3 min
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from provenance import cpu_and_precision, load_1min, provenance
+from students import distill_config, matmul_flops_per_token, matmul_peak, prepare_run
+
+RESULTS = Path(__file__).parent / "results" / "student_step.json"
+KINDS = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"),
+    "attention": ("scaled_dot_product",),
+    "casts": ("aten::copy_", "aten::_to_copy", "aten::to"),
+    "softmax": ("log_softmax", "nll_loss"),
+}
+
+
+def kind_of(op: str) -> str:
+    """The kind (module docstring) an op of the profile belongs to."""
+    for kind, names in KINDS.items():
+        if any(name in op for name in names):
+            return kind
+    return "elementwise" if op.startswith("aten::") else "other"
+
+
+def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
+    """One worker's step of the benchmark's text student, as `training.train_loop` runs it,
+    the tokens a step trains, and the model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from radiag.models import prepare_model
+    from radiag.store import RunStore
+    from radiag.students.distill import training_examples, training_sequences
+    from radiag.students.training import build_student, training_loss
+
+    cfg = distill_config(batch_size=batch_size).resolved()
+    model_dir = prepare_model(cfg.model)
+    examples = training_examples("text", cfg, RunStore(run_dir)).table
+    sequences, _ = training_sequences(examples, cfg, AutoTokenizer.from_pretrained(model_dir))
+    batch = sequences[:batch_size]
+    ids, labels = [s["input_ids"] for s in batch], [s["labels"] for s in batch]
+    answer, kinds = [s["answer_mask"] for s in batch], [s["kind"] for s in batch]
+    model = build_student("text", cfg, model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+
+    def step() -> None:  # DdpStrategy.backward_and_step's order, without the process group
+        with autocast:
+            nll = model(ids, labels, None)
+        loss, _ = training_loss(nll, labels, answer, kinds, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+
+    return step, sum(len(row) for row in ids), model
+
+
+def peft_input_casts(model: Any, enabled: bool) -> None:
+    """Switch PEFT's cast of each LoRA layer's input to the adapter's dtype on or off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
+
+
+def main(
+    steps: Annotated[int, typer.Option(help="timed steps of each side (after 3 warm-up)")] = 6,
+    profiled: Annotated[int, typer.Option(help="steps under the profiler")] = 2,
+    batch_size: Annotated[int, typer.Option(help="sequences a step")] = 4,
+) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    started = load_1min()
+    torch.set_num_threads(1)
+    run_dir = tempfile.mkdtemp(prefix="radiag-step-")
+    prepare_run(run_dir, subjects=80, imaged=2)
+    step, tokens, model = training_step(run_dir, batch_size)
+    for _ in range(3):
+        step()
+    seconds: dict[bool, list[float]] = {False: [], True: []}  # PEFT's input casts on?
+    for _ in range(steps):
+        for casts in (True, False):
+            peft_input_casts(model, casts)
+            start = time.perf_counter()
+            step()
+            seconds[casts].append(time.perf_counter() - start)
+    peft_input_casts(model, False)  # as the loop trains
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(profiled):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_cpu_time_total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    step_seconds = statistics.median(seconds[False])
+    peft_seconds = statistics.median(seconds[True])
+    flops = matmul_flops_per_token(run_dir)["total"]
+    dtype = "bfloat16" if distill_config().resolved().precision == "bf16-mixed" else "float32"
+    peak = matmul_peak(1, dtype)
+    fraction = tokens / step_seconds * flops / 1e9 / peak
+    shares = {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+    report = {
+        "benchmark": "student_step",
+        "batch_size": batch_size,
+        "threads": 1,
+        "dtype": dtype,
+        "tokens_per_step": tokens,
+        "step_seconds": round(step_seconds, 3),
+        "tokens_per_s": round(tokens / step_seconds, 1),
+        "step_seconds_peft_casts": round(peft_seconds, 3),
+        "speedup_over_peft_casts": round(peft_seconds / step_seconds, 3),
+        "matmul_peak_gflops": peak,
+        "flops_per_token": round(flops),
+        "roofline_fraction": round(fraction, 3),
+        "share_by_kind": shares,
+        "matmul_only_fraction": round(fraction / shares["matmul"], 3),
+        "top_ops": [
+            {"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
+            for e in top
+        ],
+        **provenance(started),
+    }
+    report["machine"] |= cpu_and_precision()
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        json.dumps({k: report[k] for k in ("step_seconds", "roofline_fraction", "share_by_kind")})
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)
