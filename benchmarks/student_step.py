@@ -92,15 +92,6 @@ def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
     return step, sum(len(row) for row in ids), model
 
 
-def peft_input_casts(model: Any, enabled: bool) -> None:
-    """Switch PEFT's cast of each LoRA layer's input to the adapter's dtype on or off."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = enabled
-
-
 def main(
     steps: Annotated[int, typer.Option(help="timed steps of each side (after 3 warm-up)")] = 6,
     profiled: Annotated[int, typer.Option(help="steps under the profiler")] = 2,
@@ -108,6 +99,8 @@ def main(
 ) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from radiag.students.training import lora_input_casts
 
     started = load_1min()
     torch.set_num_threads(1)
@@ -119,11 +112,11 @@ def main(
     seconds: dict[bool, list[float]] = {False: [], True: []}  # PEFT's input casts on?
     for _ in range(steps):
         for casts in (True, False):
-            peft_input_casts(model, casts)
+            lora_input_casts(model, casts)
             start = time.perf_counter()
             step()
             seconds[casts].append(time.perf_counter() - start)
-    peft_input_casts(model, False)  # as the loop trains
+    lora_input_casts(model, False)  # as the loop trains
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profiled):
             step()

@@ -83,23 +83,25 @@ def build_student(kind: StudentKind, cfg: DistillConfig, model_dir: Path) -> Stu
             ),
         )  # fmt: skip
         if frozen_base:
-            _keep_lora_inputs_in_bf16(lm)
+            lora_input_casts(lm, enabled=False)
     elif cfg.finetune == "frozen":
         lm.requires_grad_(False)
     mri = build_mri_prefix(cfg.mri, lm) if kind == "vlm" else None
     return StudentModel(lm, mri, pad_id(tokenizer))
 
 
-def _keep_lora_inputs_in_bf16(lm: PreTrainedModel) -> None:
-    """PEFT casts each LoRA layer's input to its fp32 weights, and autocast casts it back to
-    bf16 for the matmul: two copies of an activation per adapted projection and their
-    gradients. Under autocast neither is needed; without them a CPU step is 1.08x as fast
+def lora_input_casts(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch PEFT's cast of each LoRA layer's input to the adapter's dtype on or off.
+
+    Under bf16 autocast the cast is off: PEFT would cast the input to the fp32 adapter and
+    autocast cast it back to bf16 for the matmul, two copies of an activation per adapted
+    projection and their gradients. Without them a CPU step is 1.08x as fast
     (`benchmarks/student_step.py`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in lm.modules():
+    for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = enabled
 
 
 def build_mri_prefix(settings: MriSettings, lm: PreTrainedModel) -> MriPrefix:

@@ -20,7 +20,12 @@ from radiag.students.distill import (
 )
 from radiag.students.formatting import encode_target, targets
 from radiag.students.modeling import StudentWeightsError, trainable_state
-from radiag.students.training import TRAINABLE_FILE, build_student, training_loss
+from radiag.students.training import (
+    TRAINABLE_FILE,
+    build_student,
+    lora_input_casts,
+    training_loss,
+)
 
 ROWS = [
     {"description": f"A {age}-year-old patient. MMSE {mmse}.", "rationale": "", "label": label}
@@ -154,8 +159,7 @@ def test_under_bf16_mixed_lora_reads_its_input_in_bf16_with_the_loss_unchanged(
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kept = step_loss(model, batch, cfg)
-    for layer in adapted:
-        layer.cast_input_dtype_enabled = True  # PEFT's default
+    lora_input_casts(model, enabled=True)  # PEFT's default
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = step_loss(model, batch, cfg)
 
