@@ -107,7 +107,9 @@ def decide(probabilities: torch.Tensor, prior: torch.Tensor | None) -> int:
     picks the class c with the greatest p(x | c): the Bayes rule for balanced accuracy, the
     paper's metric, which weighs every class's recall alike. Without it a student trained
     on QC-passed rationales (few of them MCI) answered one class for every patient while
-    its probabilities still ranked the patients (measured: `docs/experiments.md`).
+    its probabilities still ranked the patients. A briefly trained student's probabilities
+    carry less of the mix than that, and then the rule over-corrects: measured both ways
+    on one run in `docs/experiments.md`.
     """
     scores = probabilities.double() if prior is None else probabilities.double() / prior
     return int(scores.argmax())
