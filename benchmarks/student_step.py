@@ -38,7 +38,13 @@ from typing import Annotated, Any
 
 import typer
 from provenance import cpu_and_precision, load_1min, provenance
-from students import distill_config, matmul_flops_per_token, matmul_peak, prepare_run
+from students import (
+    distill_config,
+    matmul_flops_per_token,
+    matmul_peak,
+    prepare_run,
+    training_dtype,
+)
 
 RESULTS = Path(__file__).parent / "results" / "student_step.json"
 KINDS = {
@@ -124,12 +130,13 @@ def main(
     total = sum(e.self_cpu_time_total for e in events)
     by_kind: dict[str, float] = {}
     for e in events:
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_cpu_time_total
+        kind = kind_of(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     step_seconds = statistics.median(seconds[False])
     peft_seconds = statistics.median(seconds[True])
     flops = matmul_flops_per_token(run_dir)["total"]
-    dtype = "bfloat16" if distill_config().resolved().precision == "bf16-mixed" else "float32"
+    dtype = training_dtype()
     peak = matmul_peak(1, dtype)
     fraction = tokens / step_seconds * flops / 1e9 / peak
     shares = {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
