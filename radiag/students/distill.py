@@ -175,7 +175,8 @@ def training_sequences(
 def label_counts(examples: pa.Table) -> dict[str, int]:
     """Training rows per diagnosis, every label named (0 where none): the class mix the
     student learned, which its `balanced` decision divides out."""
-    return {str(label): examples["label"].to_pylist().count(str(label)) for label in Label}
+    labels = examples["label"].to_pylist()
+    return {str(label): labels.count(str(label)) for label in Label}
 
 
 def _trainer(kind: StudentKind, cfg: DistillConfig, store: RunStore, sequences: list[dict]) -> Any:
