@@ -7,7 +7,9 @@ experiments): the whole preset within 60 minutes on the 2-core machine; every st
 arm above chance (the CI's lower bound > 1/3) on >= 150 test visits. Both are checked
 here from the table, and the best distilled student's paired differences with the
 teacher's few-shot chain-of-thought and with the label-only student are kept, whichever
-way they go. A rerun of a finished preset redoes nothing and would time nothing: the
+way they go. The training dtype's one-thread matmul peak is measured before and after
+the run: instances of one CPU model differ by up to a fifth in speed, and a time near
+the goal is read beside it. A rerun of a finished preset redoes nothing and would time nothing: the
 output folder must not hold a finished experiment (`--fresh-output` removes it).
 Writes benchmarks/results/experiments_cpu.json.
 
@@ -27,6 +29,7 @@ from typing import Annotated, Any
 import pandas as pd
 import typer
 from provenance import ROOT, cpu_and_precision, load_1min, provenance
+from students import matmul_peak, training_dtype
 
 from radiag.config import load_config
 from radiag.evaluation.metrics import paired_difference
@@ -55,6 +58,8 @@ def main(
     if fresh_output:
         shutil.rmtree(root, ignore_errors=True)
     started = load_1min()
+    dtype = training_dtype()
+    peak_before = matmul_peak(1, dtype)
     command = [sys.executable, "-m", "radiag.cli", "experiments", "--config", str(PRESET)]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT)
@@ -78,6 +83,11 @@ def main(
         **provenance(started),
     }
     report["machine"] |= cpu_and_precision()
+    report["machine"]["matmul_peak_gflops_1_thread"] = {
+        "dtype": dtype,
+        "before": peak_before,
+        "after": matmul_peak(1, dtype),
+    }
     report["goal_met"] = bool(
         done.returncode == 0
         and wall <= GOAL_SECONDS
