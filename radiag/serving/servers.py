@@ -129,7 +129,7 @@ class StudentServer:
                 "diagnosis": a["diagnosis"],
                 "probabilities": probabilities_of(a),
                 "parse_error": a.get("parse_error"),
-                "decision": student.cfg.decision if student.cfg.constrain_answer else None,
+                "decision": student.decision,
                 "mri_used": stacked is not None,
                 "batch_size": len(descriptions),
             }

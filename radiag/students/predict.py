@@ -117,7 +117,8 @@ def decide(probabilities: torch.Tensor, prior: torch.Tensor | None) -> int:
 
 class StudentDiagnoser:
     """One exported student, loaded: diagnoses descriptions (and T1 volumes for the MRI+text
-    student). The batch stage and the Serve deployment share it, so they answer alike."""
+    student). The batch stage and the Serve deployment share it, so they answer alike.
+    `decision` is how its constrained answers are chosen (None: answers are parsed)."""
 
     def __init__(self, directory: Path, cfg: StudentDiagnoseConfig) -> None:
         from transformers import AutoTokenizer, StoppingCriteriaList, StopStringCriteria
@@ -129,7 +130,9 @@ class StudentDiagnoser:
         require_rationale_where_trained(self.trained.loss, self.cfg, str(directory))
         self.label_kind, self.rationale_kind = prompt_kinds(self.trained.loss)
         self.options = [option_ids(self.tokenizer, label) for label in Label]
-        balanced = self.cfg.decision == "balanced"
+        # Only a constrained answer is decided; a free one is parsed and needs no prior.
+        self.decision = self.cfg.decision if self.cfg.constrain_answer else None
+        balanced = self.decision == "balanced"
         self.prior = training_prior(self.info, str(directory)) if balanced else None
         # Built once: `generate(stop_strings=...)` rebuilds this per call, and its cache keys
         # on the vocabulary's order, which a fast tokenizer does not keep (~0.9 s a call).
@@ -272,7 +275,7 @@ class StudentPredictor:
     def _base(self, row: dict[str, Any]) -> dict[str, Any]:
         sampling = {"greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
                     "constrain_answer": self.cfg.constrain_answer,
-                    "decision": self.cfg.decision}  # fmt: skip
+                    "decision": self.student.decision}  # fmt: skip
         return {
             "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
             "engine": "transformers", "model": model_name(self.kind), "dtype": self.cfg.dtype,

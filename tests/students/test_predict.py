@@ -20,6 +20,7 @@ from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
 from radiag.students.config import AnswerWithoutRationaleError, StudentDiagnoseConfig
 from radiag.students.predict import (
+    NoTrainingMixError,
     StudentDiagnoser,
     download_student,
     run_student_diagnose,
@@ -94,6 +95,7 @@ def test_free_answers_are_parsed_and_unparsable_ones_stay_null(trained: RunStore
     for row in read_parts(store, "predictions/student-text").to_pylist():
         assert (row["diagnosis"] is None) == (row["parse_error"] is not None)
         assert row["p_AD"] is not None  # probabilities are still read from the logits
+        assert json.loads(row["sampling"])["decision"] is None  # nothing was decided
 
 
 def test_vllm_serves_the_exported_student(trained: RunStore) -> None:
@@ -159,3 +161,21 @@ def test_a_rationale_then_label_student_is_refused_an_answer_without_its_rationa
     with pytest.raises(AnswerWithoutRationaleError, match="rationale_label"):
         StudentDiagnoser(marker.parent, without)  # the served student too
     assert not (root / "predictions" / "student-text").exists()
+
+
+def test_only_the_balanced_decision_needs_the_training_mix_of_an_older_export(
+    trained: RunStore, tmp_path: Path
+) -> None:
+    # An export from before `label_counts` was recorded.
+    final = tmp_path / "final"
+    shutil.copytree(download_student(trained, "text"), final)
+    info = json.loads((final / "student.json").read_text())
+    del info["label_counts"]
+    (final / "student.json").write_text(json.dumps(info))
+
+    with pytest.raises(NoTrainingMixError, match="decision: most_probable"):
+        StudentDiagnoser(final, StudentDiagnoseConfig())
+    free = StudentDiagnoser(final, StudentDiagnoseConfig(constrain_answer=False))
+    argmax = StudentDiagnoser(final, StudentDiagnoseConfig(decision="most_probable"))
+    assert (free.decision, free.prior) == (None, None)
+    assert (argmax.decision, argmax.prior) == ("most_probable", None)
