@@ -424,11 +424,17 @@ def paired(path: str) -> Cell:
 
 
 BEST = "best_distilled_student"
+PEAK = "machine.matmul_peak_gflops_1_thread"
 EXPERIMENTS_CPU = keys(
     ("wall_seconds", "the whole preset in a fresh process; beside it the arms' own wall "
      "times summed (`arm_wall_seconds_sum`)", goal("goal.wall_seconds", " s", at_most=True),
      lambda d: f"{d('wall_seconds', unit=' s')} (arms: "
      f"{d('arm_wall_seconds_sum', unit=' s')})"),
+    (f"{PEAK}.before", "the training dtype's one-thread matmul peak (the students "
+     "benchmark's shape), before / after the run: instances of one CPU model differ by up to "
+     "a fifth, so a time near its goal is read beside it", "",
+     lambda d: f"{d(PEAK + '.before')} / {d(PEAK + '.after', unit=' GFLOP/s')} "
+     f"({d(PEAK + '.dtype')})"),
     ("test_visits", "test visits scored (the largest arm's n)", goal("goal.test_visits"),
      lambda d: d("test_visits") + verdict(d, "test_visits", "goal.test_visits")),
     ("students_above_chance", "student arms whose balanced accuracy's CI lies above chance "
