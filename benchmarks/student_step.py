@@ -72,7 +72,12 @@ def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
     from radiag.models import prepare_model
     from radiag.store import RunStore
     from radiag.students.distill import training_examples, training_sequences
-    from radiag.students.training import build_student, training_loss
+    from radiag.students.training import (
+        build_student,
+        student_optimizer,
+        training_autocast,
+        training_loss,
+    )
 
     cfg = distill_config(batch_size=batch_size).resolved()
     model_dir = prepare_model(cfg.model)
@@ -82,9 +87,8 @@ def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
     ids, labels = [s["input_ids"] for s in batch], [s["labels"] for s in batch]
     answer, kinds = [s["answer_mask"] for s in batch], [s["kind"] for s in batch]
     model = build_student("text", cfg, model_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
+    params, optimizer = student_optimizer(model, cfg)
+    autocast = training_autocast(model, cfg)
 
     def step() -> None:  # DdpStrategy.backward_and_step's order, without the process group
         with autocast:

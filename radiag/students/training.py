@@ -136,11 +136,8 @@ class DdpStrategy:
 
         self.module = model
         self.wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-        )
-        self.params, self.clip = params, cfg.optim.grad_clip
+        self.params, self.optimizer = student_optimizer(model, cfg)
+        self.clip = cfg.optim.grad_clip
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -175,8 +172,7 @@ class DeepSpeedStrategy:
             "zero_optimization": {"stage": cfg.scaling.zero_stage},
             "bf16": {"enabled": cfg.scaling.use_gpu and cfg.precision == "bf16-mixed"},
         }
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        _, optimizer = student_optimizer(model, cfg)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
@@ -253,6 +249,23 @@ def training_loss(
     return loss, {f"loss_{kind}": float(value.detach()) for kind, value in parts.items()}
 
 
+def student_optimizer(
+    model: torch.nn.Module, cfg: DistillConfig
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """The weights that train, and the AdamW that trains them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def training_autocast(model: torch.nn.Module, cfg: DistillConfig) -> torch.autocast:
+    """The forward pass's autocast: bf16 under `bf16-mixed`, a no-op under fp32."""
+    return torch.autocast(
+        next(model.parameters()).device.type,
+        dtype=torch.bfloat16,
+        enabled=cfg.precision == "bf16-mixed",
+    )
+
+
 def _save_rng(directory: Path) -> None:
     torch.save(torch.get_rng_state(), directory / _rng_file(_rank()))
 
@@ -296,11 +309,7 @@ def train_loop(config: dict[str, Any]) -> None:
             progress = Progress(**json.loads((Path(directory) / STATE_FILE).read_text()))
         progress.resumed_at.append(progress.step)
         log.info("resumed at step %d", progress.step)
-    autocast = torch.autocast(
-        next(model.parameters()).device.type,
-        dtype=torch.bfloat16,
-        enabled=cfg.precision == "bf16-mixed",
-    )
+    autocast = training_autocast(model, cfg)
     shard = ray.train.get_dataset_shard("train")
     max_steps = cfg.optim.max_steps or float("inf")
     clock = time.perf_counter()
