@@ -176,6 +176,57 @@ class StudentModel(nn.Module):
         per_position[:, keep + 1] = kept
         return per_position[:, start : start + max(len(row) for row in labels)]
 
+    def option_nll(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        options: Sequence[Sequence[int]],
+        volumes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Summed negative log-likelihood of every option right after every prefix: (B, O).
+
+        Each prefix is forwarded once and its key/value cache repeated for the options,
+        which are forwarded together: scoring `prefix + option` as one sequence per option
+        forwarded the prefix, by far the longer part, once per option. Prefixes are padded
+        on the left, so that each one's next-token logits sit in the last column, with
+        position ids that skip the padding, as in training.
+        """
+        inputs, mask = self.embed(prefixes, volumes, pad_left=True)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        prefix_pass = self.lm(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        after_prefix = torch.log_softmax(prefix_pass.logits[:, -1].float(), dim=-1)  # (B, V)
+        rows, count = len(prefixes), len(options)
+        width = max(len(option) for option in options)
+        option_ids = torch.full((count, width), self.pad_token_id, dtype=torch.long)
+        option_mask = torch.zeros((count, width), dtype=torch.long)
+        for j, option in enumerate(options):
+            option_ids[j, : len(option)] = torch.tensor(option, dtype=torch.long)
+            option_mask[j, : len(option)] = 1
+        device = inputs.device
+        option_ids, option_mask = option_ids.to(device), option_mask.to(device)
+        first = after_prefix[:, option_ids[:, 0]]  # (B, O): each option's first token
+        if width == 1:
+            return -first
+        cache = prefix_pass.past_key_values
+        cache.batch_repeat_interleave(count)  # row i * O + j: option j after prefix i
+        ids = option_ids[:, :-1].repeat(rows, 1)  # the last token predicts nothing scored
+        option_pass = self.lm(
+            input_ids=ids,
+            attention_mask=torch.cat(
+                [mask.repeat_interleave(count, dim=0), option_mask[:, :-1].repeat(rows, 1)], dim=1
+            ),
+            position_ids=positions[:, -1:].repeat_interleave(count, dim=0)
+            + torch.arange(1, width, device=device),
+            past_key_values=cache,
+        )
+        following = torch.log_softmax(option_pass.logits.float(), dim=-1).gather(
+            -1, option_ids[:, 1:].repeat(rows, 1).unsqueeze(-1)
+        )  # (B * O, width - 1, 1): each later option token after the ones before it
+        later = (following.squeeze(-1) * option_mask[:, 1:].repeat(rows, 1)).sum(dim=1)
+        return -(first + later.view(rows, count))
+
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights that train (all of them, or LoRA + MRI side), on the CPU."""

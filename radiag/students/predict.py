@@ -64,7 +64,6 @@ from radiag.students.config import (
 )
 from radiag.students.distill import load_final
 from radiag.students.formatting import (
-    IGNORE,
     encode_prompt,
     option_ids,
     prompt_kinds,
@@ -73,8 +72,6 @@ from radiag.students.formatting import (
 from radiag.students.volumes import load_volume, prepare_volumes
 from radiag.teacher.parsing import parse_answer
 from radiag.teacher.prompts import FINAL
-
-SCORED_ROWS_PER_PASS = 4  # bounds scoring memory: 12 sequences' logits at a time
 
 
 class NoTrainingMixError(UserError, ValueError):
@@ -212,24 +209,12 @@ class StudentDiagnoser:
         self, descriptions: list[str], rationales: list[str | None], volumes: torch.Tensor | None
     ) -> torch.Tensor:
         """(B, 3) softmax over the summed log-likelihood of each answer option."""
-        ids, labels = [], []
+        prefixes = []
         for description, rationale in zip(descriptions, rationales, strict=True):
             prompt = self._prompt(description, self.label_kind)
             lead = f"{rationale}\n{FINAL}" if rationale and self.label_kind is None else FINAL
-            prefix = prompt + self.tokenizer.encode(lead, add_special_tokens=False)
-            for option in self.options:
-                ids.append(prefix + option)
-                labels.append([IGNORE] * len(prefix) + option)
-        repeat = len(self.options)
-        repeated = volumes.repeat_interleave(repeat, dim=0) if volumes is not None else None
-        losses = []  # summed negative log-likelihood per option
-        # A few rows per forward pass: the logits of a pass are (sequences x tokens x vocab).
-        step = SCORED_ROWS_PER_PASS * repeat
-        for start in range(0, len(ids), step):
-            chunk = slice(start, start + step)
-            volume_chunk = repeated[chunk] if repeated is not None else None
-            losses.append(self.model(ids[chunk], labels[chunk], volume_chunk).sum(dim=1))
-        nll = torch.cat(losses).float().view(len(descriptions), repeat)
+            prefixes.append(prompt + self.tokenizer.encode(lead, add_special_tokens=False))
+        nll = self.model.option_nll(prefixes, self.options, volumes)
         return torch.softmax(-nll, dim=1)
 
 

@@ -121,3 +121,30 @@ def test_loading_weights_with_a_foreign_key_names_it(lm) -> None:
     state = trainable_state(model) | {"lm.lora_B.stray.weight": torch.zeros(1)}
     with pytest.raises(StudentWeightsError, match=r"unexpected keys \['lm.lora_B.stray.weight'\]"):
         load_trainable(model, state)
+
+
+@pytest.mark.parametrize("with_mri", [False, True], ids=["text", "mri+text"])
+def test_options_scored_after_one_prefix_pass_match_each_whole_sequence_scored(
+    lm, with_mri: bool
+) -> None:
+    model = vlm(lm) if with_mri else StudentModel(lm, None, pad_token_id=0)
+    prefixes = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    options = [[20, 21, 22], [23], [24, 25]]  # of different lengths, as the answers are
+    volumes = torch.randn(3, 1, *SPATIAL) if with_mri else None
+    with torch.no_grad():
+        scored = model.option_nll(prefixes, options, volumes)
+        whole = torch.tensor(
+            [
+                [
+                    model(
+                        [prefix + option],
+                        [[IGNORE] * len(prefix) + option],
+                        volumes[i : i + 1] if volumes is not None else None,
+                    ).sum()
+                    for option in options
+                ]
+                for i, prefix in enumerate(prefixes)
+            ]
+        )
+    assert scored.shape == (3, 3)
+    assert torch.allclose(scored, whole, atol=1e-4)
