@@ -9,7 +9,8 @@ Per patient, with greedy decoding:
    step-by-step student), stopped where the student starts its final line;
 2. class probabilities: the log-likelihood the student gives each of the three
    answer options right after `Final Diagnosis:` (following its own rationale, or
-   after the `[label]` prompt for a step-by-step student), softmaxed over the three;
+   after the `[label]` prompt for a step-by-step student), softmaxed over the three; the
+   text before the options is forwarded once for all three (`StudentModel.option_nll`);
 3. the diagnosis: with `constrain_answer` (default, as for the teacher) an option chosen
    from the probabilities by `decision`: by default the greatest probability over that
    option's share of the student's training rows (see `decide`); without it, the student
