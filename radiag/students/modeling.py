@@ -103,6 +103,19 @@ class StudentModel(nn.Module):
     def prefix_tokens(self) -> int:
         return self.mri.prefix_tokens if self.mri is not None else 0
 
+    def pad(
+        self, ids: Sequence[Sequence[int]], pad_left: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids as one (B, longest row) tensor, with pad tokens, and its attention mask."""
+        width = max(len(row) for row in ids)
+        padded = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            span = slice(width - len(row), width) if pad_left else slice(0, len(row))
+            padded[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return padded, mask
+
     def embed(
         self,
         ids: Sequence[Sequence[int]],
@@ -117,12 +130,7 @@ class StudentModel(nn.Module):
         embedding = self.lm.get_input_embeddings()
         device = embedding.weight.device
         width = max(len(row) for row in ids)
-        padded = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            span = slice(width - len(row), width) if pad_left else slice(0, len(row))
-            padded[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
+        padded, mask = self.pad(ids, pad_left)
         tokens = embedding(padded.to(device))  # (B, T, hidden)
         mask = mask.to(device)
         if self.mri is None:
@@ -198,14 +206,8 @@ class StudentModel(nn.Module):
         )  # fmt: skip
         after_prefix = torch.log_softmax(prefix_pass.logits[:, -1].float(), dim=-1)  # (B, V)
         rows, count = len(prefixes), len(options)
-        width = max(len(option) for option in options)
-        option_ids = torch.full((count, width), self.pad_token_id, dtype=torch.long)
-        option_mask = torch.zeros((count, width), dtype=torch.long)
-        for j, option in enumerate(options):
-            option_ids[j, : len(option)] = torch.tensor(option, dtype=torch.long)
-            option_mask[j, : len(option)] = 1
-        device = inputs.device
-        option_ids, option_mask = option_ids.to(device), option_mask.to(device)
+        option_ids, option_mask = (t.to(inputs.device) for t in self.pad(options))
+        width, device = option_ids.shape[1], inputs.device
         first = after_prefix[:, option_ids[:, 0]]  # (B, O): each option's first token
         if width == 1:
             return -first
