@@ -124,12 +124,16 @@ def test_loading_weights_with_a_foreign_key_names_it(lm) -> None:
 
 
 @pytest.mark.parametrize("with_mri", [False, True], ids=["text", "mri+text"])
+@pytest.mark.parametrize(
+    "options",
+    [[[20, 21, 22], [23], [24, 25]], [[20], [23], [24]]],  # as the answers are; one token each
+    ids=["different-lengths", "single-tokens"],
+)
 def test_options_scored_after_one_prefix_pass_match_each_whole_sequence_scored(
-    lm, with_mri: bool
+    lm, with_mri: bool, options: list[list[int]]
 ) -> None:
     model = vlm(lm) if with_mri else StudentModel(lm, None, pad_token_id=0)
     prefixes = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-    options = [[20, 21, 22], [23], [24, 25]]  # of different lengths, as the answers are
     volumes = torch.randn(3, 1, *SPATIAL) if with_mri else None
     with torch.no_grad():
         scored = model.option_nll(prefixes, options, volumes)
