@@ -124,13 +124,13 @@ class StudentModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and attention mask of `[MRI prefix][tokens]` per row, padded.
 
-        Padding goes on the right for training and scoring, on the left for generation
-        (new tokens then follow the last real token of every row).
+        Padding goes on the right for training, on the left for generation and option
+        scoring (the next token then follows the last real token of every row).
         """
         embedding = self.lm.get_input_embeddings()
         device = embedding.weight.device
-        width = max(len(row) for row in ids)
         padded, mask = self.pad(ids, pad_left)
+        width = padded.shape[1]
         tokens = embedding(padded.to(device))  # (B, T, hidden)
         mask = mask.to(device)
         if self.mri is None:
