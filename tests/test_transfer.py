@@ -10,6 +10,7 @@ another scale, and three regions it never measures.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from radiag.outputs import read_parts
 from radiag.store import RunStore
 from radiag.students.config import StudentDiagnoseConfig, distill_stage, student_diagnose_stage
 from radiag.students.distill import run_distill
-from radiag.students.predict import run_student_diagnose
+from radiag.students.predict import read_fitted_offsets, run_student_diagnose
 from radiag.teacher.engines import OpenAIEngineConfig
 from radiag.teacher.exemplars import ExemplarConfig
 from radiag.teacher.stages import DiagnoseConfig, teacher_stage
@@ -64,7 +65,9 @@ def source(
     run_baseline(baselines, store)
     write_rationales(store)
     run_distill("text", tiny_student(loss="rationale_label", optim={"max_steps": 2}), store)
-    run_student_diagnose("text", StudentDiagnoseConfig(max_new_tokens=8), store)
+    # Answers chosen with offsets fitted on its val split: the transfer carries them over.
+    diagnose = StudentDiagnoseConfig(max_new_tokens=8, decision="validation")
+    run_student_diagnose("text", diagnose, store)
     teacher = DiagnoseConfig(
         engine=OpenAIEngineConfig(base_url=stub_teacher, model="stub"),
         exemplars=ExemplarConfig(strategy="fixed"),
@@ -210,6 +213,11 @@ def test_the_student_and_the_teacher_diagnose_every_external_patient_with_source
     assert pc.all(pc.is_null(student["error"])).as_py()
     upstream = read_record(external, student_diagnose_stage("text")).identity.upstream
     assert upstream["distill-text"] == read_record(source, distill_stage("text")).output_digest
+    # Decided with the source's val-split offsets: the external cohort has no val split.
+    fitted = read_record(source, student_diagnose_stage("text"))
+    assert upstream["diagnose-student-text"] == fitted.output_digest
+    offsets = read_fitted_offsets(source, "text")
+    assert all(json.loads(s)["offsets"] == offsets for s in student["sampling"].to_pylist())
     teacher = read_parts(external, "predictions/teacher")
     assert set(teacher["patient_id"].to_pylist()) == test_ids
     exemplars = set().union(*teacher["exemplar_ids"].to_pylist())

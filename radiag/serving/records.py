@@ -87,11 +87,13 @@ class DiagnoseResponse(BaseModel):
     diagnosis: Label | None = None
     probabilities: dict[Label, float] | None = None
     parse_error: str | None = None
-    decision: Literal["balanced", "most_probable"] | None = Field(
+    decision: Literal["balanced", "validation", "most_probable"] | None = Field(
         None,
         description="how a student chose its diagnosis from the probabilities: balanced "
         "(the greatest probability over its share of the training rows, so not always the "
-        "greatest one) or most_probable; null where the model answers otherwise",
+        "greatest one), validation (the greatest log-probability plus a per-class offset "
+        "fitted on the run's val split) or most_probable; null where the model answers "
+        "otherwise",
     )
     mri_used: bool = False
     exemplar_ids: list[str] | None = None

@@ -31,7 +31,12 @@ from radiag.students.config import (
     distill_stage,
     student_diagnose_stage,
 )
-from radiag.students.predict import StudentDiagnoser, download_student
+from radiag.students.predict import (
+    StudentDiagnoser,
+    download_student,
+    fits_a_decision,
+    read_fitted_offsets,
+)
 from radiag.students.volumes import volume_transform
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,8 @@ class StudentServer:
         if user_config["run_dir"] != self.run_dir:
             store = RunStore(user_config["run_dir"])
             identity = stage_fingerprint(store, distill_stage(self.kind))
-            student = StudentDiagnoser(download_student(store, self.kind), self.cfg)
+            offsets = read_fitted_offsets(store, self.kind) if fits_a_decision(self.cfg) else None
+            student = StudentDiagnoser(download_student(store, self.kind), self.cfg, offsets)
             # One assignment: a batch already running keeps its reference to the old model.
             self.student, self.identity, self.run_dir = student, identity, user_config["run_dir"]
             log.info("serving the %s student of %s (%s)", self.kind, store.uri, identity)

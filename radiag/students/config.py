@@ -154,12 +154,15 @@ class StudentDiagnoseConfig(StrictModel):
     constrain_answer: bool = Field(
         True, description="answer = an option chosen by `decision`; false: parse the written line"
     )
-    decision: Literal["balanced", "most_probable"] = Field(
+    decision: Literal["balanced", "validation", "most_probable"] = Field(
         "balanced",
         description="how a constrained answer is chosen from the three probabilities. "
         "balanced: the option with the greatest probability over its share of the student's "
         "training rows (the rule that maximizes expected balanced accuracy: it undoes the "
         "class mix the training rows had, e.g. after QC kept few MCI rationales); "
+        "validation: the stage first answers the val split, fits a log offset per class "
+        "that maximizes balanced accuracy there, and adds them to the log-probabilities "
+        "(a transferred or served student uses those of the run that trained it); "
         "most_probable: the plain argmax",
     )
     threads_per_replica: int = Field(2, ge=1)

@@ -13,9 +13,11 @@ Per patient, with greedy decoding:
    text before the options is forwarded once for all three (`StudentModel.option_nll`);
 3. the diagnosis: with `constrain_answer` (default, as for the teacher) an option chosen
    from the probabilities by `decision`: by default the greatest probability over that
-   option's share of the student's training rows (see `decide`); without it, the student
-   writes its final line freely and the line is parsed (an unparsable line leaves the
-   diagnosis null, with a reason).
+   option's share of the student's training rows (see `decide`), or with `validation` the
+   greatest log-probability plus a per-class offset fitted on the val split, which the
+   stage answers first under `predictions/student-<kind>/validation/` (`fit_offsets`);
+   without it, the student writes its final line freely and the line is parsed (an
+   unparsable line leaves the diagnosis null, with a reason).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import datetime
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -97,6 +101,64 @@ def training_prior(info: dict[str, Any], what: str) -> torch.Tensor:
     return (rows + 1) / (rows.sum() + len(Label))
 
 
+class NoFittedDecisionError(UserError, ValueError):
+    """`decision: validation` where no diagnose stage has fitted its offsets."""
+
+
+OFFSET_GRID = np.round(np.arange(-4.0, 4.05, 0.1), 1)  # log-probability units
+FITTED_DECISION = "decision.json"
+
+
+def validation_dir(kind: StudentKind) -> str:
+    """Where the diagnose stage keeps a student's answers on the val split, and the decision
+    it fitted on them (`decision: validation`)."""
+    return f"{predictions_dir(model_name(kind))}/validation"
+
+
+def fit_offsets(probabilities: np.ndarray, labels: Sequence[str]) -> tuple[dict[str, float], float]:
+    """Per-class log offsets (CN's fixed at 0) for which `argmax(log p + offset)` has the
+    greatest balanced accuracy on these labelled rows, and that accuracy.
+
+    A grid search over `OFFSET_GRID` for AD and MCI; of equally good offsets, those nearest
+    zero (the plain argmax) win. Balanced accuracy averages the recall of the classes
+    present in `labels`. Measured on one preset run in `docs/experiments.md`: a student
+    whose own rationale tilts every answer towards one class was lifted past chance where
+    the balanced rule was not.
+
+    Args:
+        probabilities: (n, 3) in `Label` order.
+        labels: the n rows' true labels.
+    """
+    log_p = np.log(np.clip(probabilities, 1e-12, None))
+    free = [i for i, label in enumerate(Label) if label != Label.CN]
+    offsets = np.zeros((OFFSET_GRID.size**2, len(Label)))
+    offsets[:, free] = np.stack(np.meshgrid(OFFSET_GRID, OFFSET_GRID), axis=-1).reshape(-1, 2)
+    predicted = (log_p[None] + offsets[:, None]).argmax(axis=2)  # (offsets, rows)
+    truth = np.array([list(Label).index(Label(label)) for label in labels])
+    score = np.mean(
+        [(predicted[:, truth == c] == c).mean(axis=1) for c in np.unique(truth)], axis=0
+    )
+    best = np.lexsort((np.abs(offsets).sum(axis=1), -np.round(score, 12)))[0]
+    fitted = {str(label): float(offsets[best, i]) for i, label in enumerate(Label)}
+    return fitted, float(score[best])
+
+
+def read_fitted_offsets(store: RunStore, kind: StudentKind) -> dict[str, float]:
+    """The offsets the run's diagnose stage fitted on its val split.
+
+    Raises:
+        NoFittedDecisionError: it fitted none (never run, or run with another decision).
+    """
+    path = f"{validation_dir(kind)}/{FITTED_DECISION}"
+    if not store.exists(path):
+        raise NoFittedDecisionError(
+            f"{store.uri_of(path)} is missing: decision validation uses the offsets the run's "
+            f"own `radiag diagnose --model {kind}` fits on its val split with "
+            "students.diagnose.decision: validation; run that first, or choose another decision"
+        )
+    return store.read_json(path)["offsets"]
+
+
 def decide(probabilities: torch.Tensor, prior: torch.Tensor | None) -> int:
     """The chosen option's index: the most probable one, or with a `prior` the one with the
     greatest probability over its training share.
@@ -116,9 +178,12 @@ def decide(probabilities: torch.Tensor, prior: torch.Tensor | None) -> int:
 class StudentDiagnoser:
     """One exported student, loaded: diagnoses descriptions (and T1 volumes for the MRI+text
     student). The batch stage and the Serve deployment share it, so they answer alike.
-    `decision` is how its constrained answers are chosen (None: answers are parsed)."""
+    `decision` is how its constrained answers are chosen (None: answers are parsed);
+    `offsets` are those `decision: validation` adds (`read_fitted_offsets`)."""
 
-    def __init__(self, directory: Path, cfg: StudentDiagnoseConfig) -> None:
+    def __init__(
+        self, directory: Path, cfg: StudentDiagnoseConfig, offsets: dict[str, float] | None = None
+    ) -> None:
         from transformers import AutoTokenizer, StoppingCriteriaList, StopStringCriteria
 
         self.cfg = cfg.resolved()
@@ -130,13 +195,27 @@ class StudentDiagnoser:
         self.options = [option_ids(self.tokenizer, label) for label in Label]
         # Only a constrained answer is decided; a free one is parsed and needs no prior.
         self.decision = self.cfg.decision if self.cfg.constrain_answer else None
-        balanced = self.decision == "balanced"
-        self.prior = training_prior(self.info, str(directory)) if balanced else None
+        self.offsets = offsets if self.decision == "validation" else None
+        self.prior = self._prior(str(directory))
         # Built once: `generate(stop_strings=...)` rebuilds this per call, and its cache keys
         # on the vocabulary's order, which a fast tokenizer does not keep (~0.9 s a call).
         self.stop_at_final = StoppingCriteriaList(
             [StopStringCriteria(self.tokenizer, [FINAL])] if cfg.constrain_answer else []
         )
+
+    def _prior(self, what: str) -> torch.Tensor | None:
+        """What `decide` divides the probabilities by; None for the plain argmax."""
+        if self.decision == "balanced":
+            return training_prior(self.info, what)
+        if self.decision != "validation":
+            return None
+        if self.offsets is None:
+            raise NoFittedDecisionError(
+                f"{what}: decision validation needs the offsets its run's diagnose stage "
+                "fitted on the val split (radiag.students.predict.read_fitted_offsets)"
+            )
+        # Dividing p by exp(-offset) adds the offset to log p.
+        return torch.tensor([-self.offsets[str(label)] for label in Label]).double().exp()
 
     @property
     def needs_volume(self) -> bool:
@@ -230,17 +309,24 @@ class StudentPredictor:
     """A Ray Data actor: one `StudentDiagnoser`; diagnoses a batch and writes it.
 
     The student comes from the run at `models_uri`: this run, or the trained run whose
-    student diagnoses another cohort (`radiag transfer`).
+    student diagnoses another cohort (`radiag transfer`). Its answers go to `out_dir`.
     """
 
     def __init__(
-        self, kind: StudentKind, cfg: dict[str, Any], store_uri: str, models_uri: str
+        self,
+        kind: StudentKind,
+        cfg: dict[str, Any],
+        store_uri: str,
+        models_uri: str,
+        out_dir: str,
+        offsets: dict[str, float] | None,
     ) -> None:
-        self.kind = kind
+        self.kind, self.out_dir = kind, out_dir
         self.cfg = StudentDiagnoseConfig.model_validate(cfg)
         self.store = RunStore(store_uri)
         torch.set_num_threads(self.cfg.threads_per_replica)
-        self.student = StudentDiagnoser(download_student(RunStore(models_uri), kind), self.cfg)
+        student = download_student(RunStore(models_uri), kind)
+        self.student = StudentDiagnoser(student, self.cfg, offsets)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -255,13 +341,13 @@ class StudentPredictor:
                 results[row["patient_id"]] |= out
         seconds = (time.perf_counter() - start) / len(rows)
         out_rows = [r | {"latency_s": seconds} for r in results.values()]
-        write_part(self.store, predictions_dir(model_name(self.kind)), out_rows)
+        write_part(self.store, self.out_dir, out_rows)
         return pa.table({"rows": [len(rows)], "errors": [len(rows) - len(usable)]})
 
     def _base(self, row: dict[str, Any]) -> dict[str, Any]:
         sampling = {"greedy": True, "max_new_tokens": self.cfg.max_new_tokens,
                     "constrain_answer": self.cfg.constrain_answer,
-                    "decision": self.student.decision}  # fmt: skip
+                    "decision": self.student.decision, "offsets": self.student.offsets}  # fmt: skip
         return {
             "patient_id": row["patient_id"], "task": "diagnose", "prompt_version": "v1",
             "engine": "transformers", "model": model_name(self.kind), "dtype": self.cfg.dtype,
@@ -333,14 +419,19 @@ def run_student_diagnose(
     require_rationale_where_trained(trained.loss, cfg, f"the {model_name(kind)} of {models.uri}")
     stage = student_diagnose_stage(kind)
     cfg = cfg.resolved()
-    identity = StageIdentity(
-        stage=stage.name,
-        config=config_identity(cfg),
-        upstream=upstream(store, [SPLITS_STAGE]) | upstream(models, [distill_stage(kind)]),
-    )
+    fits_here = models.uri == store.uri
+    reads = upstream(store, [SPLITS_STAGE]) | upstream(models, [distill_stage(kind)])
+    if fits_a_decision(cfg) and not fits_here:  # a transfer: the trained run's offsets
+        reads |= upstream(models, [stage])
+    identity = StageIdentity(stage=stage.name, config=config_identity(cfg), upstream=reads)
     return run_stage(
         store, stage, identity, lambda: _diagnose_all(kind, cfg, store, models, trained), fresh
     )
+
+
+def fits_a_decision(cfg: StudentDiagnoseConfig) -> bool:
+    """Whether answers are chosen with offsets fitted on the val split."""
+    return cfg.constrain_answer and cfg.decision == "validation"
 
 
 def _diagnose_all(
@@ -350,30 +441,83 @@ def _diagnose_all(
     models: RunStore,
     trained: DistillConfig,
 ) -> StageSummary:
+    start = time.perf_counter()
+    details: dict[str, Any] = {}
+    offsets = None
+    if fits_a_decision(cfg) and models.uri == store.uri:
+        details["validation"] = _fit_on_validation(kind, cfg, store, trained)
+        offsets = details["validation"]["offsets"]
+    elif fits_a_decision(cfg):
+        offsets = read_fitted_offsets(models, kind)
+    directory = predictions_dir(model_name(kind))
+    inputs, answered_now = _answer_split(kind, cfg, store, models, trained, directory, offsets)
+    output = read_parts(store, directory)
+    return StageSummary(
+        stage=f"diagnose-{model_name(kind)}",
+        counts={
+            "rows": output.num_rows,
+            "generated_now": answered_now,
+            "skipped_done": inputs - answered_now,
+            **failure_counts(output),
+        },
+        details={"seconds": round(time.perf_counter() - start, 2), **details},
+    )
+
+
+def _answer_split(
+    kind: StudentKind,
+    cfg: StudentDiagnoseConfig,
+    store: RunStore,
+    models: RunStore,
+    trained: DistillConfig,
+    directory: str,
+    offsets: dict[str, float] | None,
+) -> tuple[int, int]:
+    """Answer every row of `cfg.split` not yet in `directory`; returns (rows, answered now)."""
     import ray
 
     inputs = _inputs(kind, cfg, store, trained)
-    done = read_parts(store, predictions_dir(model_name(kind)))
-    todo = still_to_do(inputs, done)
-    start = time.perf_counter()
+    todo = still_to_do(inputs, read_parts(store, directory))
     if todo.num_rows:
         blocks = [todo.slice(i, cfg.batch_size) for i in range(0, todo.num_rows, cfg.batch_size)]
         counts = ray.data.from_arrow(blocks).map_batches(
             StudentPredictor,
             fn_constructor_kwargs={"kind": kind, "cfg": cfg.model_dump(mode="json"),
-                                   "store_uri": store.uri, "models_uri": models.uri},
+                                   "store_uri": store.uri, "models_uri": models.uri,
+                                   "out_dir": directory, "offsets": offsets},
             batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
             num_cpus=1,
         )  # fmt: skip
         counts.materialize()
-    output = read_parts(store, predictions_dir(model_name(kind)))
-    return StageSummary(
-        stage=f"diagnose-{model_name(kind)}",
-        counts={
-            "rows": output.num_rows,
-            "generated_now": todo.num_rows,
-            "skipped_done": inputs.num_rows - todo.num_rows,
-            **failure_counts(output),
-        },
-        details={"seconds": round(time.perf_counter() - start, 2)},
-    )
+    return inputs.num_rows, todo.num_rows
+
+
+def _fit_on_validation(
+    kind: StudentKind, cfg: StudentDiagnoseConfig, store: RunStore, trained: DistillConfig
+) -> dict[str, Any]:
+    """Answer the val split (resumably, as the test split is answered, blind to the labels),
+    fit the offsets on those answers and the split's labels, and keep the fit beside them."""
+    directory = validation_dir(kind)
+    answering = cfg.model_copy(update={"split": "val", "decision": "most_probable"})
+    rows, answered_now = _answer_split(kind, answering, store, store, trained, directory, None)
+    columns = [PROBABILITY_COLUMNS[label] for label in Label]
+    answers = read_parts(store, directory).select(["patient_id", *columns])
+    labels = store.read_table(f"splits/{answering.split}.parquet").select(["patient_id", "label"])
+    labelled = answers.filter(pc.is_valid(answers[columns[0]])).join(labels, "patient_id")
+    labelled = labelled.filter(pc.is_valid(labelled["label"]))
+    if not labelled.num_rows:
+        raise NoFittedDecisionError(
+            f"{store.uri_of(directory)}: the student answered none of the {rows} val visits, "
+            "so decision validation has nothing to fit (the errors are in those rows)"
+        )
+    probabilities = np.column_stack([labelled[column].to_numpy() for column in columns])
+    offsets, accuracy = fit_offsets(probabilities, labelled["label"].to_pylist())
+    fitted = {
+        "offsets": offsets,
+        "balanced_accuracy": round(accuracy, 4),
+        "visits": labelled.num_rows,
+        "answered_now": answered_now,
+        "grid": [float(OFFSET_GRID[0]), float(OFFSET_GRID[-1]), 0.1],
+    }
+    store.write_json(f"{directory}/{FITTED_DECISION}", fitted)
+    return fitted

@@ -114,11 +114,11 @@ def test_the_teachers_exemplars_link_to_the_records_it_was_shown(served_app: Ser
         assert f"{shown[1]['patient_id']} — {shown[1]['label']}" in record.text_content()
 
 
-def test_a_balanced_diagnosis_is_highlighted_and_explained_when_it_is_not_the_longest_bar(
+def test_a_decided_diagnosis_is_highlighted_and_explained_when_it_is_not_the_longest_bar(
     served_app: ServedApp,
 ) -> None:
-    """A student's balanced decision can answer a class that is not the most probable; the
-    page marks the answered class, not the longest bar, and says why."""
+    """A student's balanced or validation-fitted decision can answer a class that is not the
+    most probable; the page marks the answered class, not the longest bar, and says why."""
     from page_driver import signed_in_page
 
     answer = {
@@ -134,6 +134,14 @@ def test_a_balanced_diagnosis_is_highlighted_and_explained_when_it_is_not_the_lo
         assert page.locator("#probabilities tr.top th").text_content().startswith("MCI")
         assert page.locator("#decision").is_visible()
         assert "need not be the longest bar" in page.locator("#decision").text_content()
+        # Offsets fitted on the validation split are explained as such.
+        page.route("**/v1/diagnose", lambda route: route.fulfill(json=answer | {
+            "diagnosis": "AD", "decision": "validation"}))  # fmt: skip
+        page.click("#submit")
+        page.wait_for_function(
+            "() => document.querySelector('#probabilities tr.top th').textContent.startsWith('AD')"
+        )
+        assert "validation patients" in page.locator("#decision").text_content()
         # The plain argmax needs no note.
         page.route("**/v1/diagnose", lambda route: route.fulfill(json=answer | {
             "diagnosis": "CN", "decision": "most_probable"}))  # fmt: skip

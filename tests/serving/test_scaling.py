@@ -318,7 +318,9 @@ def test_requests_that_would_only_time_out_are_refused_at_once_and_health_stays_
     # figure on a quiet machine is in benchmarks/serving.py's `admission` section.
     assert max(a.seconds for a in by_status[503]) < 3.0
     assert all("at capacity" in a.body["detail"] for a in by_status[503])
-    assert probes and all(status == 200 and seconds < 2.0 for _, status, seconds in probes), probes
+    # Same room as above (CI saw one listing take 2.1 s while the 32 clients connected);
+    # a listing queued behind the model would wait out whole batches of answers instead.
+    assert probes and all(status == 200 and seconds < 3.0 for _, status, seconds in probes), probes
 
 
 def ongoing_requests(deployment: str = "student-text") -> int:

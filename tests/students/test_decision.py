@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from radiag.students.predict import NoTrainingMixError, decide, training_prior
+from radiag.students.predict import NoTrainingMixError, decide, fit_offsets, training_prior
 
 # Option order is Label's: AD, MCI, CN.
 QC_SKEWED = {"AD": 68, "MCI": 34, "CN": 85}  # the CPU preset's QC-passed training rows
@@ -40,3 +41,28 @@ def test_an_export_without_its_training_mix_is_refused_with_the_way_out() -> Non
         NoTrainingMixError, match=r"checkpoints/text/final.*decision: most_probable"
     ):
         training_prior({"kind": "text"}, "checkpoints/text/final")
+
+
+def test_validation_offsets_bring_back_a_class_the_argmax_never_answers() -> None:
+    # Every row's most probable option is CN, yet the AD rows rank AD higher than the others.
+    probabilities = np.array([[0.30, 0.10, 0.60]] * 3 + [[0.10, 0.10, 0.80]] * 3)
+    labels = ["AD"] * 3 + ["CN"] * 3
+
+    offsets, accuracy = fit_offsets(probabilities, labels)
+
+    assert accuracy == 1.0  # the two present classes' recalls
+    assert offsets["CN"] == 0.0 and offsets["MCI"] == 0.0  # nothing to gain from moving MCI
+    # Smallest on the grid that lifts AD over CN on the AD rows but not on the CN rows:
+    # log(0.6/0.3) = 0.69 < offset < log(0.8/0.1) = 2.08.
+    assert offsets["AD"] == pytest.approx(0.7)
+    scores = np.log(probabilities) + np.array([offsets["AD"], offsets["MCI"], offsets["CN"]])
+    assert [("AD", "MCI", "CN")[i] for i in scores.argmax(axis=1)] == labels
+
+
+def test_of_equally_good_offsets_the_plain_argmax_wins() -> None:
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+
+    assert fit_offsets(probabilities, ["AD", "MCI", "CN"]) == (
+        {"AD": 0.0, "MCI": 0.0, "CN": 0.0},
+        1.0,
+    )

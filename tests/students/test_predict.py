@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -20,9 +21,12 @@ from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
 from radiag.students.config import AnswerWithoutRationaleError, StudentDiagnoseConfig
 from radiag.students.predict import (
+    NoFittedDecisionError,
     NoTrainingMixError,
     StudentDiagnoser,
     download_student,
+    fit_offsets,
+    read_fitted_offsets,
     run_student_diagnose,
     training_prior,
 )
@@ -83,6 +87,40 @@ def test_most_probable_answers_the_plain_argmax(trained: RunStore) -> None:
         probs = {label: row[PROBABILITY_COLUMNS[label]] for label in Label}
         assert row["diagnosis"] == max(probs, key=probs.get)
         assert json.loads(row["sampling"])["decision"] == "most_probable"
+
+
+def test_a_validation_decision_is_fitted_on_the_val_split_and_decides_the_test_split(
+    trained: RunStore,
+) -> None:
+    cfg = StudentDiagnoseConfig(limit=ROWS, batch_size=3, max_new_tokens=8, decision="validation")
+    summary = run_student_diagnose("text", cfg, trained, fresh=True)
+
+    # The val split is answered first, blind to its labels, in its own directory.
+    validation = read_parts(trained, "predictions/student-text/validation")
+    labels = dict(zip(*trained.read_table("splits/val.parquet").select(["patient_id", "label"]).to_pydict().values(), strict=True))  # fmt: skip
+    assert validation.num_rows == min(ROWS, len(labels))
+    assert set(validation["patient_id"].to_pylist()) <= set(labels)
+    # The offsets are those that fit the val answers and labels best, and are recorded.
+    rows = validation.to_pylist()
+    probabilities = np.array([[r[PROBABILITY_COLUMNS[label]] for label in Label] for r in rows])
+    offsets, accuracy = fit_offsets(probabilities, [labels[r["patient_id"]] for r in rows])
+    fitted = trained.read_json("predictions/student-text/validation/decision.json")
+    assert (fitted["offsets"], fitted["balanced_accuracy"]) == (offsets, round(accuracy, 4))
+    assert summary.details["validation"] == fitted
+    assert read_fitted_offsets(trained, "text") == offsets
+    # The test split: the greatest log-probability plus its offset, the offsets in each row.
+    test = read_parts(trained, "predictions/student-text").to_pylist()
+    assert len(test) == ROWS and not {r["patient_id"] for r in test} & set(labels)
+    for row in test:
+        scores = {
+            label: np.log(row[PROBABILITY_COLUMNS[label]]) + offsets[label] for label in Label
+        }
+        assert row["diagnosis"] == max(scores, key=scores.get)
+        sampling = json.loads(row["sampling"])
+        assert (sampling["decision"], sampling["offsets"]) == ("validation", offsets)
+    # A student loaded (as Serve loads it) without the fit is refused with the way out.
+    with pytest.raises(NoFittedDecisionError, match="val split"):
+        StudentDiagnoser(download_student(trained, "text"), cfg)
 
 
 def test_free_answers_are_parsed_and_unparsable_ones_stay_null(trained: RunStore) -> None:
