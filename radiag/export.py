@@ -50,7 +50,14 @@ from radiag.contract import StageNotReady, read_record
 from radiag.errors import UserError
 from radiag.evaluation.criteria import score_rationales
 from radiag.store import RunStore
-from radiag.students.config import FINAL_MARKER, StudentKind, distill_stage, model_name
+from radiag.students.config import (
+    FINAL_MARKER,
+    StudentDiagnoseConfig,
+    StudentKind,
+    distill_stage,
+    model_name,
+    student_diagnose_stage,
+)
 from radiag.students.formatting import targets
 from radiag.teacher.prompts import ANSWERS
 from radiag.teacher.stages import RATIONALIZE_STAGE, read_output
@@ -382,6 +389,25 @@ def _test_metrics(store: RunStore, model: str) -> str:
     )
 
 
+def _answer_rule(store: RunStore, kind: StudentKind) -> str:
+    """How the run's diagnosis chose the student's answers: its metrics depend on it."""
+    from radiag.students.predict import read_fitted_offsets  # with torch, as its caller
+
+    record = read_record(store, student_diagnose_stage(kind))
+    if record is None:
+        return ""
+    cfg = StudentDiagnoseConfig.model_validate(record.identity.config)
+    if not cfg.constrain_answer:
+        return "Each answer is the student's own final line, parsed."
+    rule = {
+        "balanced": "the option with the greatest probability over its share of the training rows",
+        "most_probable": "the most probable option",
+        "validation": "the option with the greatest log-probability plus a per-class offset "
+        f"fitted on the run's val split ({json.dumps(read_fitted_offsets(store, kind))})",
+    }[cfg.decision]
+    return f"Each answer is {rule} (`decision: {cfg.decision}`); radiag answers alike."
+
+
 def model_card(store: RunStore, kind: StudentKind, info: dict[str, Any], identity: str) -> str:
     """README.md for an exported student, with Hugging Face's YAML front matter."""
     cfg = info["config"]
@@ -416,7 +442,7 @@ description, after Kwon et al. (AAAI 2024). {mri}
 
 ## Evaluation
 
-{_test_metrics(store, model_name(kind))}
+{_test_metrics(store, model_name(kind))} {_answer_rule(store, kind)}
 
 ## Intended use and limitations
 

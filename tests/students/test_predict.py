@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from radiag.cohort.schema import Label
+from radiag.export import model_card
 from radiag.outputs import OUTPUT_SCHEMA, PROBABILITY_COLUMNS, read_parts
 from radiag.store import RunStore
 from radiag.students.config import AnswerWithoutRationaleError, StudentDiagnoseConfig
@@ -118,6 +119,11 @@ def test_a_validation_decision_is_fitted_on_the_val_split_and_decides_the_test_s
         assert row["diagnosis"] == max(scores, key=scores.get)
         sampling = json.loads(row["sampling"])
         assert (sampling["decision"], sampling["offsets"]) == ("validation", offsets)
+    # The exported student's card says how its answers were chosen, offsets and all.
+    card = model_card(
+        trained, "text", {"config": {}, "base_model": "m", "steps": 1, "examples": 1}, "x"
+    )
+    assert f"({json.dumps(offsets)}) (`decision: validation`)" in card
     # A student loaded (as Serve loads it) without the fit is refused with the way out.
     with pytest.raises(NoFittedDecisionError, match="val split"):
         StudentDiagnoser(download_student(trained, "text"), cfg)
