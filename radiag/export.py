@@ -399,12 +399,14 @@ def _answer_rule(store: RunStore, kind: StudentKind) -> str:
     cfg = StudentDiagnoseConfig.model_validate(record.identity.config)
     if not cfg.constrain_answer:
         return "Each answer is the student's own final line, parsed."
-    rule = {
-        "balanced": "the option with the greatest probability over its share of the training rows",
-        "most_probable": "the most probable option",
-        "validation": "the option with the greatest log-probability plus a per-class offset "
-        f"fitted on the run's val split ({json.dumps(read_fitted_offsets(store, kind))})",
-    }[cfg.decision]
+    if cfg.decision == "validation":
+        offsets = json.dumps(read_fitted_offsets(store, kind))
+        rule = "the option with the greatest log-probability plus a per-class offset fitted "
+        rule += f"on the run's val split ({offsets})"
+    elif cfg.decision == "balanced":
+        rule = "the option with the greatest probability over its share of the training rows"
+    else:
+        rule = "the most probable option"
     return f"Each answer is {rule} (`decision: {cfg.decision}`); radiag answers alike."
 
 
