@@ -105,7 +105,8 @@ class NoFittedDecisionError(UserError, ValueError):
     """`decision: validation` where no diagnose stage has fitted its offsets."""
 
 
-OFFSET_GRID = np.round(np.arange(-4.0, 4.05, 0.1), 1)  # log-probability units
+OFFSET_STEP = 0.1  # log-probability units
+OFFSET_GRID = np.round(np.arange(-4.0, 4.0 + OFFSET_STEP / 2, OFFSET_STEP), 1)
 FITTED_DECISION = "decision.json"
 
 
@@ -516,7 +517,7 @@ def _fit_on_validation(
         "balanced_accuracy": round(accuracy, 4),
         "visits": labelled.num_rows,
         "answered_now": answered_now,
-        "grid": [float(OFFSET_GRID[0]), float(OFFSET_GRID[-1]), 0.1],
+        "grid": [float(OFFSET_GRID[0]), float(OFFSET_GRID[-1]), OFFSET_STEP],
     }
     store.write_json(f"{directory}/{FITTED_DECISION}", fitted)
     return fitted
