@@ -86,6 +86,10 @@ class TeacherStageConfig(StrictModel):
         description="force the final line with structured output where the backend supports it",
     )
 
+    def sampling_for(self, attempt: int) -> SamplingConfig:
+        """The sampling of one try: each try draws with a seed of its own."""
+        return self.sampling.model_copy(update={"seed": self.sampling.seed + attempt})
+
 
 class RationalizeConfig(TeacherStageConfig):
     """Module I: label-conditioned rationales for the training split."""
@@ -94,6 +98,19 @@ class RationalizeConfig(TeacherStageConfig):
     regeneration_attempts: int = Field(
         1, ge=0, description="extra tries for a rationale that QC flags or that cannot be parsed"
     )
+    regeneration_temperature: float = Field(
+        0.7,
+        ge=0,
+        description="temperature of those extra tries: a greedy retry would only repeat the "
+        "first try (or differ from it by the engine's rounding)",
+    )
+
+    def sampling_for(self, attempt: int) -> SamplingConfig:
+        """A retry samples at `regeneration_temperature`, so it can write another rationale."""
+        sampling = super().sampling_for(attempt)
+        if attempt == 0:
+            return sampling
+        return sampling.model_copy(update={"temperature": self.regeneration_temperature})
 
 
 class DiagnoseConfig(TeacherStageConfig):
@@ -205,7 +222,7 @@ class TeacherWorker:
 
     async def _generate(self, row: dict[str, Any], conversation: Messages, attempt: int) -> dict:
         """One row, one engine request; a row whose input is unusable gets an error without one."""
-        sampling = self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + attempt})
+        sampling = self.cfg.sampling_for(attempt)
         record = self._base(row, attempt, sampling)
         if not (row.get("description") or "").strip():
             return record | {

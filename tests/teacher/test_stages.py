@@ -77,6 +77,15 @@ def test_rationalize_writes_one_row_per_patient_with_provenance(
     wrong = generated["diagnosis"] != generated["label_shown"]
     assert generated.loc[wrong, "qc_flagged"].astype(bool).all()
     assert (generated.loc[wrong, "attempts"] == 2).all()
+    # A retry samples at regeneration_temperature with a seed of its own, so it can differ.
+    retried = generated[generated["attempts"] == 2]
+    assert len(retried) and retried["sampling"].str.contains('"temperature":0.7').all()
+    assert (retried["seed"] == 1).all()
+    assert (
+        generated.loc[generated["attempts"] == 1, "sampling"]
+        .str.contains('"temperature":1.0')
+        .all()
+    )
     assert all(
         any("differs from the label" in r for r in reasons)
         for reasons in generated.loc[wrong, "qc_reasons"]
