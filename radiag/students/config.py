@@ -105,6 +105,11 @@ class DistillConfig(StrictModel):
     include_flagged: bool = Field(
         False, description="also train on rationales the teacher's QC flagged"
     )
+    balance_classes: bool = Field(
+        False,
+        description="weight each training row by rows / (3 x rows of its diagnosis), so a "
+        "class that QC thinned out teaches as much as the others",
+    )
     limit: int | None = Field(None, ge=1, description="only the first N rationale rows")
     max_length: int = Field(768, ge=64, description="tokens per sequence (prompt + target)")
     precision: Literal["auto", "bf16-mixed", "fp32"] = Field(

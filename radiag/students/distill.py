@@ -157,7 +157,9 @@ def _with_volumes(
 def training_sequences(
     examples: pa.Table, cfg: DistillConfig, tokenizer: Any
 ) -> tuple[list[dict[str, Any]], int]:
-    """Token ids of every target (phase 2), shuffled with the seed; and how many did not fit."""
+    """Token ids of every target (phase 2), each with its row's loss weight, shuffled with
+    the seed; and how many did not fit."""
+    weights = class_weights(label_counts(examples), cfg.balance_classes)
     sequences, too_long = [], 0
     for row in examples.to_pylist():
         for target in targets(row, cfg.loss):
@@ -165,9 +167,10 @@ def training_sequences(
             if encoded is None:
                 too_long += 1
                 continue
-            sequences.append(
-                {**encoded, "patient_id": row["patient_id"], "volume_path": row["volume_path"]}
-            )
+            sequences.append({
+                **encoded, "weight": weights[str(row["label"])],
+                "patient_id": row["patient_id"], "volume_path": row["volume_path"],
+            })  # fmt: skip
     order = np.random.default_rng(cfg.seed).permutation(len(sequences))
     return [sequences[i] for i in order], too_long
 
@@ -177,6 +180,17 @@ def label_counts(examples: pa.Table) -> dict[str, int]:
     student learned, which its `balanced` decision divides out."""
     labels = examples["label"].to_pylist()
     return {str(label): labels.count(str(label)) for label in Label}
+
+
+def class_weights(counts: dict[str, int], balance: bool) -> dict[str, float]:
+    """Loss weight of a training row by its diagnosis: 1 for all, or balanced, so that each
+    diagnosis present carries a third of the total weight (a class absent gets none)."""
+    present = {label: n for label, n in counts.items() if n}
+    total = sum(present.values())
+    return {
+        label: (total / (len(present) * present[label]) if balance and label in present else 1.0)
+        for label in counts
+    }
 
 
 def _trainer(kind: StudentKind, cfg: DistillConfig, store: RunStore, sequences: list[dict]) -> Any:

@@ -224,10 +224,12 @@ def training_loss(
     answer_mask: list[list[int]],
     kinds: list[str],
     cfg: DistillConfig,
+    weights: list[float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss: token-mean text loss per task kind (label + w x rationale for
     step-by-step), plus the answer loss: the answer option's summed negative
-    log-likelihood, averaged over the rows that have one.
+    log-likelihood, averaged over the rows that have one. `weights` (one per row, default
+    1) weigh each row in both means, as if it were in the batch that many times.
 
     The answer term is the one that teaches the diagnosis: in a token mean its letter
     would be one of ~11 final-line tokens (or of hundreds after a rationale), and every
@@ -236,13 +238,17 @@ def training_loss(
     width = nll.shape[1]
     answer = _padded(answer_mask, width, 0).bool().to(nll.device)
     text = (_padded(labels, width, IGNORE) != IGNORE).to(nll.device) & ~answer
+    row_weight = torch.tensor(weights or [1.0] * len(kinds), device=nll.device)[:, None]
     parts: dict[str, torch.Tensor] = {}
     for kind in sorted(set(kinds)):
         rows = torch.tensor([k == kind for k in kinds], device=nll.device)[:, None]
-        parts[kind] = (nll * (text & rows)).sum() / (text & rows).sum().clamp(min=1)
+        weighted = (text & rows) * row_weight
+        parts[kind] = (nll * weighted).sum() / weighted.sum().clamp(min=1e-9)
     answered = answer.any(dim=1)
     if answered.any():
-        parts["answer"] = (nll * answer).sum(dim=1)[answered].mean()
+        per_row = (nll * answer).sum(dim=1)[answered]
+        answered_weight = row_weight[answered, 0]
+        parts["answer"] = (per_row * answered_weight).sum() / answered_weight.sum()
     weight = {"rationale": cfg.rationale_weight if cfg.loss == "step_by_step" else 1.0}
     loss = sum(weight.get(kind, 1.0) * value for kind, value in parts.items())
     assert isinstance(loss, torch.Tensor)
@@ -327,7 +333,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 labels = [r.tolist() for r in batch["labels"]]
                 nll = strategy.wrapped(ids, labels, volumes)
             answer_mask = [r.tolist() for r in batch["answer_mask"]]
-            loss, parts = training_loss(nll, labels, answer_mask, batch["kind"].tolist(), cfg)
+            loss, parts = training_loss(
+                nll, labels, answer_mask, batch["kind"].tolist(), cfg, batch["weight"].tolist()
+            )
             strategy.backward_and_step(loss)
             seen = torch.tensor([len(ids), sum(len(r) for r in ids)], dtype=torch.float64)
             if dist.is_initialized():

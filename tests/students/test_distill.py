@@ -19,7 +19,15 @@ from radiag.contract import StageSummary
 from radiag.outputs import write_part
 from radiag.store import RunStore
 from radiag.students.config import DistillConfig
-from radiag.students.distill import StudentDataError, load_final, run_distill, training_examples
+from radiag.students.distill import (
+    StudentDataError,
+    class_weights,
+    label_counts,
+    load_final,
+    run_distill,
+    training_examples,
+    training_sequences,
+)
 
 
 def test_flagged_rationales_are_left_out_unless_asked(
@@ -30,6 +38,43 @@ def test_flagged_rationales_are_left_out_unless_asked(
     flagged = strict.counts["excluded_flagged"]
     assert flagged > 0 and lenient.counts["excluded_flagged"] == 0
     assert lenient.table.num_rows == strict.table.num_rows + flagged
+
+
+def test_balanced_classes_give_each_diagnosis_a_third_of_the_weight(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig], tiny_model: Path
+) -> None:
+    """QC thins out one class (the bundled teacher's MCI rationales): balanced, the rows
+    left of it weigh more, so that each diagnosis carries as much of the loss."""
+    from transformers import AutoTokenizer
+
+    examples = training_examples("text", tiny_student(), fresh_run).table
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    counts = label_counts(examples)
+    assert len(set(counts.values())) > 1  # the fixture's classes are uneven
+    for balance in (False, True):
+        cfg = tiny_student(balance_classes=balance, loss="step_by_step")
+        sequences, _ = training_sequences(examples, cfg, tokenizer)
+        by_label = {
+            label: sum(s["weight"] for s in sequences if s["patient_id"] in ids)
+            for label, ids in _ids_by_label(examples).items()
+        }
+        if balance:  # two sequences a row under step_by_step
+            assert by_label == pytest.approx({k: 2 * examples.num_rows / 3 for k in counts})
+        else:
+            assert by_label == {k: 2.0 * n for k, n in counts.items()}
+
+
+def _ids_by_label(examples: pa.Table) -> dict[str, set[str]]:
+    rows = examples.select(["patient_id", "label"]).to_pylist()
+    return {
+        label: {r["patient_id"] for r in rows if r["label"] == label}
+        for label in ["AD", "MCI", "CN"]
+    }
+
+
+def test_a_class_with_no_training_row_takes_no_share_of_the_weight() -> None:
+    weights = class_weights({"AD": 6, "MCI": 2, "CN": 0}, balance=True)
+    assert weights["AD"] * 6 == weights["MCI"] * 2 == pytest.approx(4.0)
 
 
 def test_rationales_from_another_run_are_refused(

@@ -38,11 +38,16 @@ def encoded(cfg: DistillConfig, model_dir: Path) -> list[dict]:
     return [encode_target(tokenizer, t, 512) for row in ROWS for t in targets(row, cfg.loss)]
 
 
-def step_loss(model: torch.nn.Module, batch: list[dict], cfg: DistillConfig) -> torch.Tensor:
+def step_loss(
+    model: torch.nn.Module,
+    batch: list[dict],
+    cfg: DistillConfig,
+    weights: list[float] | None = None,
+) -> torch.Tensor:
     labels = [row["labels"] for row in batch]
     nll = model([row["input_ids"] for row in batch], labels)
     masks = [row["answer_mask"] for row in batch]
-    return training_loss(nll, labels, masks, [row["kind"] for row in batch], cfg)[0]
+    return training_loss(nll, labels, masks, [row["kind"] for row in batch], cfg, weights)[0]
 
 
 def test_the_loss_falls_when_the_student_memorises_a_few_patients(
@@ -62,6 +67,27 @@ def test_the_loss_falls_when_the_student_memorises_a_few_patients(
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.1 * losses[0], losses
+
+
+@pytest.mark.parametrize("loss", ["rationale_label", "step_by_step"])
+def test_a_row_weighed_twice_counts_as_if_it_were_in_the_batch_twice(
+    tiny_student: Callable[..., DistillConfig], loss: str
+) -> None:
+    """`balance_classes` weighs rows; a weight of 2 is the row seen twice, in the text
+    loss and in the answer loss alike."""
+    cfg = tiny_student(loss=loss)
+    model_dir = Path(cfg.model.path or "")
+    model = build_student("text", cfg, model_dir).eval()
+    rows = [{**row, "rationale": f"Rationale {i}."} for i, row in enumerate(ROWS)]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    first, *rest = [[encode_target(tokenizer, t, 512) for t in targets(r, cfg.loss)] for r in rows]
+    others = [seq for sequences in rest for seq in sequences]
+    with torch.no_grad():
+        weighted = step_loss(model, first + others, cfg, [2.0] * len(first) + [1.0] * len(others))
+        repeated = step_loss(model, first + first + others, cfg)
+        plain = step_loss(model, first + others, cfg)
+    assert float(weighted) == pytest.approx(float(repeated), rel=1e-5)
+    assert float(weighted) != pytest.approx(float(plain), rel=1e-5)
 
 
 def test_the_answer_loss_is_the_options_summed_negative_log_likelihood(
