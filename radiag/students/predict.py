@@ -67,7 +67,7 @@ from radiag.students.config import (
     stage_dir,
     student_diagnose_stage,
 )
-from radiag.students.distill import load_final
+from radiag.students.distill import class_weights, load_final
 from radiag.students.formatting import (
     encode_prompt,
     option_ids,
@@ -84,8 +84,9 @@ class NoTrainingMixError(UserError, ValueError):
 
 
 def training_prior(info: dict[str, Any], what: str) -> torch.Tensor:
-    """Each option's share of the student's training rows (in `Label` order), add-one
-    smoothed so that a class the rows lacked does not divide by zero.
+    """Each option's share of the student's training rows (in `Label` order), as the loss
+    weighed them (`balance_classes` evens them out), add-one smoothed so that a class the
+    rows lacked does not divide by zero.
 
     Raises:
         NoTrainingMixError: the export (`what`) predates the recorded `label_counts`.
@@ -97,7 +98,9 @@ def training_prior(info: dict[str, Any], what: str) -> torch.Tensor:
             "older radiag), so the balanced decision cannot divide out its training mix; "
             "retrain it, or set students.diagnose.decision: most_probable"
         )
-    rows = torch.tensor([counts[str(label)] for label in Label], dtype=torch.float64)
+    weights = class_weights(counts, bool(info.get("config", {}).get("balance_classes")))
+    weighed = [counts[str(label)] * weights[str(label)] for label in Label]
+    rows = torch.tensor(weighed, dtype=torch.float64)
     return (rows + 1) / (rows.sum() + len(Label))
 
 

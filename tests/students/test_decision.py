@@ -36,6 +36,12 @@ def test_a_balanced_mix_decides_like_the_most_probable_option() -> None:
         assert decide(probabilities, prior) == decide(probabilities, None)
 
 
+def test_a_student_trained_with_balanced_classes_has_an_even_prior() -> None:
+    """Its loss already weighed each diagnosis alike, so there is no mix to divide out."""
+    info = {"label_counts": QC_SKEWED, "config": {"balance_classes": True}}
+    assert training_prior(info, "student").tolist() == pytest.approx([1 / 3] * 3)
+
+
 def test_an_export_without_its_training_mix_is_refused_with_the_way_out() -> None:
     with pytest.raises(
         NoTrainingMixError, match=r"checkpoints/text/final.*decision: most_probable"
