@@ -504,12 +504,38 @@ STUDENT_STEP = keys(
      lambda d: "; ".join(f"`{o.get('op')}` {o.get('share')}" for o in (d.get("top_ops") or [])[:6])),
 )  # fmt: skip
 
+
+def repeated(setup: str) -> Cell:
+    """Rows whose text equals the first answer's, asked again three ways, and the time."""
+
+    def cell(d: Figures) -> str:
+        at = f"setups.{setup}."
+        return (
+            f"{d(at + 'same_as_first_repeat')} / {d(at + 'same_as_first_halves')} / "
+            f"{d(at + 'same_as_first_reversed')} of {d('rows')}; {d(at + 'generate_s', unit=' s')}"
+        )
+
+    return cell
+
+
+TEACHER_REPEATABILITY = keys(
+    ("setups.bfloat16", "bf16 with prefix caching (`dtype: auto` here, and the stage's "
+     "default): rows the same again / in halves / reversed; the first call's seconds", "",
+     repeated("bfloat16")),
+    ("setups.bfloat16_no_prefix_cache", "bf16, prefix caching off", "",
+     repeated("bfloat16_no_prefix_cache")),
+    ("setups.float32", "fp32 with prefix caching", "", repeated("float32")),
+    ("float32_time_over_bfloat16", "fp32's seconds over bf16's", "",
+     value("float32_time_over_bfloat16")),
+)  # fmt: skip
+
 TABLES: dict[str, dict[str, Table]] = {
     "cohort.json": {"": COHORT},
     "students.json": {"": STUDENTS, "inference": INFERENCE},
     "student_step.json": {"": STUDENT_STEP},
     "teacher.json": {"": TEACHER},
     "teacher_alternatives.json": {"": TEACHER_ALTERNATIVES},
+    "teacher_repeatability.json": {"": TEACHER_REPEATABILITY},
     "serving.json": {"": SERVING},
     "experiments_cpu.json": {"": EXPERIMENTS_CPU},
     "test_suite.json": {"": TEST_SUITE},
