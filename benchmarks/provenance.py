@@ -5,6 +5,7 @@ A benchmark takes `load_1min()` when it starts and, when it ends, stores `proven
     started = load_1min()
     ...  # measure
     report |= provenance(started)
+    write_results(path, report)  # with the CPU and its precision
 
 `git_commit()` and `machine()` are also there on their own (serving.py stamps each section).
 """
@@ -12,6 +13,7 @@ A benchmark takes `load_1min()` when it starts and, when it ends, stores `proven
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -88,3 +90,12 @@ def cpu_and_precision() -> dict[str, Any]:
         "avx512f": "avx512f" in cpu.cpu_flags,
         "precision": explain(*this_machine()),
     }
+
+
+def write_results(path: Path, report: dict[str, Any]) -> None:
+    """Add the CPU and its precision to the report's machine, write it as indented JSON to
+    `path` and print it."""
+    report["machine"] |= cpu_and_precision()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))

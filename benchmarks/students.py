@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import cpu_and_precision, load_1min, provenance
+from provenance import load_1min, provenance, write_results
 
 RESULTS = Path(__file__).parent / "results" / "students.json"
 RATIONALE = (
@@ -445,10 +445,7 @@ def main(
         "inference": inference(run_dir, patients),
         **provenance(load_at_start),
     }
-    results["machine"] |= cpu_and_precision()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    write_results(out, results)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,15 @@ benchmarks/results/teacher_repeatability.json.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import cpu_and_precision, load_1min, provenance
-from teacher_throughput import prepare_run
+from provenance import load_1min, provenance, write_results
+from teacher_throughput import hand_back, in_fresh_process, prepare_run
 
 RESULTS = Path(__file__).parent / "results" / "teacher_repeatability.json"
 SETUPS = {  # name: (dtype, prefix caching)
@@ -44,15 +41,7 @@ SETUPS = {  # name: (dtype, prefix caching)
 
 def measure(conversations: list, dtype: str, prefix_cache: bool, max_tokens: int) -> dict:
     """One configuration in a fresh process (an engine per process, ended with its group)."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(
-        target=_measure, args=(results, conversations, dtype, prefix_cache, max_tokens)
-    )
-    process.start()
-    result = results.get()
-    process.join()
-    return result
+    return in_fresh_process(_measure, conversations, dtype, prefix_cache, max_tokens)
 
 
 def _measure(
@@ -85,16 +74,14 @@ def _measure(
         "halves": texts(prompts[:half]) + texts(prompts[half:]),
         "reversed": texts(prompts[::-1])[::-1],
     }
-    results.put(
+    hand_back(
+        results,
         {"dtype": dtype, "prefix_caching": prefix_cache, "generate_s": round(generate_s, 1)}
         | {
             f"same_as_first_{name}": sum(a == b for a, b in zip(first, other, strict=True))
             for name, other in again.items()
-        }
+        },
     )
-    results.close()
-    results.join_thread()
-    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def main(
@@ -116,10 +103,7 @@ def main(
             setups["float32"]["generate_s"] / setups["bfloat16"]["generate_s"], 2
         ),
     } | provenance(started_load)
-    report["machine"] |= cpu_and_precision()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_results(RESULTS, report)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,26 +72,37 @@ def prepare_run(run_dir: str, rows: int) -> list[list[dict[str, str]]]:
     ]  # fmt: skip
 
 
-def bare(engine, conversations: list, sampling, max_num_seqs: int) -> dict[str, Any]:
-    """`vllm.LLM.generate` on every prompt at once, in a fresh process as a user's script
-    would be, so its start-up includes importing vLLM just as the pipeline's actor does."""
+def in_fresh_process(child: Callable[..., None], *args: Any) -> Any:
+    """`child(results, *args)` in a spawned process: what it hands back (`hand_back`)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    process = context.Process(
-        target=_bare, args=(results, engine, conversations, sampling, max_num_seqs)
-    )
+    process = context.Process(target=child, args=(results, *args))
     process.start()
     result = results.get()
     process.join()  # killed with its process group once the figures are handed back
     return result
 
 
-def _bare(results: Any, engine, conversations: list, sampling, max_num_seqs: int) -> None:
-    """The child: measures, hands the figures back, and ends with every process it started.
+def hand_back(results: Any, figures: dict[str, Any]) -> None:
+    """A child's last act: hand its figures back, then end every process it started.
 
     vLLM's own teardown in a child process can hang, and its engine core outlives a parent
     that merely exits (each one left holds about 4 GiB), so the child leads a process group
-    of its own and ends the whole group at once."""
+    of its own (`os.setpgrp()` first thing) and ends the whole group at once."""
+    results.put(figures)
+    results.close()
+    results.join_thread()
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def bare(engine, conversations: list, sampling, max_num_seqs: int) -> dict[str, Any]:
+    """`vllm.LLM.generate` on every prompt at once, in a fresh process as a user's script
+    would be, so its start-up includes importing vLLM just as the pipeline's actor does."""
+    return in_fresh_process(_bare, engine, conversations, sampling, max_num_seqs)
+
+
+def _bare(results: Any, engine, conversations: list, sampling, max_num_seqs: int) -> None:
+    """The child: measures, then hands the figures back and ends (`hand_back`)."""
     os.setpgrp()
     started = time.perf_counter()
     from vllm import SamplingParams
@@ -117,7 +129,8 @@ def _bare(results: Any, engine, conversations: list, sampling, max_num_seqs: int
     generate_s = time.perf_counter() - start
     preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    results.put(
+    hand_back(
+        results,
         {
             "max_num_seqs": max_num_seqs,
             "rows": len(prompts),
@@ -128,11 +141,8 @@ def _bare(results: Any, engine, conversations: list, sampling, max_num_seqs: int
             "preemptions": int(preemptions),
             "steady_tokens_per_s": round(tokens / generate_s, 1),
             "end_to_end_tokens_per_s": round(tokens / (startup_s + generate_s), 1),
-        }
+        },
     )
-    results.close()
-    results.join_thread()
-    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def pipeline(cfg, base_run: str) -> dict[str, Any]:
