@@ -21,7 +21,6 @@ benchmarks/results/teacher_repeatability.json.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +46,6 @@ def measure(conversations: list, dtype: str, prefix_cache: bool, max_tokens: int
 def _measure(
     results: Any, conversations: list, dtype: str, prefix_cache: bool, max_tokens: int
 ) -> None:
-    os.setpgrp()  # vLLM's engine core outlives a parent that merely exits: end the group
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -73,14 +73,20 @@ def prepare_run(run_dir: str, rows: int) -> list[list[dict[str, str]]]:
 
 
 def in_fresh_process(child: Callable[..., None], *args: Any) -> Any:
-    """`child(results, *args)` in a spawned process: what it hands back (`hand_back`)."""
+    """`child(results, *args)` in a spawned process that leads a process group of its own:
+    what it hands back (`hand_back`)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    process = context.Process(target=child, args=(results, *args))
+    process = context.Process(target=_group_leader, args=(child, results, *args))
     process.start()
     result = results.get()
     process.join()  # killed with its process group once the figures are handed back
     return result
+
+
+def _group_leader(child: Callable[..., None], results: Any, *args: Any) -> None:
+    os.setpgrp()
+    child(results, *args)
 
 
 def hand_back(results: Any, figures: dict[str, Any]) -> None:
@@ -88,7 +94,7 @@ def hand_back(results: Any, figures: dict[str, Any]) -> None:
 
     vLLM's own teardown in a child process can hang, and its engine core outlives a parent
     that merely exits (each one left holds about 4 GiB), so the child leads a process group
-    of its own (`os.setpgrp()` first thing) and ends the whole group at once."""
+    of its own (`in_fresh_process`) and ends the whole group at once."""
     results.put(figures)
     results.close()
     results.join_thread()
@@ -103,7 +109,6 @@ def bare(engine, conversations: list, sampling, max_num_seqs: int) -> dict[str, 
 
 def _bare(results: Any, engine, conversations: list, sampling, max_num_seqs: int) -> None:
     """The child: measures, then hands the figures back and ends (`hand_back`)."""
-    os.setpgrp()
     started = time.perf_counter()
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
