@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pytest
 from transformers import AutoModelForCausalLM
 
+from radiag.cohort.schema import Label
 from radiag.contract import StageSummary
 from radiag.outputs import write_part
 from radiag.store import RunStore
@@ -67,8 +68,7 @@ def test_balanced_classes_give_each_diagnosis_a_third_of_the_weight(
 def _ids_by_label(examples: pa.Table) -> dict[str, set[str]]:
     rows = examples.select(["patient_id", "label"]).to_pylist()
     return {
-        label: {r["patient_id"] for r in rows if r["label"] == label}
-        for label in ["AD", "MCI", "CN"]
+        str(label): {r["patient_id"] for r in rows if r["label"] == str(label)} for label in Label
     }
 
 
