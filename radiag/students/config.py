@@ -110,6 +110,16 @@ class DistillConfig(StrictModel):
         description="weight each training row by rows / (3 x rows of its diagnosis), so a "
         "class that QC thinned out teaches as much as the others",
     )
+    rationale_swap: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="rationale_label: the share of training rows whose answer follows the "
+        "rationale of another training row, drawn with the seed, whose tokens carry no loss. "
+        "Without it the answer learns to copy the diagnosis from the teacher's rationale, "
+        "which was written knowing the label; the student's own rationale at test time does "
+        "not carry it, so the answer must also have learned to read the patient",
+    )
     limit: int | None = Field(None, ge=1, description="only the first N rationale rows")
     max_length: int = Field(768, ge=64, description="tokens per sequence (prompt + target)")
     precision: Literal["auto", "bf16-mixed", "fp32"] = Field(
@@ -123,6 +133,14 @@ class DistillConfig(StrictModel):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _swap_needs_a_rationale_before_the_answer(self) -> DistillConfig:
+        if self.rationale_swap and self.loss != "rationale_label":
+            raise ValueError(
+                f"rationale_swap applies to loss rationale_label only (this student: {self.loss})"
+            )
+        return self
 
     def resolved(self) -> DistillConfig:
         """`precision: auto` resolved where the workers train (radiag.precision): bf16 mixed

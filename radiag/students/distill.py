@@ -161,7 +161,7 @@ def training_sequences(
     the seed; and how many did not fit."""
     weights = class_weights(label_counts(examples), cfg.balance_classes)
     sequences, too_long = [], 0
-    for row in examples.to_pylist():
+    for row in with_swapped_rationales(examples.to_pylist(), cfg.rationale_swap, cfg.seed):
         for target in targets(row, cfg.loss):
             encoded = encode_target(tokenizer, target, cfg.max_length)
             if encoded is None:
@@ -173,6 +173,19 @@ def training_sequences(
             })  # fmt: skip
     order = np.random.default_rng(cfg.seed).permutation(len(sequences))
     return [sequences[i] for i in order], too_long
+
+
+def with_swapped_rationales(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """The rows, a seeded `share` of them (`swapped: True`) holding another of those rows'
+    rationale: they pass theirs on in a ring, so none keeps its own."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(rows))[: round(share * len(rows))]
+    if len(chosen) < 2:
+        return rows
+    out = list(rows)
+    for i, j in zip(chosen, np.roll(chosen, 1), strict=True):
+        out[i] = {**rows[i], "rationale": rows[j]["rationale"], "swapped": True}
+    return out
 
 
 def label_counts(examples: pa.Table) -> dict[str, int]:

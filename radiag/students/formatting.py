@@ -5,7 +5,9 @@ A student sees the same zero-shot question as the teacher's diagnosis prompt
 teacher's rationale and the final line. Three losses (after Hsieh et al. 2023):
 
 - `label`: the target is the final line only (classic fine-tuning, no rationale);
-- `rationale_label`: the rationale, then the final line, as one sequence;
+- `rationale_label`: the rationale, then the final line, as one sequence; with
+  `rationale_swap`, some rows answer after another row's rationale (context only, no
+  loss on it), so the answer cannot just copy the label the teacher wrote into it;
 - `step_by_step`: two tasks on the same patient, told apart by a prefix in the prompt:
   `[label]` -> the final line, `[rationale]` -> the rationale. The loss is
   label loss + `rationale_weight` x rationale loss, and at inference the label
@@ -64,6 +66,7 @@ class Target:
     messages: Messages
     text: str  # what precedes the option: "...\nFinal Diagnosis:", or the whole rationale
     answer: Label | None = None  # the option that ends the final line
+    learn_text: bool = True  # False: `text` is context only (a swapped rationale), no loss
 
 
 def targets(row: dict[str, Any], loss: LossName, prompt_version: str = "v1") -> list[Target]:
@@ -76,7 +79,8 @@ def targets(row: dict[str, Any], loss: LossName, prompt_version: str = "v1") -> 
         return [Target("label", messages, FINAL, label)]
     if loss == "rationale_label":
         messages = student_messages(description, None, prompt_version)
-        return [Target("rationale_label", messages, f"{rationale}\n{FINAL}", label)]
+        text = f"{rationale}\n{FINAL}"
+        return [Target("rationale_label", messages, text, label, not row.get("swapped", False))]
     return [
         Target("label", student_messages(description, "label", prompt_version), FINAL, label),
         Target("rationale", student_messages(description, "rationale", prompt_version), rationale),
@@ -97,7 +101,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> lis
 def encode_target(
     tokenizer: PreTrainedTokenizerBase, target: Target, max_length: int
 ) -> dict[str, Any] | None:
-    """input_ids, labels (prompt masked) and answer_mask for one target, ending with EOS.
+    """input_ids, labels (prompt masked, and the text too where it is context only) and
+    answer_mask for one target, ending with EOS.
 
     `answer_mask` is 1 on the answer option's tokens (aligned with `labels`), 0 elsewhere.
     A sequence longer than `max_length` is shortened inside the rationale, so the final
@@ -112,10 +117,11 @@ def encode_target(
         if text is None:
             return None
     answer = [*text, *option, tokenizer.eos_token_id]
+    context = len(prompt) + (0 if target.learn_text else len(text))
     return {
         "kind": target.kind,
         "input_ids": prompt + answer,
-        "labels": [IGNORE] * len(prompt) + answer,
+        "labels": [IGNORE] * context + answer[context - len(prompt) :],
         "answer_mask": [0] * (len(prompt) + len(text)) + [1] * len(option) + [0],
     }
 

@@ -28,7 +28,9 @@ from radiag.students.distill import (
     run_distill,
     training_examples,
     training_sequences,
+    with_swapped_rationales,
 )
+from radiag.students.formatting import IGNORE
 
 
 def test_flagged_rationales_are_left_out_unless_asked(
@@ -70,6 +72,39 @@ def _ids_by_label(examples: pa.Table) -> dict[str, set[str]]:
     return {
         str(label): {r["patient_id"] for r in rows if r["label"] == str(label)} for label in Label
     }
+
+
+def test_a_rationale_swap_moves_rationales_between_rows_and_loses_none() -> None:
+    rows = [{"patient_id": f"p{i}", "rationale": f"r{i}"} for i in range(10)]
+    swapped = with_swapped_rationales(rows, share=0.4, seed=0)
+    moved = [r for r in swapped if r.get("swapped")]
+    assert len(moved) == 4 and all(r["rationale"] != "r" + r["patient_id"][1:] for r in moved)
+    assert sorted(r["rationale"] for r in swapped) == sorted(r["rationale"] for r in rows)
+    assert swapped == with_swapped_rationales(rows, share=0.4, seed=0)  # the seed decides
+    assert with_swapped_rationales(rows, share=0.0, seed=0) == rows
+
+
+def test_a_rationale_swapped_student_learns_only_the_answer_after_a_swapped_rationale(
+    fresh_run: RunStore, tiny_student: Callable[..., DistillConfig], tiny_model: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    examples = training_examples("text", tiny_student(), fresh_run).table
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = tiny_student(loss="rationale_label", rationale_swap=0.5)
+    sequences, _ = training_sequences(examples, cfg, tokenizer)
+    learned = [[t for t in s["labels"] if t != IGNORE] for s in sequences]
+    answer_only = sum(
+        len(t) == sum(s["answer_mask"]) + 1 for t, s in zip(learned, sequences, strict=True)
+    )
+    assert answer_only == round(examples.num_rows / 2)  # the option's tokens and EOS
+
+
+def test_a_rationale_swap_is_refused_where_no_rationale_precedes_the_answer(
+    tiny_student: Callable[..., DistillConfig],
+) -> None:
+    with pytest.raises(ValueError, match="rationale_swap applies to loss rationale_label only"):
+        tiny_student(loss="step_by_step", rationale_swap=0.5)
 
 
 def test_a_class_with_no_training_row_takes_no_share_of_the_weight() -> None:

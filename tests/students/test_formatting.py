@@ -92,6 +92,18 @@ def test_prompt_tokens_carry_no_loss_and_the_target_ends_with_eos(tokenizer) -> 
     assert encoded["input_ids"][-1] == tokenizer.eos_token_id
 
 
+def test_a_swapped_rationale_is_context_only_and_the_answer_still_learns(tokenizer) -> None:
+    """`rationale_swap`: the rationale of another row is read, never learned; the option
+    and EOS after it carry the loss as in any rationale_label sequence."""
+    (target,) = targets(ROW | {"swapped": True}, "rationale_label")
+    encoded = encode_target(tokenizer, target, max_length=1024)
+    assert encoded is not None and not target.learn_text
+    learned = [t for t in encoded["labels"] if t != IGNORE]
+    assert learned == [*option_ids(tokenizer, Label.AD), tokenizer.eos_token_id]
+    marked = [t for t, m in zip(encoded["labels"], encoded["answer_mask"], strict=True) if m]
+    assert marked == option_ids(tokenizer, Label.AD)
+
+
 def test_a_long_rationale_is_cut_but_the_final_line_survives(tokenizer) -> None:
     row = ROW | {"rationale": "Atrophy is marked. " * 400}
     (target,) = targets(row, "rationale_label")
