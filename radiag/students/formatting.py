@@ -116,12 +116,12 @@ def encode_target(
         text = _shortened(tokenizer, target, room)
         if text is None:
             return None
-    answer = [*text, *option, tokenizer.eos_token_id]
-    context = len(prompt) + (0 if target.learn_text else len(text))
+    input_ids = [*prompt, *text, *option, tokenizer.eos_token_id]
+    context = len(prompt) + (0 if target.learn_text else len(text))  # read, not learned
     return {
         "kind": target.kind,
-        "input_ids": prompt + answer,
-        "labels": [IGNORE] * context + answer[context - len(prompt) :],
+        "input_ids": input_ids,
+        "labels": [IGNORE] * context + input_ids[context:],
         "answer_mask": [0] * (len(prompt) + len(text)) + [1] * len(option) + [0],
     }
 
