@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,18 @@ def machine() -> dict[str, Any]:
 
 
 def provenance(load_at_start: float) -> dict[str, Any]:
-    """The exact command line, the commit and the machine, with the 1-minute load average at
-    the start (`load_at_start`, from `load_1min()`) and now, at the end.
+    """The exact command line, the commit, the date (UTC, now: when the figures were
+    finished) and the machine, with the 1-minute load average at the start
+    (`load_at_start`, from `load_1min()`) and now, at the end.
 
     Returns:
-        {"command": str, "git_commit": str | None, "machine": {..., "load_1min": {"start",
-        "end"}}}
+        {"command": str, "git_commit": str | None, "date": "YYYY-MM-DDTHH:MM:SS+00:00",
+        "machine": {..., "load_1min": {"start", "end"}}}
     """
     return {
         "command": shlex.join([sys.executable, *sys.argv]),
         "git_commit": git_commit(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine() | {"load_1min": {"start": load_at_start, "end": load_1min()}},
     }
 

@@ -9,16 +9,17 @@ import importlib.util
 import json
 import shutil
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _renderer() -> ModuleType:
-    """The script, loaded from its file: benchmarks/ is not a package. It is registered
-    before it runs, as an import would, because its dataclass looks its module up."""
-    spec = importlib.util.spec_from_file_location("render_readme", BENCHMARKS / "render_readme.py")
+def _script(name: str) -> ModuleType:
+    """A benchmarks/ script, loaded from its file: benchmarks/ is not a package. It is
+    registered before it runs, as an import would, because a dataclass looks its module up."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -26,7 +27,8 @@ def _renderer() -> ModuleType:
     return module
 
 
-render_readme = _renderer()
+render_readme = _script("render_readme")
+provenance = _script("provenance")
 
 
 def _results_copy(tmp_path: Path) -> Path:
@@ -69,3 +71,18 @@ def test_a_missing_results_file_or_key_reads_not_measured(tmp_path: Path) -> Non
         line for line in text.splitlines() if "`distributed_efficiency_equal_cores` |" in line
     )
     assert row.endswith("| not measured |")
+
+
+def test_a_results_file_records_when_its_figures_were_made(tmp_path: Path) -> None:
+    results = _results_copy(tmp_path)
+    recorded = provenance.provenance(load_at_start=0.5)
+    students = json.loads((results / "students.json").read_text()) | recorded
+    (results / "students.json").write_text(json.dumps(students))
+
+    made = datetime.fromisoformat(recorded["date"])
+
+    assert made.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - made) < timedelta(minutes=1)
+    assert f"date: {recorded['date']}; 1-minute load: 0.5 at the start" in (
+        render_readme.render(results)
+    )
