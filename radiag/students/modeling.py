@@ -171,7 +171,9 @@ class StudentModel(nn.Module):
         # Logits only where a next token is labelled: the vocabulary projection of every
         # prompt position would cost more than the rest of a small model.
         keep = (following != IGNORE).any(dim=0).nonzero().squeeze(1)
-        logits = self.lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=keep).logits
+        logits = self.lm(
+            inputs_embeds=inputs, attention_mask=mask, logits_to_keep=keep, use_cache=False
+        ).logits
         kept = nn.functional.cross_entropy(
             logits.float().transpose(1, 2),
             following[:, keep],

@@ -77,6 +77,22 @@ def test_the_loss_of_a_token_is_its_negative_log_likelihood(lm) -> None:
     assert torch.allclose(nll[0, 2], expected, atol=1e-4)
 
 
+def test_a_training_forward_keeps_no_key_value_cache(lm) -> None:
+    """A cache is for generation: in training it is work thrown away, and under
+    torch.compile each decoder layer's own cache slot made every layer a recompile."""
+    model = StudentModel(lm, None, pad_token_id=0)
+    calls: list[dict] = []
+    hook = lm.register_forward_hook(
+        lambda _, args, kwargs, out: calls.append(kwargs), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model([[5, 6, 7]], [[IGNORE, IGNORE, 7]])
+    finally:
+        hook.remove()
+    assert [call.get("use_cache") for call in calls] == [False]
+
+
 def test_the_loss_does_not_depend_on_the_default_dtype_another_thread_set(lm) -> None:
     """A served student scores requests while a hot swap loads the next one, and loading
     sets torch's process-wide default dtype (to bfloat16 for a bf16 student)."""
