@@ -496,6 +496,13 @@ STUDENT_STEP = keys(
     ("roofline_fraction", "tokens/s × `flops_per_token` over the one-thread matmul peak "
      "(`matmul_peak_gflops`)", "≥ 0.4", lambda d: f"**{d('roofline_fraction')}**"
      f" of {d('matmul_peak_gflops', 1, ' GFLOP/s')}"),
+    ("speedup_compiled", "step time with the decoder layers as they run (eager, "
+     "`step_seconds_eager_layers`) over the same layers under `torch.compile` "
+     "(`step_seconds_compiled`), alternating on one model", "",
+     lambda d: f"{d('speedup_compiled')} ({d('step_seconds_compiled', unit=' s')}; compile "
+     f"and first step {d('compile_seconds', unit=' s')})"),
+    ("roofline_fraction_compiled", "the roofline fraction with the compiled layers", "≥ 0.4",
+     value("roofline_fraction_compiled")),
     ("share_by_kind", "the profiled steps' CPU time by kind of op (self time)", "",
      lambda d: pairs(d, "share_by_kind")),
     ("matmul_only_fraction", "the roofline fraction if the step were its matmuls alone", "",

@@ -22,9 +22,13 @@ reach: the measured fraction over the matmul share.
 Side by side, alternating step for step on the same model: the student as the training loop
 builds it (LoRA reads its bf16 input as it is) against PEFT's default, which casts each
 adapter's input to the fp32 adapter weights for autocast to cast back
-(`speedup_over_peft_casts`). Writes benchmarks/results/student_step.json.
+(`speedup_over_peft_casts`); and the same decoder layers compiled by `torch.compile`
+(inductor, dynamic shapes: the loop's batches differ in length), which fuses the
+elementwise ops of a layer, against the layers as they run eagerly (`speedup_compiled`,
+`roofline_fraction_compiled`; `compile_seconds` is the first compiled step, compile
+included). Writes benchmarks/results/student_step.json.
 
-    python benchmarks/student_step.py      # ~3 min
+    python benchmarks/student_step.py      # ~4 min
 """
 
 from __future__ import annotations
@@ -102,6 +106,26 @@ def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
     return step, sum(len(row) for row in ids), model
 
 
+def swap_layers(model: Any, layers: list[Any]) -> None:
+    """Run the LM's decoder layers as `layers` (the same weights, eager or compiled)."""
+    decoder = model.lm.get_base_model().model.layers
+    for i, layer in enumerate(layers):
+        decoder[i] = layer
+
+
+def alternate(step: Any, switches: dict[str, Any], steps: int) -> dict[str, float]:
+    """Median seconds of a step under each switch, alternating switch for switch, so that
+    a machine that speeds up or slows down during the run affects every side alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in switches}
+    for _ in range(steps):
+        for name, switch in switches.items():
+            switch()
+            start = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def main(
     steps: Annotated[int, typer.Option(help="timed steps of each side (after 3 warm-up)")] = 6,
     profiled: Annotated[int, typer.Option(help="steps under the profiler")] = 2,
@@ -119,14 +143,24 @@ def main(
     step, tokens, model = training_step(run_dir, batch_size)
     for _ in range(3):
         step()
-    seconds: dict[bool, list[float]] = {False: [], True: []}  # PEFT's input casts on?
-    for _ in range(steps):
-        for casts in (True, False):
-            lora_input_casts(model, casts)
-            start = time.perf_counter()
-            step()
-            seconds[casts].append(time.perf_counter() - start)
+    casts = alternate(
+        step,
+        {"peft": lambda: lora_input_casts(model, True), "loop": lambda: lora_input_casts(model, False)},
+        steps,
+    )  # fmt: skip
     lora_input_casts(model, False)  # as the loop trains
+    eager = list(model.lm.get_base_model().model.layers)
+    compiled = [torch.compile(layer, dynamic=True) for layer in eager]
+    swap_layers(model, compiled)
+    start = time.perf_counter()
+    step()
+    compile_seconds = time.perf_counter() - start
+    fused = alternate(
+        step,
+        {"eager": lambda: swap_layers(model, eager), "compiled": lambda: swap_layers(model, compiled)},
+        steps,
+    )  # fmt: skip
+    swap_layers(model, eager)  # as the loop trains
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profiled):
             step()
@@ -137,12 +171,12 @@ def main(
         kind = kind_of(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    step_seconds = statistics.median(seconds[False])
-    peft_seconds = statistics.median(seconds[True])
+    step_seconds, peft_seconds = casts["loop"], casts["peft"]
     flops = matmul_flops_per_token(run_dir)["total"]
     dtype = training_dtype()
     peak = matmul_peak(1, dtype)
     fraction = tokens / step_seconds * flops / 1e9 / peak
+    fraction_compiled = tokens / fused["compiled"] * flops / 1e9 / peak
     shares = {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
     report = {
         "benchmark": "student_step",
@@ -157,6 +191,11 @@ def main(
         "matmul_peak_gflops": peak,
         "flops_per_token": round(flops),
         "roofline_fraction": round(fraction, 3),
+        "step_seconds_eager_layers": round(fused["eager"], 3),
+        "step_seconds_compiled": round(fused["compiled"], 3),
+        "speedup_compiled": round(fused["eager"] / fused["compiled"], 3),
+        "roofline_fraction_compiled": round(fraction_compiled, 3),
+        "compile_seconds": round(compile_seconds, 1),
         "share_by_kind": shares,
         "matmul_only_fraction": round(fraction / shares["matmul"], 3),
         "top_ops": [
@@ -167,7 +206,7 @@ def main(
     }
     report["machine"] |= cpu_and_precision()
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    keys = ("step_seconds", "speedup_over_peft_casts", "roofline_fraction", "share_by_kind")
+    keys = ("step_seconds", "speedup_over_peft_casts", "roofline_fraction", "speedup_compiled")
     print(json.dumps({k: report[k] for k in keys}))
 
 
