@@ -37,6 +37,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -113,7 +114,9 @@ def swap_layers(model: Any, layers: list[Any]) -> None:
         decoder[i] = layer
 
 
-def alternate(step: Any, switches: dict[str, Any], steps: int) -> dict[str, float]:
+def alternate(
+    step: Callable[[], None], switches: dict[str, Callable[[], None]], steps: int
+) -> dict[str, float]:
     """Median seconds of a step under each switch, alternating switch for switch, so that
     a machine that speeds up or slows down during the run affects every side alike."""
     seconds: dict[str, list[float]] = {name: [] for name in switches}
