@@ -63,6 +63,11 @@ def machine() -> dict[str, Any]:
     }
 
 
+def utc_timestamp() -> str:
+    """Now, in UTC to the second (ISO 8601): every results file dates its figures this way."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def provenance(load_at_start: float) -> dict[str, Any]:
     """The exact command line, the commit, the date (UTC, now: when the figures were
     finished) and the machine, with the 1-minute load average at the start
@@ -75,7 +80,7 @@ def provenance(load_at_start: float) -> dict[str, Any]:
     return {
         "command": shlex.join([sys.executable, *sys.argv]),
         "git_commit": git_commit(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_timestamp(),
         "machine": machine() | {"load_1min": {"start": load_at_start, "end": load_1min()}},
     }
 

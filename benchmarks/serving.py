@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import git_commit, machine
+from provenance import git_commit, machine, utc_timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "serving.json"
@@ -909,7 +909,7 @@ def main(
     results |= {
         "command": command,  # the last invocation that wrote this file; each section
         "git_commit": git_commit(),  # names the one that measured it under `measured`
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": utc_timestamp(),
         "machine": machine(),
         "run": {"dir": str(run), "subjects": SUBJECTS, "student": "text, tiny random Llama "
                 "(2 layers, hidden 128) with the bundled SmolLM2 tokenizer, 2 training steps",
@@ -938,7 +938,7 @@ def main(
         killed run keeps the sections it finished)."""
         stamp = {
             "command": command, "git_commit": git_commit(), "code_sha256": code_digest(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "started": utc_timestamp(),
         }  # fmt: skip
         load_before, start = os.getloadavg(), time.perf_counter()
         section = body()

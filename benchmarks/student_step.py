@@ -107,9 +107,9 @@ def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
     return step, sum(len(row) for row in ids), model
 
 
-def swap_layers(model: Any, layers: list[Any]) -> None:
-    """Run the LM's decoder layers as `layers` (the same weights, eager or compiled)."""
-    decoder = model.lm.get_base_model().model.layers
+def swap_layers(decoder: Any, layers: list[Any]) -> None:
+    """Run the LM's decoder layers (`decoder`, its ModuleList) as `layers`: the same
+    weights, eager or compiled."""
     for i, layer in enumerate(layers):
         decoder[i] = layer
 
@@ -152,18 +152,19 @@ def main(
         steps,
     )  # fmt: skip
     lora_input_casts(model, False)  # as the loop trains
-    eager = list(model.lm.get_base_model().model.layers)
+    decoder = model.lm.get_base_model().model.layers
+    eager = list(decoder)
     compiled = [torch.compile(layer, dynamic=True) for layer in eager]
-    swap_layers(model, compiled)
+    swap_layers(decoder, compiled)
     start = time.perf_counter()
     step()
     compile_seconds = time.perf_counter() - start
     fused = alternate(
         step,
-        {"eager": lambda: swap_layers(model, eager), "compiled": lambda: swap_layers(model, compiled)},
+        {"eager": lambda: swap_layers(decoder, eager), "compiled": lambda: swap_layers(decoder, compiled)},
         steps,
     )  # fmt: skip
-    swap_layers(model, eager)  # as the loop trains
+    swap_layers(decoder, eager)  # as the loop trains
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profiled):
             step()
