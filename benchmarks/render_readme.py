@@ -507,6 +507,14 @@ STUDENT_STEP = keys(
      lambda d: pairs(d, "share_by_kind")),
     ("matmul_only_fraction", "the roofline fraction if the step were its matmuls alone", "",
      value("matmul_only_fraction")),
+    ("attention_seconds_by_kernel", "one step's attention, forward and backward over every "
+     "layer, on the step's shapes, per CPU kernel (seconds)", "",
+     lambda d: pairs(d, "attention_seconds_by_kernel")),
+    ("roofline_ceiling", "the fraction if the matmuls took their profiled time, the attention "
+     "the fastest kernel's time, and every other op none (`matmul_seconds`)", "≥ 0.4",
+     lambda d: f"**{d('roofline_ceiling')}** (matmuls {d('matmul_seconds', unit=' s')})"),
+    ("roofline_ceiling_matmuls_at_peak", "the same with the matmuls at the peak", "≥ 0.4",
+     value("roofline_ceiling_matmuls_at_peak")),
     ("top_ops", "the costliest ops, share of the time", "",
      lambda d: "; ".join(f"`{o.get('op')}` {o.get('share')}" for o in (d.get("top_ops") or [])[:6])),
 )  # fmt: skip

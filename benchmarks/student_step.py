@@ -26,7 +26,16 @@ adapter's input to the fp32 adapter weights for autocast to cast back
 (inductor, dynamic shapes: the loop's batches differ in length), which fuses the
 elementwise ops of a layer, against the layers as they run eagerly (`speedup_compiled`,
 `roofline_fraction_compiled`; `compile_seconds` is the first compiled step, compile
-included). Writes benchmarks/results/student_step.json.
+included).
+
+Whether any change outside the two heaviest kernels could reach the goal: one step's
+attention, forward and backward over every layer, timed on the step's shapes under each
+CPU kernel torch offers (`attention_seconds_by_kernel`), and `roofline_ceiling`, the
+fraction a step would reach if its matmuls took the time they take in the profile, its
+attention the fastest kernel's time, and every other op (elementwise, casts, the
+vocabulary softmax, the optimizer) no time at all; `roofline_ceiling_matmuls_at_peak`, the
+same with the matmuls at the peak. Writes
+benchmarks/results/student_step.json.
 
     python benchmarks/student_step.py      # ~4 min
 """
@@ -68,9 +77,9 @@ def kind_of(op: str) -> str:
     return "elementwise" if op.startswith("aten::") else "other"
 
 
-def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
+def training_step(run_dir: str, batch_size: int) -> tuple[Any, list[int], Any]:
     """One worker's step of the benchmark's text student, as `training.train_loop` runs it,
-    the tokens a step trains, and the model."""
+    the lengths of the sequences a step trains, and the model."""
     import torch
     from transformers import AutoTokenizer
 
@@ -104,7 +113,60 @@ def training_step(run_dir: str, batch_size: int) -> tuple[Any, int, Any]:
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
 
-    return step, sum(len(row) for row in ids), model
+    return step, [len(row) for row in ids], model
+
+
+def attention_kernels(
+    lengths: list[int], head_dim: int, dtype: str
+) -> dict[str, tuple[str, Callable[[Any, Any, Any], Any]]]:
+    """The CPU attention kernels torch offers, each with the dtype it runs in, for rows of
+    `lengths` padded on the right; on every real token they compute the same attention:
+      sdpa_mask     scaled_dot_product_attention with the padding mask, in `dtype` (the loop's);
+      sdpa_causal   the same, causal without a mask (rows padded on the right need none);
+      sdpa_float32  the causal kernel in float32;
+      explicit      two batched matmuls in `dtype` around a float32 softmax."""
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    width = max(lengths)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # (B, T) keys
+    padding_mask = (causal & real[:, None, :])[:, None]  # (B, 1, T, T)
+
+    def explicit(q: Any, k: Any, v: Any) -> Any:
+        scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1).to(q.dtype) @ v
+
+    return {
+        "sdpa_mask": (dtype, lambda q, k, v: sdpa(q, k, v, attn_mask=padding_mask)),
+        "sdpa_causal": (dtype, lambda q, k, v: sdpa(q, k, v, is_causal=True)),
+        "sdpa_float32": ("float32", lambda q, k, v: sdpa(q, k, v, is_causal=True)),
+        "explicit": (dtype, explicit),
+    }
+
+
+def attention_seconds(
+    lengths: list[int], lm_config: Any, dtype: str, repeats: int
+) -> dict[str, float]:
+    """Median seconds of one step's attention, forward and backward over every decoder layer,
+    on the step's shapes and the LM's heads, per kernel of `attention_kernels`. The key/value
+    heads come repeated to the query heads; that copy is not timed."""
+    import torch
+
+    heads, layers = lm_config.num_attention_heads, lm_config.num_hidden_layers
+    head_dim = lm_config.hidden_size // heads
+    shape = (len(lengths), heads, max(lengths), head_dim)
+    seconds = {}
+    for name, (kernel_dtype, attend) in attention_kernels(lengths, head_dim, dtype).items():
+        q, k, v, grad = (torch.randn(shape, dtype=getattr(torch, kernel_dtype)) for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        times = []
+        for _ in range(repeats + 1):  # the first warms up
+            start = time.perf_counter()
+            torch.autograd.grad(attend(q, k, v), (q, k, v), grad)
+            times.append(time.perf_counter() - start)
+        seconds[name] = round(statistics.median(times[1:]) * layers, 3)
+    return seconds
 
 
 def swap_layers(decoder: Any, layers: list[Any]) -> None:
@@ -143,7 +205,8 @@ def main(
     torch.set_num_threads(1)
     run_dir = tempfile.mkdtemp(prefix="radiag-step-")
     prepare_run(run_dir, subjects=80, imaged=2)
-    step, tokens, model = training_step(run_dir, batch_size)
+    step, lengths, model = training_step(run_dir, batch_size)
+    tokens = sum(lengths)
     for _ in range(3):
         step()
     casts = alternate(
@@ -182,6 +245,9 @@ def main(
     fraction = tokens / step_seconds * flops / 1e9 / peak
     fraction_compiled = tokens / fused["compiled"] * flops / 1e9 / peak
     shares = {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+    attention = attention_seconds(lengths, model.lm.config, dtype, repeats=steps)
+    at_peak_seconds = tokens * flops / 1e9 / peak
+    matmul_seconds = by_kind["matmul"] / total * step_seconds
     report = {
         "benchmark": "student_step",
         "batch_size": batch_size,
@@ -202,6 +268,12 @@ def main(
         "compile_seconds": round(compile_seconds, 1),
         "share_by_kind": shares,
         "matmul_only_fraction": round(fraction / shares["matmul"], 3),
+        "matmul_seconds": round(matmul_seconds, 3),
+        "attention_seconds_by_kernel": attention,
+        "roofline_ceiling": round(at_peak_seconds / (matmul_seconds + min(attention.values())), 3),
+        "roofline_ceiling_matmuls_at_peak": round(
+            at_peak_seconds / (at_peak_seconds + min(attention.values())), 3
+        ),
         "top_ops": [
             {"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
             for e in top
@@ -210,7 +282,7 @@ def main(
     }
     report["machine"] |= cpu_and_precision()
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    keys = ("step_seconds", "speedup_over_peft_casts", "roofline_fraction", "speedup_compiled")
+    keys = ("step_seconds", "roofline_fraction", "speedup_compiled", "roofline_ceiling")
     print(json.dumps({k: report[k] for k in keys}))
 
 

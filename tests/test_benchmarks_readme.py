@@ -1,7 +1,7 @@
 """benchmarks/README.md is rendered from benchmarks/results/*.json by
 benchmarks/render_readme.py, so a benchmark figure lives once, in the results file that
 records how it was made. These fail when the README is stale, or when its figures stop
-coming from the JSON."""
+coming from the JSON, or when a benchmark measures something other than it says."""
 
 from __future__ import annotations
 
@@ -86,3 +86,23 @@ def test_a_results_file_records_when_its_figures_were_made(tmp_path: Path) -> No
     assert f"date: {recorded['date']}; 1-minute load: 0.5 at the start" in (
         render_readme.render(results)
     )
+
+
+def test_the_attention_kernels_the_roofline_ceiling_times_compute_the_same_attention() -> None:
+    """`student_step.py`'s ceiling takes the fastest of these kernels: each must do the work
+    the training step's attention does, or the fastest could be fast by doing less."""
+    import torch
+
+    _script("students")  # student_step imports from it
+    student_step = _script("student_step")
+    lengths, heads, head_dim = [9, 5, 7], 3, 8
+    kernels = student_step.attention_kernels(lengths, head_dim, "float32")
+    q, k, v = (torch.randn(len(lengths), heads, max(lengths), head_dim) for _ in range(3))
+    reference = kernels["sdpa_mask"][1](q, k, v)
+    assert set(kernels) == {"sdpa_mask", "sdpa_causal", "sdpa_float32", "explicit"}
+    for name, (_, attend) in kernels.items():
+        out = attend(q, k, v)
+        for row, length in enumerate(lengths):  # the real tokens; padding is never trained
+            torch.testing.assert_close(
+                out[row, :, :length], reference[row, :, :length], msg=lambda m, n=name: f"{n}: {m}"
+            )
