@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from provenance import load_1min, provenance
+from provenance import provenance, run_start
 
 from radiag.cohort.describe import DescribeConfig, describe
 from radiag.cohort.mapping import bundled_mapping
@@ -38,7 +38,7 @@ def main(
     subjects: Annotated[int, typer.Option(help="patients to generate")] = GOAL_SUBJECTS,
     out: Annotated[Path, typer.Option(help="results file")] = RESULTS,
 ) -> None:
-    load_at_start = load_1min()
+    started = run_start()
     timings: dict[str, float] = {}
     start = time.perf_counter()
     frame = generate_cohort(SynthConfig(subjects=subjects, max_visits=1, seed=0))
@@ -83,7 +83,7 @@ def main(
         "goal": f"{GOAL_SUBJECTS:,} subjects in under {GOAL_SECONDS} s, everything included",
         "goal_met": total < GOAL_SECONDS if subjects == GOAL_SUBJECTS else None,
         "example": described["description"][0].as_py(),
-        **provenance(load_at_start),
+        **provenance(started),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

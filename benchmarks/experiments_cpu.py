@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import pandas as pd
 import typer
-from provenance import ROOT, cpu_and_precision, load_1min, provenance
+from provenance import ROOT, cpu_and_precision, provenance, run_start
 from students import matmul_peak, training_dtype
 
 from radiag.config import load_config
@@ -57,7 +57,7 @@ def main(
     root = ROOT / cfg.root
     if fresh_output:
         shutil.rmtree(root, ignore_errors=True)
-    started = load_1min()
+    started = run_start()
     dtype = training_dtype()
     peak_before = matmul_peak(1, dtype)
     command = [sys.executable, "-m", "radiag.cli", "experiments", "--config", str(PRESET)]

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from provenance import load_1min, provenance
+from provenance import provenance, run_start
 from students import lora_flops_per_token
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -134,7 +134,7 @@ def main(
     warmup: int = 3,
     steps: int = 10,
 ) -> None:
-    started = load_1min()
+    started = run_start()
     device = local_gpu()
     if device is None:
         raise SystemExit("no CUDA GPU: this benchmark measures the GPU path")

@@ -1,13 +1,16 @@
 """What a benchmark's results file records about how it was made, so a figure can be traced.
 
-A benchmark takes `load_1min()` when it starts and, when it ends, stores `provenance(that)`:
+A benchmark takes `run_start()` when it starts and, when it ends, stores `provenance(that)`:
 
-    started = load_1min()
+    started = run_start()
     ...  # measure
     report |= provenance(started)
     write_results(path, report)  # with the CPU and its precision
 
-`git_commit()` and `machine()` are also there on their own (serving.py stamps each section).
+The commit recorded is the one checked out when the run started, the code it ran: a commit
+made during a 45-minute run is named apart (`git_commit_at_end`), and edits not committed
+at the start are listed (`uncommitted_changes`). `git_commit()` and `machine()` are also
+there on their own (serving.py stamps each section).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,19 @@ def git_commit() -> str | None:
     except OSError:
         pass
     return None
+
+
+def uncommitted_changes(root: Path = ROOT) -> list[str] | None:
+    """Tracked files under `root` whose edits are not committed, results files and Markdown
+    aside (a run writes those), or None where git or the repository is not at hand (the GPU
+    machine gets a copy without .git)."""
+    command = ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+               ".", ":(exclude)benchmarks/results", ":(exclude)*.md"]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line[3:] for line in done.stdout.splitlines()]
 
 
 def load_1min() -> float:
@@ -68,20 +86,37 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def provenance(load_at_start: float) -> dict[str, Any]:
-    """The exact command line, the commit, the date (UTC, now: when the figures were
-    finished) and the machine, with the 1-minute load average at the start
-    (`load_at_start`, from `load_1min()`) and now, at the end.
+@dataclass(frozen=True)
+class RunStart:
+    """What a benchmark notes as it starts: the code it is about to run, and the load."""
+
+    git_commit: str | None
+    uncommitted_changes: list[str] | None
+    load_1min: float
+
+
+def run_start() -> RunStart:
+    return RunStart(git_commit(), uncommitted_changes(), load_1min())
+
+
+def provenance(started: RunStart) -> dict[str, Any]:
+    """The exact command line, the commit and uncommitted edits the run started on, the
+    date (UTC, now: when the figures were finished) and the machine, with the 1-minute load
+    average at the start and now, at the end. `git_commit_at_end` only where HEAD moved
+    during the run.
 
     Returns:
-        {"command": str, "git_commit": str | None, "date": "YYYY-MM-DDTHH:MM:SS+00:00",
-        "machine": {..., "load_1min": {"start", "end"}}}
+        {"command": str, "git_commit": str | None, "uncommitted_changes": [path] | None,
+        "date": "YYYY-MM-DDTHH:MM:SS+00:00", "machine": {..., "load_1min": {"start", "end"}}}
     """
+    at_end = git_commit()
     return {
         "command": shlex.join([sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
+        "git_commit": started.git_commit,
+        **({"git_commit_at_end": at_end} if at_end != started.git_commit else {}),
+        "uncommitted_changes": started.uncommitted_changes,
         "date": utc_timestamp(),
-        "machine": machine() | {"load_1min": {"start": load_at_start, "end": load_1min()}},
+        "machine": machine() | {"load_1min": {"start": started.load_1min, "end": load_1min()}},
     }
 
 

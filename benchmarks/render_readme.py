@@ -37,7 +37,9 @@ HEADER = (
 )
 FIGURES = re.compile(r"\{\{figures ([\w-]+\.json)(?:#(\w+))?\}\}")
 INLINE = re.compile(r"\{\{([\w-]+\.json):([\w.-]+)\}\}")
-PROVENANCE_KEYS = ("command", "git_commit", "date", "machine")
+PROVENANCE_KEYS = (
+    "command", "git_commit", "git_commit_at_end", "uncommitted_changes", "date", "machine",
+)  # fmt: skip
 STALE = "benchmarks/README.md is stale: run python benchmarks/render_readme.py"
 
 
@@ -586,13 +588,26 @@ def machine_line(name: str, d: Figures) -> str:
     return f"`results/{name}`, measured on: **{cpu or f'CPU model {NOT_RECORDED}'}**; {rest}"
 
 
+def commit_text(d: Figures) -> str:
+    """The commit a run started on, HEAD at its end where that moved, and the edits not
+    committed at its start: the code that made the figures."""
+    commit, at_end = d.get("git_commit"), d.get("git_commit_at_end")
+    if not isinstance(commit, str):
+        return NOT_RECORDED
+    text = f"`{commit[:7]}`"
+    if isinstance(at_end, str):
+        text += f" (HEAD at the end: `{at_end[:7]}`)"
+    if changes := d.get("uncommitted_changes"):
+        text += f", with uncommitted edits to {', '.join(f'`{path}`' for path in changes)}"
+    return text
+
+
 def provenance(name: str, d: Figures) -> str:
     """The command, commit, date and load the file records."""
     if not d.found:
         return (
             f"`results/{name}`: missing (or not a JSON object), so its figures are {NOT_MEASURED}."
         )
-    commit = d.get("git_commit")
     load = d.get("machine.load_1min")
     load_text = (
         f"{fmt(load.get('start'))} at the start, {fmt(load.get('end'))} at the end"
@@ -603,7 +618,7 @@ def provenance(name: str, d: Figures) -> str:
     return (
         f"{machine_line(name, d)}\n\n"
         f"- command: {f'`{command}`' if command else NOT_RECORDED}\n"
-        f"- commit: {f'`{commit[:7]}`' if isinstance(commit, str) else NOT_RECORDED}; "
+        f"- commit: {commit_text(d)}; "
         f"date: {d.get('date') or NOT_RECORDED}; 1-minute load: {load_text}"
     )
 
@@ -626,10 +641,9 @@ def sections(d: Figures) -> str:
         load = [m(f"load_average_1_5_15.{when}.0") for when in ("before", "after")]
         if m.get("machine.load_1min"):
             load = [m(f"machine.load_1min.{when}") for when in ("start", "end")]
-        commit, command = m.get("git_commit"), m.get("command")
+        command = m.get("command")
         lines.append(
-            f"| `{name}` | {f'`{command}`' if command else NOT_RECORDED} | "
-            f"{f'`{commit[:7]}`' if isinstance(commit, str) else NOT_RECORDED} | "
+            f"| `{name}` | {f'`{command}`' if command else NOT_RECORDED} | {commit_text(m)} | "
             f"{m.get('started') or NOT_RECORDED} | {m('seconds')} | {' / '.join(load)} |"
         )
     digests = [m.get("code_sha256") for m in measured.values() if m.get("code_sha256")]

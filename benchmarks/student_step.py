@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import cpu_and_precision, load_1min, provenance
+from provenance import cpu_and_precision, provenance, run_start
 from students import (
     distill_config,
     matmul_flops_per_token,
@@ -201,7 +201,7 @@ def main(
 
     from radiag.students.training import lora_input_casts
 
-    started = load_1min()
+    started = run_start()
     torch.set_num_threads(1)
     run_dir = tempfile.mkdtemp(prefix="radiag-step-")
     prepare_run(run_dir, subjects=80, imaged=2)

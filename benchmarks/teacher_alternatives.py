@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import load_1min, provenance
+from provenance import provenance, run_start
 from teacher_throughput import pipeline, prepare_run
 
 RESULTS = Path(__file__).parent / "results" / "teacher_alternatives.json"
@@ -103,7 +103,7 @@ def main(
     from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
     from radiag.teacher.stages import RationalizeConfig
 
-    started_load = load_1min()
+    started = run_start()
     base_run = tempfile.mkdtemp(prefix="radiag-bench-")
     conversations = prepare_run(base_run, rows)
     connect_ray(RayConfig(address="local", num_cpus=4))
@@ -142,7 +142,7 @@ def main(
             name: engine.model_dump(mode="json", exclude={"model"})
             for name, engine in layouts.items()
         },
-    } | provenance(started_load)
+    } | provenance(started)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import load_1min, provenance, write_results
+from provenance import provenance, run_start, write_results
 from teacher_throughput import hand_back, in_fresh_process, prepare_run
 
 RESULTS = Path(__file__).parent / "results" / "teacher_repeatability.json"
@@ -86,7 +86,7 @@ def main(
     rows: Annotated[int, typer.Option(help="rationalize prompts asked each time")] = 64,
     max_tokens: Annotated[int, typer.Option(help="new tokens per answer")] = 96,
 ) -> None:
-    started_load = load_1min()
+    started = run_start()
     conversations = prepare_run(tempfile.mkdtemp(prefix="radiag-bench-"), rows)
     setups = {
         name: measure(conversations, dtype, cache, max_tokens)
@@ -100,7 +100,7 @@ def main(
         "float32_time_over_bfloat16": round(
             setups["float32"]["generate_s"] / setups["bfloat16"]["generate_s"], 2
         ),
-    } | provenance(started_load)
+    } | provenance(started)
     write_results(RESULTS, report)
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import load_1min, provenance
+from provenance import provenance, run_start
 
 RESULTS = Path(__file__).parent / "results" / "teacher.json"
 GOALS = {"ratio_end_to_end": 0.9, "engine_busy_fraction": 0.95}
@@ -234,7 +234,7 @@ def main(
     from radiag.teacher.engines import SamplingConfig, VllmEngineConfig
     from radiag.teacher.stages import RationalizeConfig
 
-    started_load = load_1min()
+    started = run_start()
     engine = VllmEngineConfig(cpu_threads_bind=threads_bind)
     sampling = SamplingConfig(max_tokens=max_tokens)
     base_run = tempfile.mkdtemp(prefix="radiag-bench-")
@@ -298,7 +298,7 @@ def main(
                 piped["steady_tokens_per_s"] * flops_per_token / peak, 4
             ),
         },
-    } | provenance(started_load)
+    } | provenance(started)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

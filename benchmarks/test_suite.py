@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from provenance import ROOT, cpu_and_precision, load_1min, provenance
+from provenance import ROOT, cpu_and_precision, provenance, run_start
 
 RESULTS = Path(__file__).parent / "results" / "test_suite.json"
 GOAL_SECONDS, GOAL_NOT_SLOW_SECONDS = 25 * 60, 8 * 60
@@ -57,7 +57,7 @@ def run_pytest(*args: str) -> dict[str, Any]:
 
 
 def main(out: Annotated[Path, typer.Option(help="results file")] = RESULTS) -> None:
-    started = load_1min()
+    started = run_start()
     whole = run_pytest()
     not_slow = run_pytest("-m", "not slow")
     report = {

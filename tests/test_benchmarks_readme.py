@@ -8,10 +8,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -75,7 +78,7 @@ def test_a_missing_results_file_or_key_reads_not_measured(tmp_path: Path) -> Non
 
 def test_a_results_file_records_when_its_figures_were_made(tmp_path: Path) -> None:
     results = _results_copy(tmp_path)
-    recorded = provenance.provenance(load_at_start=0.5)
+    recorded = provenance.provenance(provenance.RunStart("abc1234", [], load_1min=0.5))
     students = json.loads((results / "students.json").read_text()) | recorded
     (results / "students.json").write_text(json.dumps(students))
 
@@ -86,6 +89,51 @@ def test_a_results_file_records_when_its_figures_were_made(tmp_path: Path) -> No
     assert f"date: {recorded['date']}; 1-minute load: 0.5 at the start" in (
         render_readme.render(results)
     )
+
+
+def test_a_results_file_names_the_commit_its_run_started_on_and_where_head_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A benchmark runs for up to an hour; a commit made meanwhile is not the code it ran,
+    nor is the commit alone where edits were not committed."""
+    heads = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(provenance, "git_commit", lambda: next(heads))
+    monkeypatch.setattr(provenance, "uncommitted_changes", lambda: ["radiag/stage.py"])
+    recorded = provenance.provenance(provenance.run_start())
+    results = _results_copy(tmp_path)
+    students = json.loads((results / "students.json").read_text()) | recorded
+    (results / "students.json").write_text(json.dumps(students))
+
+    assert recorded["git_commit"] == "a" * 40
+    assert recorded["git_commit_at_end"] == "b" * 40
+    assert recorded["uncommitted_changes"] == ["radiag/stage.py"]
+    assert (
+        "commit: `aaaaaaa` (HEAD at the end: `bbbbbbb`), with uncommitted edits to "
+        "`radiag/stage.py`;" in render_readme.render(results)
+    )
+
+
+def test_edits_not_committed_when_a_run_starts_are_listed_but_not_its_results(
+    tmp_path: Path,
+) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    edited = ["radiag/stage.py", "benchmarks/results/students.json", "README.md"]
+    for path in edited:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("committed\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    assert provenance.uncommitted_changes(tmp_path) == []
+
+    for path in edited:
+        (tmp_path / path).write_text("edited\n")
+
+    assert provenance.uncommitted_changes(tmp_path) == ["radiag/stage.py"]
+    assert provenance.uncommitted_changes(tmp_path / "no-repository") is None
 
 
 def test_the_attention_kernels_the_roofline_ceiling_times_compute_the_same_attention() -> None:
